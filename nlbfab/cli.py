@@ -1,0 +1,132 @@
+"""The command-line layer: parse options, call one library function, print what happened.
+
+Every command turns a ``UserError`` into one line on stderr and exit status 2, so bad input
+never ends in a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+import warnings
+
+import click
+
+from nlbfab import config
+from nlbfab.errors import UserError
+from nlbfab.splits import DATASETS, SPLIT_NAMES, get_dataset, get_split, splits_of
+
+
+def _quiet_libraries() -> None:
+    """nlb_tools, pynwb and hdmf warn about things a user cannot act on; keep errors only."""
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("nlb_tools", "hdmf", "pynwb"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def friendly_errors(command):
+    """Print a ``UserError`` as one line and exit 2; Ctrl-C exits 130 without a traceback."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        _quiet_libraries()
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished files are kept, unfinished ones were never put in place", err=True)
+            sys.exit(130)
+    return run
+
+
+def _datasets(names, all_):
+    if all_:
+        return list(DATASETS.values())
+    if not names:
+        raise UserError(f"name at least one --dataset ({', '.join(DATASETS)}) or use --all")
+    return [get_dataset(n) for n in names]
+
+
+def _report(line: str) -> None:
+    click.echo(line, err=True)
+
+
+@click.command()
+@click.option("--dataset", "names", multiple=True, help="Dataset to make (repeatable), e.g. mc_maze.")
+@click.option("--all", "all_", is_flag=True, help="Make all 7 datasets.")
+@click.option("--scale", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True,
+              help="tiny: a few units and trials (tests); full: the real dataset's unit and trial counts.")
+@click.option("--seed", default=0, show_default=True, help="Random seed; the same seed gives the same files.")
+@click.option("--force", is_flag=True, help="Rewrite datasets that already exist with this scale and seed.")
+@friendly_errors
+def synth(names, all_, scale, seed, force):
+    """Write synthetic NLB datasets (NWB files in DANDI's layout, with ground truth) to DATA_HOME."""
+    from nlbfab.synth_nwb import existing_synthesis, synthesize
+    data_home = config.data_home()
+    for dataset in _datasets(names, all_):
+        if not force and existing_synthesis(data_home, dataset) == (scale, seed):
+            _report(f"{dataset.name}: already synthesized ({scale}, seed {seed}) in {data_home / dataset.folder}; --force to redo")
+            continue
+        started = time.perf_counter()
+        _report(f"{dataset.name}: synthesizing ({scale}, seed {seed}) ...")
+        folder = synthesize(dataset, data_home, scale, seed)
+        _report(f"{dataset.name}: wrote {folder} in {time.perf_counter() - started:.1f} s")
+
+
+@click.command()
+@click.option("--split", "split_names", multiple=True, help="Split to preprocess (repeatable), e.g. mc_maze-20ms-val.")
+@click.option("--dataset", "names", multiple=True, help="Preprocess all 4 splits of this dataset (repeatable).")
+@click.option("--all", "all_", is_flag=True, help="Preprocess all 28 splits.")
+@click.option("--force", is_flag=True, help="Redo splits that are already up to date.")
+@friendly_errors
+def prep(split_names, names, all_, force):
+    """Preprocess NWB datasets from DATA_HOME into per-split HDF5 tensors under PREP_HOME."""
+    from nlbfab.prep import prepare_dataset
+    if not (split_names or names or all_):
+        raise UserError("name a --split (e.g. mc_maze-20ms-val), a --dataset, or use --all")
+    wanted = [get_split(n) for n in split_names]
+    for dataset in _datasets(names, all_) if (names or all_) else []:
+        wanted += splits_of(dataset)
+    data_home, prep_home, file_names = config.data_home(), config.prep_home(), config.split_file_names()
+    by_dataset = {}
+    for split in wanted:
+        by_dataset.setdefault(split.dataset, [])
+        if split not in by_dataset[split.dataset]:
+            by_dataset[split.dataset].append(split)
+    started = time.perf_counter()
+    written = 0
+    for number, (dataset, splits) in enumerate(by_dataset.items(), 1):
+        _report(f"[{number}/{len(by_dataset)}] {dataset.name}: {', '.join(s.name for s in splits)}")
+        written += len(prepare_dataset(dataset, splits, data_home, prep_home, file_names, force, _report))
+    _report(f"done: {written} split(s) written, {sum(map(len, by_dataset.values())) - written} up to date, "
+            f"in {time.perf_counter() - started:.1f} s under {prep_home}")
+
+
+@click.command()
+@click.option("--dataset", "names", multiple=True, help="Dataset to download (repeatable), e.g. mc_maze.")
+@click.option("--all", "all_", is_flag=True, help="Download all 7 datasets (about 2 GB).")
+@friendly_errors
+def download(names, all_):
+    """Download NLB datasets from DANDI into DATA_HOME (needs the optional 'dandi' extra)."""
+    from nlbfab.download import dandi_url
+    from nlbfab.download import download as fetch
+    data_home = config.data_home()
+    for dataset in _datasets(names, all_):
+        _report(f"{dataset.name}: downloading {dandi_url(dataset)} ...")
+        _report(f"{dataset.name}: files in {fetch(dataset, data_home)}")
+
+
+@click.command(name="splits")
+def list_splits():
+    """Print the 28 split names."""
+    click.echo("\n".join(SPLIT_NAMES))
+
+
+COMMANDS = {"synth": synth, "prep": prep, "download": download, "splits": list_splits}
+
+if __name__ == "__main__":  # bin/nlbfab-<command> runs: python -m nlbfab.cli <command> [options]
+    command = sys.argv.pop(1)
+    COMMANDS[command](prog_name=f"nlbfab-{command}")

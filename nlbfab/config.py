@@ -1,0 +1,75 @@
+"""Where nlbfab keeps its files, read from ``.env`` when a command asks (never at import).
+
+Real environment variables override ``.env``; relative paths are taken from the directory that
+holds ``.env`` (the repository), so the defaults work from any working directory.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dotenv import dotenv_values, find_dotenv
+
+from nlbfab.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS = {
+    "DATA_HOME": "./data/dandi",
+    "PREP_HOME": "./data/prep",
+    "RUNS_HOME": "./runs",
+    "TRAIN_INPUT_FILE": "train_input.h5",
+    "EVAL_INPUT_FILE": "eval_input.h5",
+    "EVAL_TARGET_FILE": "eval_target.h5",
+}
+PATH_VARIABLES = ("DATA_HOME", "PREP_HOME", "RUNS_HOME")
+
+
+def _env_file() -> Path | None:
+    """The ``.env`` in use: ``$NLBFAB_ENV_FILE``, else the repository's, else one found upward."""
+    if "NLBFAB_ENV_FILE" in os.environ:
+        return Path(os.environ["NLBFAB_ENV_FILE"])
+    if (REPO_ROOT / ".env").is_file():
+        return REPO_ROOT / ".env"
+    found = find_dotenv(usecwd=True)
+    return Path(found) if found else None
+
+
+def setting(name: str) -> str:
+    """One setting: the environment, else ``.env``, else nlbfab's default.
+
+    A variable that ``.env`` sets to nothing (``PREP_HOME=``) fails with how to fix it.
+    """
+    env_file = _env_file()
+    from_file = dotenv_values(env_file) if env_file and env_file.is_file() else {}
+    value = os.environ.get(name, from_file.get(name, DEFAULTS.get(name)))
+    if not value:
+        where = env_file or REPO_ROOT / ".env"
+        raise UserError(f"{name} is not set: add '{name}=...' to {where} or export {name} "
+                        f"(default: {DEFAULTS.get(name, 'none')})")
+    if name in PATH_VARIABLES:
+        base = env_file.parent if env_file else Path.cwd()
+        return str((base / Path(value).expanduser()).resolve())
+    return value
+
+
+def data_home() -> Path:
+    """Where the NWB files live, in DANDI's layout: ``DATA_HOME/000128/sub-Jenkins/*.nwb``."""
+    return Path(setting("DATA_HOME"))
+
+
+def prep_home() -> Path:
+    """Where preprocessed splits live: ``PREP_HOME/{split}/{train_input,eval_input,eval_target}.h5``."""
+    return Path(setting("PREP_HOME"))
+
+
+def runs_home() -> Path:
+    return Path(setting("RUNS_HOME"))
+
+
+def split_file_names() -> dict[str, str]:
+    """The three per-split file names, keyed ``train_input``, ``eval_input``, ``eval_target``."""
+    return {
+        "train_input": setting("TRAIN_INPUT_FILE"),
+        "eval_input": setting("EVAL_INPUT_FILE"),
+        "eval_target": setting("EVAL_TARGET_FILE"),
+    }

@@ -1,0 +1,81 @@
+"""The "oracle" prediction: the true rates of a synthetic dataset, aligned like its tensors.
+
+The true rates are rebuilt from the latents saved beside the NWB files (``synthetic_truth.h5``)
+and put in place of the spike counts of the loaded dataset; nlb_tools' own tensor makers then
+cut them into trials. The oracle is therefore aligned exactly like the preprocessed split
+(same trials, windows, jitter and bin sums), and scoring it gives the best achievable numbers.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+from nlb_tools.make_tensors import make_train_input_tensors
+
+from nlbfab.errors import UserError
+from nlbfab.nwb import load_dataset
+from nlbfab.splits import Split
+from nlbfab.synth import Truth
+from nlbfab.synth_nwb import TRUTH_FILE, dataset_dir
+
+
+def read_truth(path: Path) -> tuple[Truth, dict[str, dict[str, np.ndarray]]]:
+    """The generating parameters and, per file (``train``/``test``), latents and trial starts."""
+    if not path.is_file():
+        raise UserError(f"no ground truth at {path}: only datasets made by 'bin/nlbfab-synth' have an oracle")
+    with h5py.File(path, "r") as h5:
+        truth = Truth(h5["loadings"][()], h5["bias"][()], h5["heldout"][()], h5["readout"][()],
+                      int(h5.attrs["lag_ms"]))
+        files = {k: {"latents": h5[k]["latents"][()], "trial_start_ms": h5[k]["trial_start_ms"][()]}
+                 for k in ("train", "test")}
+    return truth, files
+
+
+def true_rate_dataset(folder: Path):
+    """The dataset of ``folder`` at 1 ms, with its spike columns replaced by the true expected
+    spikes per ms of every unit (held-out units included, also during the test file)."""
+    truth, files = read_truth(Path(folder) / TRUTH_FILE)
+    dataset = load_dataset(folder)
+    clock_ms = np.round(dataset.data.index.total_seconds() * 1000).astype(np.int64)
+    rates = np.zeros((len(clock_ms), len(truth.bias)), np.float32)
+    trials = dataset.trial_info
+    for which, content in files.items():
+        in_file = trials["split"] == "test" if which == "test" else trials["split"] != "test"
+        loaded_start = trials.loc[in_file, "start_time"].min().total_seconds() * 1000
+        offset = int(round(loaded_start - content["trial_start_ms"].min()))
+        local = clock_ms - offset
+        inside = (local >= 0) & (local < len(content["latents"]))
+        rates[inside] = truth.rates(content["latents"][local[inside]])
+    heldin, heldout = np.flatnonzero(~truth.heldout), np.flatnonzero(truth.heldout)
+    frames = []
+    for field, units in (("spikes", heldin), ("heldout_spikes", heldout)):
+        columns = pd.MultiIndex.from_product([[field], dataset.data[field].columns], names=("signal_type", "channel"))
+        frames.append(pd.DataFrame(rates[:, units], index=dataset.data.index, columns=columns))
+    dataset.data = pd.concat(frames, axis=1)
+    return dataset
+
+
+def oracle_rates(data_home: Path, split: Split, rate_dataset=None) -> dict[str, np.ndarray]:
+    """True rates (spikes per bin) for ``split`` in the submission's layout: ``train_rates_heldin``,
+    ``train_rates_heldout``, ``eval_rates_heldin``, ``eval_rates_heldout`` and the ``*_forward``
+    rates, each ``(trials, bins, neurons)``. Pass ``rate_dataset`` to reuse one load for many splits.
+    """
+    if rate_dataset is None:
+        rate_dataset = true_rate_dataset(dataset_dir(data_home, split.dataset))
+    binned = copy.copy(rate_dataset)
+    binned.data = rate_dataset.data.copy()
+    binned.resample(split.bin_ms)
+    name = split.dataset.name
+    eval_mask = binned.trial_info["split"] == split.eval_split
+    out = {}
+    for prefix, trials in (("train", split.train_splits), ("eval", eval_mask)):
+        # make_train_input_tensors cuts windows and forward bins, with dmfc_rsg's jitter drawn
+        # from the same seed as the split's tensors, for any selection of trials
+        cut = make_train_input_tensors(binned, name, trial_split=trials, save_file=False,
+                                       include_forward_pred=True)
+        for key, value in cut.items():
+            out[key.replace("train_spikes", f"{prefix}_rates")] = value.astype(np.float32)
+    return out

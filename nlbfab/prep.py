@@ -1,0 +1,133 @@
+"""Preprocess NWB datasets into per-split HDF5 tensors with ``nlb_tools.make_tensors``.
+
+For each split, ``PREP_HOME/{split}/`` holds what nlb-lightning trained from:
+``train_input.h5`` (train trials: held-in/held-out spikes, forward-prediction spikes,
+behaviour), ``eval_input.h5`` (eval trials' held-in spikes, and held-out on the val phase) and,
+on the val phase, ``eval_target.h5``: the official target that EvalAI scores. For dmfc_rsg the
+official target is NaN-padded (set..go windows of unequal length), so a NaN-free target built
+with the training window is kept beside it as ``eval_target_train_window.h5`` for the loss.
+
+A split folder appears only when complete: it is built under a hidden name and renamed into
+place, so an interrupted run never leaves a half-written split that looks done.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+from nlb_tools.make_tensors import (PARAMS, make_eval_input_tensors, make_eval_target_tensors,
+                                    make_train_input_tensors, save_to_h5)
+
+from nlbfab.errors import UserError
+from nlbfab.nwb import load_dataset
+from nlbfab.splits import Dataset, Split
+from nlbfab.synth_nwb import dataset_dir
+
+MARKER = "prep.json"
+TRAIN_WINDOW_TARGET = "eval_target_train_window.h5"
+
+
+def source_files(data_home: Path, dataset: Dataset) -> list[Path]:
+    return sorted(dataset_dir(data_home, dataset).glob("*.nwb"))
+
+
+def _fingerprint(sources: Iterable[Path]) -> list[dict]:
+    return [{"file": p.name, "bytes": p.stat().st_size, "mtime": p.stat().st_mtime} for p in sources]
+
+
+def is_up_to_date(split: Split, data_home: Path, prep_home: Path, file_names: dict[str, str]) -> bool:
+    """True when the split folder is complete and was made from the current NWB files."""
+    marker = prep_home / split.name / MARKER
+    if not marker.is_file():
+        return False
+    made = json.loads(marker.read_text())
+    return made.get("sources") == _fingerprint(source_files(data_home, split.dataset)) and \
+        made.get("files") == file_names
+
+
+def missing_data_hint(dataset: Dataset) -> str:
+    return (f"run 'bin/nlbfab-download --dataset {dataset.name}' for the real data "
+            f"or 'bin/nlbfab-synth --dataset {dataset.name}' for a synthetic one")
+
+
+def split_tensors(binned, split: Split) -> dict[str, dict]:
+    """The tensors of one split from a dataset already resampled to ``split.bin_ms``.
+
+    Returns ``{"train_input": {...}, "eval_input": {...}}`` plus, on the val phase,
+    ``"eval_target"`` (and for dmfc_rsg ``"eval_target_train_window"``), ready for ``save_to_h5``.
+    """
+    name = split.dataset.name
+    tensors = {
+        "train_input": make_train_input_tensors(
+            binned, name, trial_split=split.train_splits, save_file=False,
+            include_behavior=True, include_forward_pred=True),
+        "eval_input": make_eval_input_tensors(binned, name, trial_split=split.eval_split, save_file=False),
+    }
+    if split.phase == "val":
+        tensors["eval_target"] = make_eval_target_tensors(
+            binned, name, train_trial_split="train", eval_trial_split="val", save_file=False,
+            include_psth="psth_params" in PARAMS[name])
+        if name == "dmfc_rsg":
+            tensors["eval_target_train_window"] = make_eval_target_tensors(
+                binned, name, train_trial_split="train", eval_trial_split="val", save_file=False,
+                update_params={"eval_make_params": PARAMS[name]["make_params"]})
+    return tensors
+
+
+def _write_split(split: Split, tensors: dict[str, dict], prep_home: Path, file_names: dict[str, str],
+                 sources: list[Path]) -> Path:
+    """Write the split's files under a hidden folder, then swap it into place."""
+    final = prep_home / split.name
+    partial = prep_home / f".{split.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    names = dict(file_names, eval_target_train_window=TRAIN_WINDOW_TARGET)
+    for kind, data in tensors.items():
+        save_to_h5(data, str(partial / names[kind]), overwrite=True)
+    (partial / MARKER).write_text(json.dumps(
+        {"split": split.name, "group": split.group, "files": file_names,
+         "sources": _fingerprint(sources)}, indent=1))
+    old = prep_home / f".{split.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def prepare_dataset(dataset: Dataset, splits: list[Split], data_home: Path, prep_home: Path,
+                    file_names: dict[str, str], force: bool = False,
+                    report: Callable[[str], None] = print) -> list[Split]:
+    """Preprocess ``splits`` (all of ``dataset``) from one load of its NWB files.
+
+    Up-to-date splits are skipped unless ``force``. Returns the splits that were written.
+    """
+    todo = [s for s in splits if force or not is_up_to_date(s, data_home, prep_home, file_names)]
+    for s in splits:
+        if s not in todo:
+            report(f"  {s.name}: up to date, skipped (--force to redo)")
+    if not todo:
+        return []
+    sources = source_files(data_home, dataset)
+    if not sources:
+        raise UserError(f"no NWB files for {dataset.name} in {dataset_dir(data_home, dataset)}: "
+                        f"{missing_data_hint(dataset)}")
+    started = time.perf_counter()
+    report(f"{dataset.name}: loading {len(sources)} NWB files from {dataset_dir(data_home, dataset)}")
+    loaded = load_dataset(dataset_dir(data_home, dataset))
+    report(f"{dataset.name}: loaded in {time.perf_counter() - started:.1f} s")
+    for bin_ms in sorted({s.bin_ms for s in todo}):
+        binned = copy.copy(loaded)
+        binned.data = loaded.data.copy()  # resample mutates the frame; keep the 1 ms data intact
+        binned.resample(bin_ms)
+        for split in [s for s in todo if s.bin_ms == bin_ms]:
+            t0 = time.perf_counter()
+            folder = _write_split(split, split_tensors(binned, split), prep_home, file_names, sources)
+            report(f"  {split.name}: written to {folder} in {time.perf_counter() - t0:.1f} s")
+    return todo

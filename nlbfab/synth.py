@@ -1,0 +1,391 @@
+"""Synthetic NLB sessions with known ground truth (pure numpy; writing NWB is ``synth_nwb``).
+
+Each dataset keeps the structure of its real counterpart: trial fields and events, conditions
+with unequal trial counts, behaviour with the dataset's lag, the train/val/test split and
+held-in/held-out units. Spikes are Poisson draws at 1 ms from
+
+    rate(t) = exp(latents(t) @ loadings + bias)        (spikes per ms)
+
+where ``latents(t)`` follows low-dimensional, condition-dependent dynamics and behaviour is a
+noisy linear readout of the latents ``lag`` ms earlier: ``behavior(t) = latents(t - lag) @
+readout``. The latents are kept, so the true rates of any trial can be rebuilt exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy.ndimage import gaussian_filter1d
+
+from nlbfab.errors import UserError
+from nlbfab.splits import Dataset
+
+LATENT_DIM = 8
+SCALES = ("tiny", "full")
+LAGS_MS = {"mc_maze": 100, "mc_rtt": 140, "area2_bump": -20, "dmfc_rsg": 0,
+           "mc_maze_large": 120, "mc_maze_medium": 120, "mc_maze_small": 120}
+# Behaviour is written only inside trials for these (as on DANDI for some sessions): the
+# realistic case that trips nlb_tools on pandas >= 1.4 unless the loaded data is time-sorted.
+TRIAL_ONLY_BEHAVIOR = ("mc_maze", "area2_bump", "mc_maze_large", "mc_maze_medium", "mc_maze_small")
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Units and trials of one synthetic dataset."""
+
+    heldin: int
+    heldout: int
+    train: int
+    val: int
+    test: int
+    none: int  # failed trials in the train file, split 'none'
+
+
+def counts(dataset: Dataset, scale: str) -> Counts:
+    """``full``: the real dataset's counts; ``tiny``: a few units and trials, for tests."""
+    if scale == "full":
+        return Counts(dataset.heldin, dataset.heldout, dataset.train, dataset.val, dataset.test,
+                      none=max(2, dataset.train // 40))
+    if scale == "tiny":
+        return Counts(heldin=12, heldout=4, train=40, val=16, test=12, none=2)
+    raise UserError(f"unknown scale '{scale}': use one of {', '.join(SCALES)}")
+
+
+@dataclass
+class SessionFile:
+    """The content of one NWB file: trials (times in s) and 1 ms latents from t = 0."""
+
+    trials: pd.DataFrame
+    latents: np.ndarray  # (ms, LATENT_DIM) float32
+    behavior: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = field(default_factory=dict)
+    # name -> (timestamps in s, data (samples, channels), channel names)
+
+
+@dataclass
+class Truth:
+    """What generated the spikes: all units' loadings, bias and held-out flags."""
+
+    loadings: np.ndarray  # (LATENT_DIM, units)
+    bias: np.ndarray  # (units,) log spikes per ms
+    heldout: np.ndarray  # (units,) bool
+    readout: np.ndarray  # (LATENT_DIM, 2) latents -> behaviour
+    lag_ms: int
+
+    def rates(self, latents: np.ndarray) -> np.ndarray:
+        """Expected spikes per ms, ``(ms, units)``, for latents ``(ms, LATENT_DIM)``."""
+        return np.exp(latents @ self.loadings + self.bias).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trial tables: one function per task, returning times in ms from the trial's start.
+
+def _unequal_conditions(rng, n_trials: int, n_conditions: int) -> np.ndarray:
+    """Condition index per trial, drawn with unequal weights so counts differ between conditions
+    (nlb_tools cannot save PSTH indices when every condition has the same trial count)."""
+    weights = 1.0 + (np.arange(n_conditions) % 3)
+    return rng.choice(n_conditions, size=n_trials, p=weights / weights.sum())
+
+
+def _maze_trials(rng, n: int, n_types: int, test: bool) -> pd.DataFrame:
+    cond = _unequal_conditions(rng, n, n_types * 3)
+    target_on = 150 + rng.uniform(0, 100, n)
+    delay = rng.choice([0, 300, 500, 700], n) + rng.uniform(0, 50, n)
+    go_cue = target_on + delay
+    rt = rng.uniform(250, 400, n)
+    move = go_cue + rt
+    t = pd.DataFrame({"start": 0.0, "stop": move + 800, "target_on_time": target_on,
+                      "go_cue_time": go_cue, "move_onset_time": move})
+    if test:
+        return t
+    version = cond % 3
+    t["trial_type"] = cond // 3 + 1
+    t["trial_version"] = version
+    t["maze_id"] = t["trial_type"] * 10 + version
+    t["success"] = True
+    t["rt"] = rt
+    t["delay"] = delay
+    t["num_targets"] = np.where(version == 0, 1, 3)
+    t["num_barriers"] = version * 2
+    t["active_target"] = 0
+    angle = 2 * np.pi * (cond // 3) / n_types
+    t["target_pos"] = [np.stack([[100 * np.cos(a + k), 100 * np.sin(a + k)] for k in range(m)])
+                       for a, m in zip(angle, t["num_targets"])]
+    t["barrier_pos"] = [rng.uniform(-80, 80, (max(b, 1), 4)) if b else np.zeros((1, 4))
+                        for b in t["num_barriers"]]
+    t["_cond"] = cond
+    return t
+
+
+def _bump_trials(rng, n: int, n_dirs: int, test: bool) -> pd.DataFrame:
+    cond = _unequal_conditions(rng, n, n_dirs * 2)
+    passive = (cond % 2).astype(bool)
+    target_on = 200 + rng.uniform(0, 200, n)
+    go_cue = target_on + rng.uniform(300, 500, n)
+    bump = target_on + rng.uniform(100, 250, n)
+    move = np.where(passive, bump, go_cue + rng.uniform(150, 300, n))
+    t = pd.DataFrame({"start": 0.0, "stop": move + 800, "target_on_time": target_on,
+                      "go_cue_time": go_cue, "move_onset_time": move})
+    if test:
+        return t
+    t["bump_time"] = np.where(passive, bump, np.nan)
+    t["cond_dir"] = (cond // 2) * 360.0 / n_dirs
+    t["ctr_hold_bump"] = passive
+    t["ctr_hold"] = bump - target_on
+    t["result"] = "R"
+    t["_cond"] = cond
+    return t
+
+
+def _rsg_trials(rng, n: int, n_ts: int, test: bool) -> pd.DataFrame:
+    group = _unequal_conditions(rng, n, 8)  # (is_eye, theta, is_short)
+    is_eye, theta, is_short = group // 4, (group // 2) % 2 * 180.0, (group % 2).astype(bool)
+    short_ts, long_ts = np.linspace(480, 800, n_ts + 2)[1:-1], np.linspace(800, 1200, n_ts + 2)[1:-1]
+    k = rng.integers(0, n_ts, n)
+    ts = np.where(is_short, short_ts[k], long_ts[k]).round()
+    outlier = rng.random(n) < 0.03
+    tp = np.where(outlier, ts * rng.uniform(0.4, 0.6, n), ts * (1 + 0.08 * rng.standard_normal(n))).round()
+    ready = 1200 + rng.uniform(0, 300, n)
+    set_ = ready + ts
+    go = set_ + tp
+    t = pd.DataFrame({"start": 0.0, "stop": go + 700, "ready_time": ready, "set_time": set_, "go_time": go})
+    if test:
+        return t
+    t["is_eye"] = is_eye.astype(bool)
+    t["theta"] = theta
+    t["is_short"] = is_short
+    t["ts"] = ts
+    t["tp"] = tp
+    t["is_outlier"] = outlier.astype(int)
+    t["_cond"] = group * n_ts + k
+    return t
+
+
+def _rtt_trials(rng, n: int, test: bool) -> pd.DataFrame:
+    stop = rng.uniform(600, 1200, n).round()
+    t = pd.DataFrame({"start": 0.0, "stop": stop})
+    if not test:
+        t["target_pos"] = [rng.uniform(-100, 100, 2) for _ in range(n)]
+        t["_cond"] = 0
+    return t
+
+
+def _task(dataset: Dataset, scale: str):
+    """(trial table maker, gap between trials in ms) for the dataset's task."""
+    full = scale == "full"
+    name = dataset.name
+    if name.startswith("mc_maze"):
+        types = (36 if name == "mc_maze" else 9) if full else 2
+        return (lambda rng, n, test: _maze_trials(rng, n, types, test)), 100
+    if name == "area2_bump":
+        return (lambda rng, n, test: _bump_trials(rng, n, 8 if full else 4, test)), 100
+    if name == "dmfc_rsg":
+        return (lambda rng, n, test: _rsg_trials(rng, n, 5 if full else 2, test)), 100
+    return (lambda rng, n, test: _rtt_trials(rng, n, test)), 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent dynamics: one function per task, from a trial row and times (ms from trial start).
+
+def _condition_vectors(rng, n: int, dim: int, norm: float) -> np.ndarray:
+    v = rng.standard_normal((n, dim))
+    return norm * v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _maze_latents(trial, t, cv):
+    """Preparatory state during the delay, then rotational dynamics around movement onset."""
+    x = np.zeros((len(t), LATENT_DIM))
+    c = int(trial["_cond"])
+    since_target = np.clip(t - trial["target_on_time"], 0, None)
+    since_move = t - trial["move_onset_time"]
+    prep = (1 - np.exp(-since_target / 100)) * np.where(since_move > 0, np.exp(-np.clip(since_move, 0, None) / 150), 1)
+    x[:, :4] = prep[:, None] * cv["prep"][c]
+    tau = np.clip(since_move + 100, 0, None)  # neural rotation leads movement by 100 ms
+    envelope = (tau / 200) * np.exp(1 - tau / 200)
+    for plane, omega in enumerate((2 * np.pi * 1.2e-3, 2 * np.pi * 2.0e-3)):
+        a, b = cv["move"][c, 2 * plane], cv["move"][c, 2 * plane + 1]
+        x[:, 4 + 2 * plane] = envelope * (a * np.cos(omega * tau) - b * np.sin(omega * tau))
+        x[:, 5 + 2 * plane] = envelope * (a * np.sin(omega * tau) + b * np.cos(omega * tau))
+    return x
+
+
+def _bump_latents(trial, t, cv):
+    """Direction-tuned kinematic drive after movement onset; passive bumps are brief and sharp."""
+    x = np.zeros((len(t), LATENT_DIM))
+    c = int(trial["_cond"])
+    direction = np.deg2rad(trial["cond_dir"])
+    tau = np.clip(t - trial["move_onset_time"], 0, None)
+    width = 80 if trial["ctr_hold_bump"] else 150
+    speed = (tau / width) * np.exp(1 - tau / width) * 1.5
+    x[:, 0], x[:, 1] = speed * np.cos(direction), speed * np.sin(direction)
+    x[:, 2:4] = np.gradient(speed)[:, None] * width * np.array([-np.sin(direction), np.cos(direction)])
+    x[:, 4:] = speed[:, None] * cv["move"][c, :4]
+    return x
+
+
+def _rsg_latents(trial, t, cv):
+    """Ready-set ramp measures ts; set-go traverses a curve at speed 1/tp (for tp-corr)."""
+    x = np.zeros((len(t), LATENT_DIM))
+    in_trial = (t >= 0) & (t < trial["stop"])
+    ramp = np.clip((t - trial["ready_time"]) / trial["ts"], 0, 1) * (t < trial["set_time"])
+    phase = np.clip((t - trial["set_time"]) / trial["tp"], 0, 1) * (t >= trial["set_time"])
+    after_go = np.exp(-np.clip(t - trial["go_time"], 0, None) / 150)
+    produce = (t >= trial["set_time"]) * after_go
+    x[:, 0] = 1.5 * ramp
+    x[:, 1] = produce * 1.2 * np.cos(np.pi * phase)
+    x[:, 2] = produce * 1.2 * np.sin(np.pi * phase)
+    x[:, 3] = produce * (2 * phase ** 2 - 1)
+    context = np.array([0.6 if trial["is_eye"] else -0.6, 0.6 * np.cos(np.deg2rad(trial["theta"])),
+                        0.5 if trial["is_short"] else -0.5, 0.0])
+    x[:, 4:] = in_trial[:, None] * context
+    return x
+
+
+def _trial_latents(name: str):
+    if name.startswith("mc_maze"):
+        return _maze_latents
+    return {"area2_bump": _bump_latents, "dmfc_rsg": _rsg_latents}[name]
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _readout(name: str, rng) -> np.ndarray:
+    """Latents -> 2-D velocity: maze sets read the movement dims (not the preparatory ones),
+    area2_bump its kinematic dims, mc_rtt all of its smooth latents."""
+    readout = (rng.standard_normal((LATENT_DIM, 2)) * 20).astype(np.float32)
+    if name.startswith("mc_maze"):
+        readout[:4] = 0
+    elif name == "area2_bump":
+        readout[:] = 0
+        readout[0, 0] = readout[1, 1] = 30.0
+    return readout
+
+
+def _layout(trials: pd.DataFrame, gap_ms: float, tail_ms: float) -> tuple[pd.DataFrame, int]:
+    """Place trials one after another; returns absolute times (whole ms, as recorded at 1 kHz)
+    and the session length in ms."""
+    duration = np.ceil(trials["stop"].to_numpy())
+    offsets = np.concatenate([[gap_ms], gap_ms + np.cumsum(duration + gap_ms)[:-1]])
+    placed = trials.copy()
+    for col in [c for c in trials if c.endswith("_time")] + ["start", "stop"]:
+        placed[col] = (trials[col] + offsets).round()
+    return placed, int(placed["stop"].iloc[-1] + tail_ms)
+
+
+def _fill_latents(name, placed, length, cv, rng) -> np.ndarray:
+    if name == "mc_rtt":  # continuous self-paced reaching: one smooth latent process
+        noise = rng.standard_normal((length, LATENT_DIM))
+        smooth = gaussian_filter1d(noise, 80, axis=0)
+        return (0.5 * smooth / smooth.std(axis=0)).astype(np.float32)
+    latents = np.zeros((length, LATENT_DIM), np.float32)
+    make = _trial_latents(name)
+    bounds = np.append(placed["start"].to_numpy()[1:], length)
+    for (_, trial), next_start in zip(placed.iterrows(), bounds):
+        lo, hi = int(trial["start"]), int(min(next_start, length))  # a trial owns the gap after it
+        t = np.arange(lo, hi) - trial["start"]
+        local = trial.copy()
+        for col in [c for c in trial.index if c.endswith("_time")] + ["stop"]:
+            local[col] = trial[col] - trial["start"]
+        latents[lo:hi] += make(local, t, cv).astype(np.float32)
+    return latents
+
+
+def assign_splits(rng, conditions: np.ndarray, n_train: int, n_val: int) -> np.ndarray:
+    """'train'/'val'/'none' labels; val takes two trials of every condition group where it can
+    (nlb_tools' dmfc_rsg targets need >= 2 val trials per group), the rest at random."""
+    n = len(conditions)
+    labels = np.full(n, "train", dtype=object)
+    order = rng.permutation(n)
+    val = []
+    for c in np.unique(conditions):
+        members = [i for i in order if conditions[i] == c]
+        if len(members) >= 4:
+            val.extend(members[:2])
+    val = val[:n_val]
+    taken = set(val)
+    rest = [i for i in order if i not in taken]
+    val.extend(rest[: n_val - len(val)])
+    labels[val] = "val"
+    leftover = [i for i in order if labels[i] == "train"]
+    labels[leftover[n_train:]] = "none"
+    return labels
+
+
+def generate(dataset: Dataset, scale: str = "tiny", seed: int = 0) -> tuple[dict[str, SessionFile], Truth]:
+    """Synthesize the train and test files of ``dataset``; deterministic in ``seed``.
+
+    Returns ``({"train": SessionFile, "test": SessionFile}, Truth)``.
+    """
+    n = counts(dataset, scale)
+    rng = np.random.default_rng([seed, sum(map(ord, dataset.name))])
+    units = n.heldin + n.heldout
+    mean_hz = np.exp(rng.normal(np.log(8.0), 0.6, units))
+    truth = Truth(
+        loadings=(rng.standard_normal((LATENT_DIM, units)) * 0.55).astype(np.float32),
+        bias=np.log(mean_hz / 1000).astype(np.float32),
+        heldout=np.arange(units) >= n.heldin,
+        readout=_readout(dataset.name, rng),
+        lag_ms=LAGS_MS[dataset.name],
+    )
+    cv = {"prep": _condition_vectors(rng, 200, 4, 1.2), "move": _condition_vectors(rng, 200, 4, 1.8)}
+    make_trials, gap = _task(dataset, scale)
+
+    files = {}
+    for which, n_trials in (("train", n.train + n.val + n.none), ("test", n.test)):
+        trials = make_trials(rng, n_trials, False)
+        if which == "train":
+            trials["split"] = assign_splits(rng, trials["_cond"].to_numpy(), n.train, n.val)
+        else:
+            trials["split"] = "test"
+        # Where behaviour covers only the trials, the session ends with the last trial, as the
+        # hard real case does (unsorted loads then lose the last trial's data).
+        tail = 0 if dataset.name in TRIAL_ONLY_BEHAVIOR else 1500
+        placed, length = _layout(trials, gap, tail_ms=tail)
+        latents = _fill_latents(dataset.name, placed, length, cv, rng)
+        if which == "test":  # the hidden test file carries only timing fields
+            keep = ["start", "stop", "split"] + [c for c in placed if c.endswith("_time")]
+            placed = placed[keep]
+        files[which] = SessionFile(trials=placed, latents=latents)
+        if which == "train" and dataset.behavior:
+            files[which].behavior = _behavior(dataset, placed, latents, truth, rng)
+    return files, truth
+
+
+def _behavior(dataset, placed, latents, truth, rng):
+    """Velocity = lagged latent readout + noise; position = its integral. In s and per s."""
+    length = len(latents)
+    lagged = np.zeros_like(latents)
+    lag = truth.lag_ms
+    if lag >= 0:
+        lagged[lag:] = latents[: length - lag]
+    else:
+        lagged[:lag] = latents[-lag:]
+    vel = lagged @ truth.readout
+    vel += rng.normal(0, 0.05 * (vel.std() + 1e-6), vel.shape)
+    pos = np.cumsum(vel, axis=0) / 1000
+    if dataset.name in TRIAL_ONLY_BEHAVIOR:
+        ms = np.concatenate([np.arange(int(s), int(np.ceil(e))) for s, e in zip(placed["start"], placed["stop"])])
+    else:
+        ms = np.arange(length)
+    stem = dataset.behavior.split("_")[0]  # hand / finger
+    return {f"{stem}_vel": (ms / 1000, vel[ms], ["x", "y"]), f"{stem}_pos": (ms / 1000, pos[ms], ["x", "y"])}
+
+
+def poisson_spike_times(latents: np.ndarray, truth: Truth, units: np.ndarray, rng,
+                        chunk_ms: int = 100_000) -> list[np.ndarray]:
+    """Spike times in s for ``units`` (indices into the truth), drawn chunk by chunk at 1 ms."""
+    found = [[] for _ in units]
+    loadings, bias = truth.loadings[:, units], truth.bias[units]
+    for start in range(0, len(latents), chunk_ms):
+        rates = np.exp(latents[start:start + chunk_ms] @ loadings + bias)
+        draws = rng.poisson(rates)
+        ms, unit = np.nonzero(draws)
+        ms = np.repeat(ms, draws[ms, unit]) + start
+        unit = np.repeat(unit, draws[draws > 0])
+        for u in range(len(units)):
+            found[u].append(ms[unit == u])
+    times = []
+    for pieces in found:
+        ms = np.concatenate(pieces)
+        times.append(np.sort(ms + rng.uniform(0.05, 0.95, len(ms))) / 1000)
+    return times

@@ -1,0 +1,133 @@
+"""Write synthetic sessions as NWB files in DANDI's layout, and their ground truth beside them.
+
+The files follow the real NLB files closely enough that ``nlb_tools.nwb_interface.NWBDataset``
+and all of ``nlb_tools.make_tensors`` run on them unchanged: ``/units`` with ragged
+``spike_times`` and ``obs_intervals`` and a ``heldout`` flag, ``/intervals/trials`` with the
+dataset's fields and ``split``, and behaviour TimeSeries in ``/processing/behavior``.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+from pynwb import NWBHDF5IO, NWBFile, ProcessingModule, TimeSeries
+from hdmf.common import VectorData, VectorIndex
+from pynwb.file import Subject
+from pynwb.misc import Units
+
+from nlbfab.splits import Dataset
+from nlbfab.synth import SessionFile, Truth, generate, poisson_spike_times
+
+TRUTH_FILE = "synthetic_truth.h5"
+SPECIES = {"Haydn": "Macaca mulatta", "Han": "Macaca mulatta"}
+
+
+def dataset_dir(data_home: Path, dataset: Dataset) -> Path:
+    """``DATA_HOME/000128/sub-Jenkins``: where DANDI's client puts a dataset's NWB files."""
+    return Path(data_home) / dataset.folder
+
+
+def _add_trials(nwbfile: NWBFile, trials) -> None:
+    fields = [c for c in trials if c not in ("start", "stop") and not c.startswith("_")]
+    for name in fields:
+        ragged = isinstance(trials[name].iloc[0], np.ndarray)
+        nwbfile.add_trial_column(name=name, description=f"synthetic {name}", index=ragged)
+    for _, row in trials.iterrows():
+        values = {}
+        for name in fields:
+            value = row[name]
+            values[name] = value.tolist() if isinstance(value, np.ndarray) else value
+            if name.endswith("_time"):
+                values[name] = value / 1000
+        nwbfile.add_trial(start_time=row["start"] / 1000, stop_time=row["stop"] / 1000, **values)
+
+
+def _units_table(spike_times: list[np.ndarray], heldout: np.ndarray, end_s: float) -> Units:
+    """The units table, built from whole arrays: adding millions of spike times unit by unit
+    through ``add_unit`` makes hdmf convert them element by element (minutes at full scale)."""
+    n = len(spike_times)
+    times = VectorData(name="spike_times", description="spike times (s)", data=np.concatenate(spike_times))
+    intervals = VectorData(name="obs_intervals", description="observation intervals (s)",
+                           data=np.tile([[0.0, end_s]], (n, 1)))
+    return Units(
+        name="units", description="synthetic units", id=np.arange(n),
+        columns=[
+            times, VectorIndex(name="spike_times_index", target=times,
+                               data=np.cumsum([len(t) for t in spike_times])),
+            intervals, VectorIndex(name="obs_intervals_index", target=intervals, data=np.arange(1, n + 1)),
+            VectorData(name="heldout", description="whether the unit is held out (co-smoothing target)",
+                       data=np.asarray(heldout, bool)),
+        ])
+
+
+def _add_behavior(nwbfile: NWBFile, behavior) -> None:
+    module = ProcessingModule(name="behavior", description="synthetic behaviour")
+    nwbfile.add_processing_module(module)
+    for name, (timestamps, data, columns) in behavior.items():
+        module.add(TimeSeries(name=name, data=data, timestamps=timestamps, unit="mm/s" if "vel" in name else "mm",
+                              comments=f"columns=[{','.join(columns)}]", description=f"synthetic {name}"))
+
+
+def write_nwb(path: Path, dataset: Dataset, which: str, session: SessionFile, truth: Truth, rng) -> None:
+    """One NWB file: the train file holds all units (heldout flagged) and behaviour; the test
+    file holds held-in units only and no behaviour, as on DANDI. Written atomically."""
+    units = np.flatnonzero(~truth.heldout) if which == "test" else np.arange(len(truth.heldout))
+    nwbfile = NWBFile(
+        session_description=f"synthetic {dataset.name} ({which}), made by nlbfab-synth",
+        identifier=str(uuid.UUID(int=rng.integers(0, 2**63))),
+        session_start_time=datetime(2021, 1, 1, tzinfo=timezone.utc),
+        subject=Subject(subject_id=dataset.subject, species=SPECIES.get(dataset.subject, "Macaca mulatta")),
+    )
+    _add_trials(nwbfile, session.trials)
+    end_s = len(session.latents) / 1000
+    nwbfile.units = _units_table(poisson_spike_times(session.latents, truth, units, rng), truth.heldout[units], end_s)
+    if session.behavior:
+        _add_behavior(nwbfile, session.behavior)
+    partial = path.with_name(f".{path.name}")  # hidden: NWBDataset's '*.nwb' glob skips it
+    with NWBHDF5IO(str(partial), "w") as io:
+        io.write(nwbfile)
+    os.replace(partial, path)
+
+
+def write_truth(path: Path, files: dict[str, SessionFile], truth: Truth, scale: str, seed: int) -> None:
+    """The ground truth beside the NWB files: per file its 1 ms latents and trial starts, and the
+    loadings that turn latents into every unit's rate (see ``nlbfab.oracle``)."""
+    partial = path.with_name(path.name + ".partial")
+    with h5py.File(partial, "w") as h5:
+        h5.attrs.update(scale=scale, seed=seed, lag_ms=truth.lag_ms)
+        for name in ("loadings", "bias", "heldout", "readout"):
+            h5[name] = getattr(truth, name)
+        for which, session in files.items():
+            group = h5.create_group(which)
+            group.create_dataset("latents", data=session.latents, compression="gzip", compression_opts=1)
+            group["trial_start_ms"] = session.trials["start"].to_numpy()
+    os.replace(partial, path)
+
+
+def existing_synthesis(data_home: Path, dataset: Dataset) -> tuple[str, int] | None:
+    """(scale, seed) of a complete synthetic dataset already in ``data_home``, else None."""
+    folder = dataset_dir(data_home, dataset)
+    complete = all((folder / dataset.file_name(w)).is_file() for w in ("train", "test"))
+    if not complete or not (folder / TRUTH_FILE).is_file():
+        return None
+    with h5py.File(folder / TRUTH_FILE, "r") as h5:
+        return str(h5.attrs["scale"]), int(h5.attrs["seed"])
+
+
+def synthesize(dataset: Dataset, data_home: Path, scale: str = "tiny", seed: int = 0) -> Path:
+    """Write ``dataset``'s train and test NWB files and its truth under ``data_home``.
+
+    Returns the dataset folder. Files appear only when complete (temporary name, then rename).
+    """
+    folder = dataset_dir(data_home, dataset)
+    folder.mkdir(parents=True, exist_ok=True)
+    files, truth = generate(dataset, scale, seed)
+    rng = np.random.default_rng([seed, sum(map(ord, dataset.name)), 1])
+    for which, session in files.items():
+        write_nwb(folder / dataset.file_name(which), dataset, which, session, truth, rng)
+    write_truth(folder / TRUTH_FILE, files, truth, scale, seed)
+    return folder

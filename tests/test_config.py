@@ -1,0 +1,49 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nlbfab import config
+from nlbfab.errors import UserError
+
+
+@pytest.fixture
+def env_file(tmp_path, monkeypatch):
+    for name in config.DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    path = tmp_path / "project" / ".env"
+    path.parent.mkdir()
+    monkeypatch.setenv("NLBFAB_ENV_FILE", str(path))
+    return path
+
+
+def test_defaults_apply_without_an_env_file(env_file):
+    assert not env_file.exists()
+    assert config.split_file_names()["train_input"] == "train_input.h5"
+    assert config.prep_home().name == "prep"
+
+
+def test_relative_paths_in_env_are_taken_from_its_folder(env_file):
+    env_file.write_text("PREP_HOME=./somewhere/prep\n")
+    assert config.prep_home() == (env_file.parent / "somewhere" / "prep").resolve()
+
+
+def test_environment_overrides_env_file(env_file, monkeypatch, tmp_path):
+    env_file.write_text(f"RUNS_HOME={tmp_path / 'from-file'}\n")
+    monkeypatch.setenv("RUNS_HOME", str(tmp_path / "from-env"))
+    assert config.runs_home() == tmp_path / "from-env"
+
+
+def test_an_empty_variable_says_which_and_how_to_fix(env_file):
+    env_file.write_text("DATA_HOME=\n")
+    with pytest.raises(UserError, match=r"DATA_HOME is not set: add 'DATA_HOME=\.\.\.' to .*\.env or export DATA_HOME"):
+        config.data_home()
+
+
+def test_importing_nlbfab_never_needs_an_env_file(tmp_path):
+    missing = tmp_path / "no-such" / ".env"
+    code = "import nlbfab.cli, nlbfab.prep, nlbfab.oracle, nlbfab.synth_nwb, nlbfab.download"
+    env = {**os.environ, "NLBFAB_ENV_FILE": str(missing), "DATA_HOME": ""}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

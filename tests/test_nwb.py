@@ -1,0 +1,45 @@
+"""The time-sorted load fixes nlb_tools' trial-only-behaviour trap on modern pandas."""
+import numpy as np
+import pandas as pd
+import pytest
+from nlb_tools.make_tensors import make_train_input_tensors
+from nlb_tools.nwb_interface import NWBDataset
+from pynwb import NWBHDF5IO
+
+from nlbfab.errors import UserError
+from nlbfab.nwb import load_dataset
+from nlbfab.splits import DATASETS
+from nlbfab.synth_nwb import dataset_dir
+
+
+def test_unsorted_load_loses_the_last_trial_and_ours_does_not(synthetic):
+    folder = dataset_dir(synthetic, DATASETS["mc_maze"])
+    raw, ours = NWBDataset(str(folder)), load_dataset(folder)
+    assert ours.data.index.is_monotonic_increasing
+    last_end = ours.trial_info["end_time"].iloc[-1]
+    assert ours.data.index[-1] >= last_end - pd.Timedelta(1, "ms")
+    assert raw.data.index[-1] < last_end - pd.Timedelta(1, "s")  # the trap nlbfab works around
+    ours.resample(5)
+    tensors = make_train_input_tensors(ours, "mc_maze", trial_split=["train", "val"], save_file=False,
+                                       include_behavior=True)
+    assert not np.isnan(tensors["train_behavior"]).any()
+
+
+def test_the_last_trials_behaviour_is_the_files_behaviour(synthetic):
+    dataset = DATASETS["area2_bump"]
+    folder = dataset_dir(synthetic, dataset)
+    loaded = load_dataset(folder)
+    with NWBHDF5IO(str(folder / dataset.file_name("train")), "r") as io:
+        series = io.read().processing["behavior"]["hand_vel"]
+        values = series.data[()]
+    last = loaded.trial_info.iloc[-1]
+    in_last = (loaded.data.index >= last["start_time"]) & (loaded.data.index < last["end_time"])
+    got = loaded.data.loc[in_last, "hand_vel"].to_numpy()
+    assert len(got) > 500 and not np.isnan(got).any()
+    # behaviour covers only the trials, so the file's series ends with the last trial's samples
+    assert np.allclose(got, values[-len(got):], atol=1e-6)
+
+
+def test_a_folder_without_nwb_files_says_what_to_run(tmp_path):
+    with pytest.raises(UserError, match="no NWB files in .*: run this"):
+        load_dataset(tmp_path, hint="run this")
