@@ -119,13 +119,41 @@ def download(names, all_):
         _report(f"{dataset.name}: files in {fetch(dataset, data_home)}")
 
 
+@click.command()
+@click.option("--split", "split_names", multiple=True, required=True,
+              help="Split to predict (repeatable), e.g. mc_maze-20ms-val.")
+@click.option("--run-tag", default="oracle", show_default=True, help="Writes RUNS_HOME/RUN_TAG/submission-{phase}.h5.")
+@friendly_errors
+def oracle(split_names, run_tag):
+    """Write the true rates of synthetic datasets as a submission, and score the val splits."""
+    from nlbfab.oracle import oracle_rates, true_rate_dataset
+    from nlbfab.scoring import score
+    from nlbfab.submission import submit
+    from nlbfab.synth_nwb import dataset_dir
+    splits = [get_split(n) for n in split_names]
+    data_home, prep_home, file_names = config.data_home(), config.prep_home(), config.split_file_names()
+    run_dir = config.runs_home() / run_tag
+    for split in splits:
+        if not (prep_home / split.name).is_dir():
+            raise UserError(f"{split.name} is not preprocessed: run 'bin/nlbfab-prep --split {split.name}'")
+    for dataset in dict.fromkeys(s.dataset for s in splits):
+        rate_dataset = true_rate_dataset(dataset_dir(data_home, dataset))
+        for split in [s for s in splits if s.dataset == dataset]:
+            path = submit(split, oracle_rates(data_home, split, rate_dataset), run_dir, prep_home / split.name, file_names)
+            line = f"{split.name}: oracle rates written to {path} (group {split.group})"
+            if split.phase == "val":
+                metrics = score(prep_home / split.name / file_names["eval_target"], path, split)
+                line += "\n  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            click.echo(line)
+
+
 @click.command(name="splits")
 def list_splits():
     """Print the 28 split names."""
     click.echo("\n".join(SPLIT_NAMES))
 
 
-COMMANDS = {"synth": synth, "prep": prep, "download": download, "splits": list_splits}
+COMMANDS = {"synth": synth, "prep": prep, "download": download, "oracle": oracle, "splits": list_splits}
 
 if __name__ == "__main__":  # bin/nlbfab-<command> runs: python -m nlbfab.cli <command> [options]
     command = sys.argv.pop(1)

@@ -1,26 +1,52 @@
-"""Load an NLB dataset folder with nlb_tools, correctly on a modern pandas.
+"""Load an NLB dataset folder with nlb_tools, correctly and within memory on a modern stack.
 
-``nlb_tools`` 0.0.4 joins a file's time series with ``pd.concat(axis=1)``, which since pandas
-1.4 no longer sorts the union of their time indexes. Where behaviour is recorded only during
-trials, the loaded frame is then out of time order: a folder load cuts the second file at the
-wrong end (the last trial loses its data) and resampling fails. Sorting each file's frame right
-after it is read restores what nlb_tools was written against, for real and synthetic files alike.
+Two fixes to ``nlb_tools`` 0.0.4, made by subclassing its ``NWBDataset`` (its code is unchanged):
+
+- It joins a file's time series with ``pd.concat(axis=1)``, which since pandas 1.4 no longer
+  sorts the union of their time indexes. Where behaviour is recorded only during trials, the
+  loaded frame is then out of time order: a folder load cuts the second file at the wrong end
+  (the last trial loses its data) and resampling fails. Each file's frame is sorted as it is read.
+- Its PSTH step (``make_tensors._make_psth``) reads the NWB files a second time and smooths the
+  whole 1 ms session in float64 in a process pool, holding several copies of it: more than
+  24 GB for mc_maze. Inside ``reused_by_nlb_tools`` it gets a copy of the data already in memory,
+  and smoothing runs column by column in float32 (same PSTHs to float32 precision).
 """
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
+from nlb_tools import make_tensors
 from nlb_tools.nwb_interface import NWBDataset
 
 from nlbfab.errors import UserError
+
+_IN_MEMORY: dict[tuple[str, str], "TimeSortedNWBDataset"] = {}  # (folder, prefix) -> 1 ms dataset
 
 
 class TimeSortedNWBDataset(NWBDataset):
     """``NWBDataset`` whose per-file data frames are sorted by time as they are loaded."""
 
-    def load(self, fpath, split_heldout=True, skip_fields=[]):  # noqa: B006 (nlb_tools' signature)
+    def __init__(self, fpath, prefix="", split_heldout=True, skip_fields=[]):  # noqa: B006 (nlb_tools' signature)
+        held = _IN_MEMORY.get((os.path.expanduser(str(fpath)), prefix))
+        if held is None:
+            super().__init__(fpath, prefix, split_heldout, skip_fields)
+            return
+        fields = [f for f in held.data.columns.get_level_values(0).unique() if f not in skip_fields]
+        self.fpath, self.prefix, self.bin_width = held.fpath, held.prefix, held.bin_width
+        self.data = held.data[fields].copy()
+        self.trial_info = held.trial_info.copy()
+        self.descriptions = dict(held.descriptions)
+
+    def load(self, fpath, split_heldout=True, skip_fields=[]):  # noqa: B006
         data, trial_info, descriptions, bin_width = super().load(fpath, split_heldout, skip_fields)
         return data.sort_index(), trial_info, descriptions, bin_width
+
+    def smooth_spk(self, gauss_width, signal_type=None, name=None, overwrite=False, ignore_nans=False,
+                   parallelized=False, dtype="float32"):
+        """nlb_tools' smoothing with memory-frugal defaults: one column at a time, in float32."""
+        return super().smooth_spk(gauss_width, signal_type, name, overwrite, ignore_nans, parallelized, dtype)
 
 
 def load_dataset(folder: Path, hint: str = "") -> TimeSortedNWBDataset:
@@ -32,3 +58,18 @@ def load_dataset(folder: Path, hint: str = "") -> TimeSortedNWBDataset:
     if not folder.is_dir() or not any(folder.glob("*.nwb")):
         raise UserError(f"no NWB files in {folder}" + (f": {hint}" if hint else ""))
     return TimeSortedNWBDataset(str(folder))
+
+
+@contextmanager
+def reused_by_nlb_tools(dataset: TimeSortedNWBDataset):
+    """Within this block, nlb_tools' tensor makers build datasets with ``TimeSortedNWBDataset``,
+    and building one for ``dataset``'s folder copies ``dataset`` instead of reading its files.
+    ``dataset`` must stay at 1 ms meanwhile (resample copies of it, not it)."""
+    key = (dataset.fpath, dataset.prefix)
+    _IN_MEMORY[key] = dataset
+    previous, make_tensors.NWBDataset = make_tensors.NWBDataset, TimeSortedNWBDataset
+    try:
+        yield dataset
+    finally:
+        make_tensors.NWBDataset = previous
+        _IN_MEMORY.pop(key, None)

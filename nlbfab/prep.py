@@ -24,7 +24,7 @@ from nlb_tools.make_tensors import (PARAMS, make_eval_input_tensors, make_eval_t
                                     make_train_input_tensors, save_to_h5)
 
 from nlbfab.errors import UserError
-from nlbfab.nwb import load_dataset
+from nlbfab.nwb import load_dataset, reused_by_nlb_tools
 from nlbfab.splits import Dataset, Split
 from nlbfab.synth_nwb import dataset_dir
 
@@ -122,12 +122,14 @@ def prepare_dataset(dataset: Dataset, splits: list[Split], data_home: Path, prep
     report(f"{dataset.name}: loading {len(sources)} NWB files from {dataset_dir(data_home, dataset)}")
     loaded = load_dataset(dataset_dir(data_home, dataset))
     report(f"{dataset.name}: loaded in {time.perf_counter() - started:.1f} s")
-    for bin_ms in sorted({s.bin_ms for s in todo}):
-        binned = copy.copy(loaded)
-        binned.data = loaded.data.copy()  # resample mutates the frame; keep the 1 ms data intact
-        binned.resample(bin_ms)
-        for split in [s for s in todo if s.bin_ms == bin_ms]:
-            t0 = time.perf_counter()
-            folder = _write_split(split, split_tensors(binned, split), prep_home, file_names, sources)
-            report(f"  {split.name}: written to {folder} in {time.perf_counter() - t0:.1f} s")
+    with reused_by_nlb_tools(loaded):  # its PSTH step copies `loaded` instead of reading the files again
+        for bin_ms in sorted({s.bin_ms for s in todo}):
+            binned = copy.copy(loaded)
+            binned.data = loaded.data.copy()  # resample mutates the frame; keep the 1 ms data intact
+            binned.resample(bin_ms)
+            for split in [s for s in todo if s.bin_ms == bin_ms]:
+                t0 = time.perf_counter()
+                folder = _write_split(split, split_tensors(binned, split), prep_home, file_names, sources)
+                report(f"  {split.name}: written to {folder} in {time.perf_counter() - t0:.1f} s")
+            del binned
     return todo

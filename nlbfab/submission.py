@@ -50,3 +50,33 @@ def merge_group(path: Path, group: str, rates: dict[str, np.ndarray]) -> Path:
                 h5.create_dataset(f"{group}/{key}", data=np.asarray(value, np.float32))
         os.replace(partial, path)
     return path
+
+
+def expected_shapes(split_dir: Path, file_names: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    """The shape each submission array of a split must have, read from its preprocessed files."""
+    with h5py.File(split_dir / file_names["train_input"], "r") as train, \
+            h5py.File(split_dir / file_names["eval_input"], "r") as evaluation:
+        trials_train, bins, heldin = train["train_spikes_heldin"].shape
+        heldout = train["train_spikes_heldout"].shape[2]
+        fwd = train["train_spikes_heldin_forward"].shape[1]
+        trials_eval = evaluation["eval_spikes_heldin"].shape[0]
+    return {
+        "train_rates_heldin": (trials_train, bins, heldin), "train_rates_heldout": (trials_train, bins, heldout),
+        "eval_rates_heldin": (trials_eval, bins, heldin), "eval_rates_heldout": (trials_eval, bins, heldout),
+        "eval_rates_heldin_forward": (trials_eval, fwd, heldin),
+        "eval_rates_heldout_forward": (trials_eval, fwd, heldout),
+    }
+
+
+def submission_path(run_dir: Path, phase: str) -> Path:
+    return Path(run_dir) / f"submission-{phase}.h5"
+
+
+def submit(split, rates: dict[str, np.ndarray], run_dir: Path, split_dir: Path,
+           file_names: dict[str, str]) -> Path:
+    """Validate ``rates`` against the split's tensors and merge them into the run's
+    ``submission-{phase}.h5``. Train-window arrays (``train_rates_*_forward``) are dropped:
+    EvalAI takes only the arrays in ``REQUIRED`` and ``OPTIONAL``."""
+    rates = {k: v for k, v in rates.items() if k in REQUIRED + OPTIONAL}
+    check_rates(rates, expected_shapes(split_dir, file_names), split.group)
+    return merge_group(submission_path(run_dir, split.phase), split.group, rates)

@@ -43,3 +43,28 @@ def test_the_last_trials_behaviour_is_the_files_behaviour(synthetic):
 def test_a_folder_without_nwb_files_says_what_to_run(tmp_path):
     with pytest.raises(UserError, match="no NWB files in .*: run this"):
         load_dataset(tmp_path, hint="run this")
+
+
+def test_psths_from_memory_equal_nlb_tools_own_and_read_no_file(synthetic, monkeypatch):
+    import copy
+
+    from nlb_tools.make_tensors import make_eval_target_tensors
+
+    from nlbfab.nwb import reused_by_nlb_tools
+
+    loaded = load_dataset(dataset_dir(synthetic, DATASETS["mc_maze_small"]))
+    binned = copy.copy(loaded)
+    binned.data = loaded.data.copy()
+    binned.resample(20)
+    args = dict(train_trial_split="train", eval_trial_split="val", save_file=False, include_psth=True)
+    official = make_eval_target_tensors(binned, "mc_maze_small", **args)["mc_maze_small_20"]
+
+    reads = []
+    original_load = NWBDataset.load
+    monkeypatch.setattr(NWBDataset, "load", lambda self, *a, **k: reads.append(a) or original_load(self, *a, **k))
+    with reused_by_nlb_tools(loaded):
+        ours = make_eval_target_tensors(binned, "mc_maze_small", **args)["mc_maze_small_20"]
+    assert reads == []
+    assert np.allclose(ours["psth"], official["psth"], rtol=1e-4, atol=1e-6, equal_nan=True)
+    for key in ("eval_cond_idx", "train_cond_idx"):
+        assert all(np.array_equal(a, b) for a, b in zip(ours[key], official[key]))

@@ -1,0 +1,73 @@
+"""The oracle (true rates) is aligned like the tensors and beats spike smoothing on co-bps."""
+import h5py
+import numpy as np
+import pytest
+
+from nlbfab import cli
+from nlbfab.oracle import oracle_rates, true_rate_dataset
+from nlbfab.scoring import score
+from nlbfab.smoothing import smoothing_rates
+from nlbfab.splits import DATASETS, get_split, splits_of
+from nlbfab.submission import merge_group
+from nlbfab.synth_nwb import dataset_dir
+from tests.conftest import run_cli
+
+
+def tensors(prepared, split, name):
+    with h5py.File(prepared / split.name / name) as h5:
+        return {k: h5[k][()] for k in h5 if isinstance(h5[k], h5py.Dataset)}
+
+
+@pytest.mark.parametrize("name", ["mc_maze", "dmfc_rsg", "mc_rtt"])
+def test_oracle_is_shaped_like_the_splits_tensors(prepared, synthetic, name):
+    rate_dataset = true_rate_dataset(dataset_dir(synthetic, DATASETS[name]))
+    for split in splits_of(DATASETS[name]):
+        rates = oracle_rates(synthetic, split, rate_dataset)
+        train = tensors(prepared, split, "train_input.h5")
+        evaluation = tensors(prepared, split, "eval_input.h5")
+        for key in ("heldin", "heldout", "heldin_forward", "heldout_forward"):
+            assert rates[f"train_rates_{key}"].shape == train[f"train_spikes_{key}"].shape
+        assert rates["eval_rates_heldin"].shape == evaluation["eval_spikes_heldin"].shape
+        assert np.all(np.isfinite(rates["eval_rates_heldout"])) and rates["eval_rates_heldout"].min() > 0
+
+
+def test_oracle_tracks_the_spikes_trial_by_trial(prepared, synthetic):
+    split = get_split("mc_maze-20ms-val")
+    rates = oracle_rates(synthetic, split)
+    spikes = tensors(prepared, split, "train_input.h5")["train_spikes_heldin"]
+    assert np.isclose(rates["train_rates_heldin"].mean(), spikes.mean(), rtol=0.1)
+    # trial-averaged per neuron and bin: the PSTH-like structure agrees
+    assert np.corrcoef(rates["train_rates_heldin"].mean(0).ravel(), spikes.mean(0).ravel())[0, 1] > 0.8
+
+
+@pytest.mark.parametrize("name", ["mc_maze-20ms-val", "dmfc_rsg-20ms-val", "mc_maze_large-05ms-val"])
+def test_oracle_beats_smoothing_on_co_bps(prepared, synthetic, tmp_path, name):
+    split = get_split(name)
+    train = tensors(prepared, split, "train_input.h5")
+    evaluation = tensors(prepared, split, "eval_input.h5")
+    smooth = smoothing_rates(train["train_spikes_heldin"], train["train_spikes_heldout"],
+                             evaluation["eval_spikes_heldin"], split.bin_ms)
+    oracle = oracle_rates(synthetic, split)
+    target = prepared / split.name / "eval_target.h5"
+    scores = {}
+    for model, rates in (("smoothing", smooth), ("oracle", oracle)):
+        scores[model] = score(target, merge_group(tmp_path / f"{model}.h5", split.group, rates), split)
+    assert scores["oracle"]["co-bps"] > scores["smoothing"]["co-bps"] + 0.02
+    if "fp-bps" in scores["oracle"]:
+        assert scores["oracle"]["fp-bps"] > 0
+
+
+def test_oracle_command_writes_and_scores_a_submission(prepared, synthetic, homes):
+    result = run_cli(cli.oracle, "--split", "area2_bump-20ms-val", "--split", "area2_bump-20ms-test")
+    assert result.exit_code == 0, result.output
+    assert "co-bps" in result.output
+    with h5py.File(homes["RUNS_HOME"] / "oracle" / "submission-val.h5") as h5:
+        assert list(h5) == ["area2_bump_20"]
+    with h5py.File(homes["RUNS_HOME"] / "oracle" / "submission-test.h5") as h5:
+        assert h5["area2_bump_20/eval_rates_heldout"].shape[0] == 12
+
+
+def test_a_real_dataset_has_no_oracle(tmp_path):
+    from nlbfab.errors import UserError
+    with pytest.raises(UserError, match="only datasets made by 'bin/nlbfab-synth' have an oracle"):
+        true_rate_dataset(tmp_path)
