@@ -84,18 +84,19 @@ def synth(names, all_, scale, seed, force):
 @friendly_errors
 def prep(split_names, names, all_, force):
     """Preprocess NWB datasets from DATA_HOME into per-split HDF5 tensors under PREP_HOME."""
-    from nlbfab.prep import prepare_dataset
+    from nlbfab.prep import missing_data_hint, prepare_dataset, source_files
     if not (split_names or names or all_):
         raise UserError("name a --split (e.g. mc_maze-20ms-val), a --dataset, or use --all")
     wanted = [get_split(n) for n in split_names]
-    for dataset in _datasets(names, all_) if (names or all_) else []:
-        wanted += splits_of(dataset)
+    if names or all_:
+        wanted += [s for dataset in _datasets(names, all_) for s in splits_of(dataset)]
+    wanted = list(dict.fromkeys(wanted))
+    by_dataset = {d: [s for s in wanted if s.dataset == d] for d in dict.fromkeys(s.dataset for s in wanted)}
     data_home, prep_home, file_names = config.data_home(), config.prep_home(), config.split_file_names()
-    by_dataset = {}
-    for split in wanted:
-        by_dataset.setdefault(split.dataset, [])
-        if split not in by_dataset[split.dataset]:
-            by_dataset[split.dataset].append(split)
+    missing = [d for d in by_dataset if not source_files(data_home, d)]
+    if missing:  # before any work, so a long run does not stop half-way
+        raise UserError(f"no NWB files for {', '.join(d.name for d in missing)} under {data_home}: "
+                        f"{missing_data_hint(missing)}")
     started = time.perf_counter()
     written = 0
     for number, (dataset, splits) in enumerate(by_dataset.items(), 1):

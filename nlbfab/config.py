@@ -1,7 +1,8 @@
 """Where nlbfab keeps its files, read from ``.env`` when a command asks (never at import).
 
-Real environment variables override ``.env``; relative paths are taken from the directory that
-holds ``.env`` (the repository), so the defaults work from any working directory.
+Real environment variables override ``.env``. Relative paths in ``.env`` (and the defaults) are
+taken from the directory that holds ``.env``, so they work from any working directory; relative
+paths in the environment are taken from the working directory, as a shell user expects.
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def setting(name: str) -> str:
         raise UserError(f"{name} is not set: add '{name}=...' to {where} or export {name} "
                         f"(default: {DEFAULTS.get(name, 'none')})")
     if name in PATH_VARIABLES:
-        base = env_file.parent if env_file else Path.cwd()
+        from_environment = name in os.environ
+        base = env_file.parent if env_file and not from_environment else Path.cwd()
         return str((base / Path(value).expanduser()).resolve())
     return value
 

@@ -9,7 +9,7 @@ Two fixes to ``nlb_tools`` 0.0.4, made by subclassing its ``NWBDataset`` (its co
 - Its PSTH step (``make_tensors._make_psth``) reads the NWB files a second time and smooths the
   whole 1 ms session in float64 in a process pool, holding several copies of it: more than
   24 GB for mc_maze. Inside ``reused_by_nlb_tools`` it gets a copy of the data already in memory,
-  and smoothing runs column by column in float32 (same PSTHs to float32 precision).
+  and smoothing fills one float32 array column by column (same PSTHs to float32 precision).
 """
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import scipy.signal as signal
 from nlb_tools import make_tensors
-from nlb_tools.nwb_interface import NWBDataset
+from nlb_tools.nwb_interface import NWBDataset, smooth_column
 
 from nlbfab.errors import UserError
 
@@ -45,8 +48,22 @@ class TimeSortedNWBDataset(NWBDataset):
 
     def smooth_spk(self, gauss_width, signal_type=None, name=None, overwrite=False, ignore_nans=False,
                    parallelized=False, dtype="float32"):
-        """nlb_tools' smoothing with memory-frugal defaults: one column at a time, in float32."""
-        return super().smooth_spk(gauss_width, signal_type, name, overwrite, ignore_nans, parallelized, dtype)
+        """nlb_tools' Gaussian smoothing (its ``smooth_column``, column by column), written into
+        one preallocated float32 array. Its own version smooths in float64 in a process pool and
+        copies the session several times; its PSTH step calls this with ``overwrite=True`` on a
+        frame of spikes only, the case done here. Other calls go to nlb_tools unchanged."""
+        fields = signal_type or [f for f in ("spikes", "heldout_spikes") if f in self.data.columns]
+        fields = sorted([fields] if isinstance(fields, str) else fields)
+        if not overwrite or set(self.data.columns.get_level_values(0)) != set(fields):
+            return super().smooth_spk(gauss_width, signal_type, name, overwrite, ignore_nans, parallelized, dtype)
+        sd = gauss_width / self.bin_width
+        window = signal.windows.gaussian(int(6 * sd), sd, sym=True)
+        window /= np.sum(window)
+        columns = pd.MultiIndex.from_tuples([(f, c) for f in fields for c in self.data[f].columns])
+        smoothed = np.empty((len(self.data), len(columns)), dtype)
+        for i, column in enumerate(columns):
+            smoothed[:, i] = smooth_column((self.data[column].to_numpy(), window, ignore_nans, dtype))
+        self.data = pd.DataFrame(smoothed, index=self.data.index, columns=columns, copy=False)
 
 
 def load_dataset(folder: Path, hint: str = "") -> TimeSortedNWBDataset:

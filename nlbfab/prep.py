@@ -50,9 +50,10 @@ def is_up_to_date(split: Split, data_home: Path, prep_home: Path, file_names: di
         made.get("files") == file_names
 
 
-def missing_data_hint(dataset: Dataset) -> str:
-    return (f"run 'bin/nlbfab-download --dataset {dataset.name}' for the real data "
-            f"or 'bin/nlbfab-synth --dataset {dataset.name}' for a synthetic one")
+def missing_data_hint(datasets: list[Dataset]) -> str:
+    """The commands that fetch or make the NWB files of ``datasets``."""
+    options = " ".join(f"--dataset {d.name}" for d in datasets)
+    return f"run 'bin/nlbfab-download {options}' for the real data or 'bin/nlbfab-synth {options}' for synthetic data"
 
 
 def split_tensors(binned, split: Split) -> dict[str, dict]:
@@ -117,7 +118,7 @@ def prepare_dataset(dataset: Dataset, splits: list[Split], data_home: Path, prep
     sources = source_files(data_home, dataset)
     if not sources:
         raise UserError(f"no NWB files for {dataset.name} in {dataset_dir(data_home, dataset)}: "
-                        f"{missing_data_hint(dataset)}")
+                        f"{missing_data_hint([dataset])}")
     started = time.perf_counter()
     report(f"{dataset.name}: loading {len(sources)} NWB files from {dataset_dir(data_home, dataset)}")
     loaded = load_dataset(dataset_dir(data_home, dataset))

@@ -23,11 +23,20 @@ def test_download_without_the_dandi_client_says_how_to_install_it(homes, monkeyp
     one_line_error(run_cli(cli.download, "--dataset", "mc_maze"), "pip install -e .[dandi]")
 
 
-def test_download_offline_fails_with_a_clear_message(homes, monkeypatch):
-    def offline(urls, output_dir, existing):
+def test_download_offline_fails_at_once_with_a_clear_message(homes, monkeypatch):
+    monkeypatch.setattr(download, "_dandi_download", lambda: pytest.fail("offline: must not start the client"))
+    monkeypatch.setattr(download, "DANDI_API_HOST", "dandi.invalid")  # never resolves (RFC 6761)
+    monkeypatch.setattr(download, "_dandi_download", lambda: None)
+    one_line_error(run_cli(cli.download, "--dataset", "mc_maze"), "cannot reach DANDI",
+                   "nlbfab-synth --dataset mc_maze")
+
+
+def test_a_failing_transfer_is_reported_in_one_line(homes, monkeypatch):
+    def dropped(urls, output_dir):
         assert urls == ["DANDI:000128/0.220113.0400"]
-        raise ConnectionError("Failed to resolve 'api.dandiarchive.org'")
-    monkeypatch.setattr(download, "_dandi_download", lambda: offline)
+        raise ConnectionError("Connection reset by peer")
+    monkeypatch.setattr(download, "_dandi_download", lambda: dropped)
+    monkeypatch.setattr(download.socket, "getaddrinfo", lambda *a: [])
     one_line_error(run_cli(cli.download, "--dataset", "mc_maze"), "could not download mc_maze from DANDI",
                    "nlbfab-synth --dataset mc_maze")
 

@@ -29,6 +29,12 @@ def test_relative_paths_in_env_are_taken_from_its_folder(env_file):
     assert config.prep_home() == (env_file.parent / "somewhere" / "prep").resolve()
 
 
+def test_relative_paths_in_the_environment_are_taken_from_the_working_directory(env_file, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATA_HOME", "here")
+    assert config.data_home() == tmp_path.resolve() / "here"
+
+
 def test_environment_overrides_env_file(env_file, monkeypatch, tmp_path):
     env_file.write_text(f"RUNS_HOME={tmp_path / 'from-file'}\n")
     monkeypatch.setenv("RUNS_HOME", str(tmp_path / "from-env"))
