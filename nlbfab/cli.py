@@ -16,6 +16,7 @@ import click
 from nlbfab import config
 from nlbfab.errors import UserError
 from nlbfab.splits import DATASETS, SPLIT_NAMES, get_dataset, get_split, splits_of
+from nlbfab.train_config import TrainConfig
 
 
 def _quiet_libraries() -> None:
@@ -148,13 +149,51 @@ def oracle(split_names, run_tag):
             click.echo(line)
 
 
+@click.command()
+@click.option("--split", "split_name", required=True, help="Split to train on, e.g. mc_maze-20ms-val.")
+@click.option("--model", default=TrainConfig.model, show_default=True, help="Model by name (see nlbfab.models.MODELS).")
+@click.option("--hidden-size", default=TrainConfig.hidden_size, show_default=True)
+@click.option("--batch-size", default=TrainConfig.batch_size, show_default=True)
+@click.option("--learning-rate", default=TrainConfig.learning_rate, show_default=True)
+@click.option("--weight-decay", default=TrainConfig.weight_decay, show_default=True)
+@click.option("--dropout", default=TrainConfig.dropout, show_default=True)
+@click.option("--grad-clip", default=TrainConfig.grad_clip, show_default=True, help="Max gradient norm (0: off).")
+@click.option("--seed", default=TrainConfig.seed, show_default=True)
+@click.option("--max-epochs", default=TrainConfig.max_epochs, show_default=True)
+@click.option("--patience", default=TrainConfig.patience, show_default=True,
+              help="Stop after this many epochs without a better monitored value.")
+@click.option("--log-every-n-epochs", default=TrainConfig.log_every_n_epochs, show_default=True,
+              help="Run the hooks (metrics, rasters, trajectories) this often, and at the end.")
+@click.option("--precision", default=TrainConfig.precision, show_default=True,
+              type=click.Choice(["32-true", "bf16-mixed", "16-mixed"]))
+@click.option("--accelerator", default=TrainConfig.accelerator, show_default=True, help="cpu, gpu, cuda, mps or auto.")
+@click.option("--devices", default=TrainConfig.devices, show_default=True, help="How many devices (or 'auto').")
+@click.option("--strategy", default=TrainConfig.strategy, show_default=True, help="auto, ddp, ddp_spawn, ...")
+@click.option("--run-tag", default=TrainConfig.run_tag, show_default=True, help="Runs go to RUNS_HOME/RUN_TAG/SPLIT.")
+@click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
+@friendly_errors
+def train(split_name, resume, quiet, **options):
+    """Train a model on one split with Lightning Fabric, and write its rates to the submission."""
+    from nlbfab.train import train as run
+    get_split(split_name)
+    summary = run(TrainConfig(split=split_name, **options), config.prep_home(), config.runs_home(),
+                  config.split_file_names(), resume=resume, quiet=quiet)
+    if "submission" in summary:
+        click.echo(f"{summary['split']}: {summary['epochs']} epochs ({summary['stop_reason']}), best at "
+                   f"{summary['best_epoch']}, {summary['seconds']:.0f} s; rates in {summary['submission']}")
+        for name, value in summary.get("metrics", {}).items():
+            click.echo(f"  {name:10s} {value:.4f}")
+
+
 @click.command(name="splits")
 def list_splits():
     """Print the 28 split names."""
     click.echo("\n".join(SPLIT_NAMES))
 
 
-COMMANDS = {"synth": synth, "prep": prep, "download": download, "oracle": oracle, "splits": list_splits}
+COMMANDS = {"synth": synth, "prep": prep, "download": download, "oracle": oracle, "train": train,
+            "splits": list_splits}
 
 if __name__ == "__main__":  # bin/nlbfab-<command> runs: python -m nlbfab.cli <command> [options]
     command = sys.argv.pop(1)

@@ -12,17 +12,22 @@ from nlbfab.splits import Split
 SCALING_TAGS = {"mc_maze_large": "[500]", "mc_maze_medium": "[250]", "mc_maze_small": "[100]"}
 
 
-def score(target_path: Path, submission_path: Path, split: Split) -> dict[str, float]:
-    """The split's metrics, e.g. ``{'co-bps': .., 'vel R2': .., 'psth R2': .., 'fp-bps': ..}``."""
-    # evaluate() opens files only when given str paths
-    results = {k: v for entry in evaluate(str(target_path), str(submission_path)) for k, v in entry.items()}
+def split_metrics(results: list[dict], split: Split) -> dict[str, float]:
+    """The split's metrics from ``evaluate()``'s result list, e.g. ``{'co-bps': .., 'vel R2': ..,
+    'psth R2': .., 'fp-bps': ..}``; empty where the split was not scored."""
+    merged = {k: v for entry in results for k, v in entry.items()}
     tag = SCALING_TAGS.get(split.dataset.name)
     if tag:
-        scaling = results.get("mc_maze_scaling_split" if split.bin_ms == 5 else "mc_maze_scaling_20_split", {})
-        metrics = {k[len(tag) + 1:]: v for k, v in scaling.items() if k.startswith(f"{tag} ")}
-    else:
-        metrics = results.get(f"{split.group}_split", {})
+        scaling = merged.get("mc_maze_scaling_split" if split.bin_ms == 5 else "mc_maze_scaling_20_split", {})
+        return {k[len(tag) + 1:]: float(v) for k, v in scaling.items() if k.startswith(f"{tag} ")}
+    return {k: float(v) for k, v in merged.get(f"{split.group}_split", {}).items()}
+
+
+def score(target_path: Path, submission_path: Path, split: Split) -> dict[str, float]:
+    """Score the split's group of a submission file against its target file."""
+    # evaluate() opens files only when given str paths
+    metrics = split_metrics(evaluate(str(target_path), str(submission_path)), split)
     if not metrics:  # evaluate() silently skips a misnamed group
         raise UserError(f"no scores for {split.name} in {submission_path}: it needs a group named "
                         f"'{split.group}' with eval_rates_heldout")
-    return {k: float(v) for k, v in metrics.items()}
+    return metrics

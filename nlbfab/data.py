@@ -1,0 +1,124 @@
+"""One preprocessed split as one immutable value, and batches drawn from it.
+
+The whole split lives on the training device (NLB splits are small: mc_maze at 5 ms is about
+100 MB), so a batch is an index into tensors already there: no DataLoader, no workers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from nlbfab.errors import UserError
+from nlbfab.prep import TRAIN_WINDOW_TARGET
+from nlbfab.splits import Split
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """Everything the loop, the hooks and the submission need from one split.
+
+    Tensors (float32, on the training device):
+      ``train_heldin``: (train trials, bins, heldin) - the model's input;
+      ``train_recon``: (train trials, bins + fwd, heldin + heldout) - the reconstruction target;
+      ``eval_heldin``: (eval trials, bins, heldin);
+      ``eval_recon``: (eval trials, bins + fwd, heldin + heldout) on the val phase, NaN-free
+        (for dmfc_rsg built with the training window), else the held-in observed bins only.
+    ``target``: the official eval target group as numpy arrays (val phase; ``{}`` on test),
+    what ``nlb_tools.evaluation.evaluate`` scores; ``train_behavior`` goes with it.
+    """
+
+    split: Split
+    train_heldin: torch.Tensor
+    train_recon: torch.Tensor
+    eval_heldin: torch.Tensor
+    eval_recon: torch.Tensor
+    heldout: int
+    fwd_steps: int
+    target: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def heldin(self) -> int:
+        return self.train_heldin.shape[2]
+
+    @property
+    def bins(self) -> int:
+        return self.train_heldin.shape[1]
+
+    def to(self, device) -> "SplitData":
+        move = {k: getattr(self, k).to(device) for k in ("train_heldin", "train_recon", "eval_heldin", "eval_recon")}
+        return SplitData(self.split, heldout=self.heldout, fwd_steps=self.fwd_steps, target=self.target, **move)
+
+
+def _read(path: Path, rebuild: str) -> dict:
+    if not path.is_file():
+        raise UserError(f"missing {path}: run '{rebuild}'")
+    try:
+        with h5py.File(path, "r") as h5:
+            return {k: ({n: v[()] for n, v in h5[k].items()} if isinstance(h5[k], h5py.Group) else h5[k][()])
+                    for k in h5}
+    except (OSError, KeyError) as error:
+        raise UserError(f"cannot read {path} ({error}): run '{rebuild}'") from None
+
+
+def _float_tensor(array) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(array, np.float32))
+
+
+def load_split(split: Split, prep_home: Path, file_names: dict[str, str]) -> SplitData:
+    """Read a preprocessed split; a missing, corrupt or inconsistent file fails with a message
+    naming it and the ``nlbfab-prep`` command that rebuilds it."""
+    folder = Path(prep_home) / split.name
+    rebuild = f"bin/nlbfab-prep --split {split.name} --force"
+    train = _read(folder / file_names["train_input"], rebuild)
+    evaluation = _read(folder / file_names["eval_input"], rebuild)
+    need = {"train_spikes_heldin", "train_spikes_heldout", "train_spikes_heldin_forward", "train_spikes_heldout_forward"}
+    if not need <= set(train) or "eval_spikes_heldin" not in evaluation:
+        raise UserError(f"{folder} lacks {sorted(need - set(train))}: run '{rebuild}'")
+    observed = np.concatenate([train["train_spikes_heldin"], train["train_spikes_heldout"]], -1)
+    forward = np.concatenate([train["train_spikes_heldin_forward"], train["train_spikes_heldout_forward"]], -1)
+    heldout, fwd_steps = train["train_spikes_heldout"].shape[2], forward.shape[1]
+    target = {}
+    eval_heldin = evaluation["eval_spikes_heldin"]
+    if split.phase == "val":
+        target = _read(folder / file_names["eval_target"], rebuild).get(split.group)
+        if target is None:
+            raise UserError(f"{folder / file_names['eval_target']} has no group {split.group}: run '{rebuild}'")
+        loss_target = target
+        if (folder / TRAIN_WINDOW_TARGET).is_file():  # dmfc_rsg: the NaN-free variant for the loss
+            loss_target = _read(folder / TRAIN_WINDOW_TARGET, rebuild)[split.group]
+        eval_recon = np.concatenate([
+            np.concatenate([eval_heldin, evaluation["eval_spikes_heldout"]], -1),
+            np.concatenate([loss_target["eval_spikes_heldin_forward"], loss_target["eval_spikes_heldout_forward"]], -1),
+        ], 1)
+    else:
+        eval_recon = eval_heldin
+    data = SplitData(split, _float_tensor(train["train_spikes_heldin"]), _float_tensor(np.concatenate([observed, forward], 1)),
+                     _float_tensor(eval_heldin), _float_tensor(eval_recon), heldout, fwd_steps, target)
+    _check_shapes(data, folder, rebuild)
+    return data
+
+
+def _check_shapes(data: SplitData, folder: Path, rebuild: str) -> None:
+    n_train, bins, heldin = data.train_heldin.shape
+    problems = []
+    if data.train_recon.shape != (n_train, bins + data.fwd_steps, heldin + data.heldout):
+        problems.append(f"train target {tuple(data.train_recon.shape)}")
+    if data.eval_heldin.shape[1:] != (bins, heldin):
+        problems.append(f"eval_spikes_heldin {tuple(data.eval_heldin.shape)}")
+    if data.split.phase == "val" and data.eval_recon.shape[1:] != (bins + data.fwd_steps, heldin + data.heldout):
+        problems.append(f"eval target {tuple(data.eval_recon.shape)}")
+    if problems:
+        raise UserError(f"tensors in {folder} disagree with train_spikes_heldin {(n_train, bins, heldin)}: "
+                        f"{', '.join(problems)}; run '{rebuild}'")
+    for name in ("train_recon", "eval_recon"):
+        if torch.isnan(getattr(data, name)).any():
+            raise UserError(f"NaN spikes in the {name.split('_')[0]} tensors of {folder}: run '{rebuild}'")
+
+
+def batch_indices(n_trials: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A seeded random permutation of ``range(n_trials)`` cut into batches (the last may be short)."""
+    return list(torch.randperm(n_trials, generator=generator).split(batch_size))

@@ -1,0 +1,64 @@
+"""The sequential autoencoder (SAE) of nlb-lightning, as two pure functions.
+
+A bidirectional GRU encodes the held-in spikes; its final states give, through a linear layer,
+the initial condition of an input-free GRU decoder unrolled over the observed and ``fwd_steps``
+forward bins; a linear readout maps its states to the log-rates of all neurons. Dropout acts on
+the input, the encoder's final states and the initial condition, as in nlb-lightning. The GRUs
+call PyTorch's fused kernel (``aten::gru``), several times faster than a loop over time.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+GRU_WEIGHTS = ("w_ih", "w_hh", "b_ih", "b_hh")
+
+
+def _uniform(generator, shape, bound):
+    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+
+def _gru_params(prefix: str, inputs: int, hidden: int, generator) -> dict[str, torch.Tensor]:
+    """PyTorch's default GRU initialisation: U(-1/sqrt(hidden), 1/sqrt(hidden))."""
+    bound = 1 / math.sqrt(hidden)
+    shapes = {"w_ih": (3 * hidden, inputs), "w_hh": (3 * hidden, hidden), "b_ih": (3 * hidden,), "b_hh": (3 * hidden,)}
+    return {f"{prefix}_{name}": _uniform(generator, shape, bound) for name, shape in shapes.items()}
+
+
+def init(sizes, seed: int = 0, hidden_size: int = 64) -> dict[str, torch.Tensor]:
+    """Parameters for ``sizes`` (``nlbfab.models.Sizes``). The readout bias starts at the log of
+    each neuron's mean count per bin, so the first steps fit structure, not the mean rate
+    (at 5 ms, rates are small and a zero bias starts far off)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden, neurons = hidden_size, sizes.heldin + sizes.heldout
+    params = {}
+    params |= _gru_params("enc_fwd", sizes.heldin, hidden, g)
+    params |= _gru_params("enc_bwd", sizes.heldin, hidden, g)
+    params |= _gru_params("dec", 1, hidden, g)
+    params["ic_w"] = _uniform(g, (hidden, 2 * hidden), 1 / math.sqrt(2 * hidden))
+    params["ic_b"] = torch.zeros(hidden)
+    params["readout_w"] = _uniform(g, (neurons, hidden), 1 / math.sqrt(hidden))
+    params["readout_b"] = torch.log(sizes.mean_counts.clamp_min(1e-4)).float()
+    return params
+
+
+def _gru(params, prefix_list, inputs, h0, bidirectional):
+    weights = [params[f"{prefix}_{name}"] for prefix in prefix_list for name in GRU_WEIGHTS]
+    return torch.ops.aten.gru.input(inputs, h0, weights, True, 1, 0.0, False, bidirectional, True)
+
+
+def apply(params, heldin, fwd_steps: int, *, dropout: float = 0.0, training: bool = False):
+    """``heldin: (trials, bins, heldin)`` -> ``(logrates, latents)``, both over
+    ``bins + fwd_steps`` bins: ``(trials, bins + fwd, neurons)`` and ``(trials, bins + fwd, hidden)``."""
+    trials, bins, _ = heldin.shape
+    hidden = params["dec_w_hh"].shape[1]
+    x = F.dropout(heldin, dropout, training)
+    h0 = x.new_zeros(2, trials, hidden)
+    _, h_n = _gru(params, ("enc_fwd", "enc_bwd"), x, h0, bidirectional=True)
+    h = F.dropout(torch.cat([h_n[0], h_n[1]], -1), dropout, training)
+    ic = F.dropout(F.linear(h, params["ic_w"], params["ic_b"]), dropout, training)
+    no_input = x.new_zeros(trials, bins + fwd_steps, 1)
+    latents, _ = _gru(params, ("dec",), no_input, ic.unsqueeze(0).contiguous(), bidirectional=False)
+    return F.linear(latents, params["readout_w"], params["readout_b"]), latents

@@ -1,0 +1,208 @@
+"""The hand-written Fabric training loop.
+
+One entry point, ``train(config, ...)``: set-up (Fabric, data, parameters, optimizer, all state
+in one dict), then a loop whose sections run in order: train an epoch, validate, checkpoint,
+early-stop, hooks. At the end the best checkpoint predicts the rates that go into the run's
+``submission-{phase}.h5``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from lightning_fabric import Fabric
+from lightning_fabric.loggers import TensorBoardLogger
+from tqdm import tqdm
+
+from nlbfab.data import SplitData, batch_indices, load_split
+from nlbfab.errors import UserError
+from nlbfab.evaluation import co_bps, predict
+from nlbfab.hooks import HOOKS
+from nlbfab.loss import poisson_nll
+from nlbfab.models import Sizes, get_model
+from nlbfab.scoring import score
+from nlbfab.splits import get_split
+from nlbfab.submission import submit
+from nlbfab.train_config import TrainConfig
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+class ParamsModule(torch.nn.Module):
+    """The thin object layer Fabric needs: holds a model's parameter dict so that ``setup`` can
+    wrap it (DDP synchronises gradients through the module's forward), and calls the pure
+    ``apply`` with them."""
+
+    def __init__(self, apply, params: dict[str, torch.Tensor]):
+        super().__init__()
+        self.apply_fn = apply
+        self.params = torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in params.items()})
+
+    def forward(self, heldin, fwd_steps: int, dropout: float = 0.0):
+        return self.apply_fn(dict(self.params), heldin, fwd_steps, dropout=dropout, training=self.training)
+
+
+def _save_atomic(fabric: Fabric, path: Path, state: dict) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    fabric.save(partial, state)
+    if fabric.is_global_zero:
+        os.replace(partial, path)
+    fabric.barrier()
+
+
+def _capture_rng(state: dict, batch_rng: torch.Generator) -> None:
+    state["batch_rng"] = batch_rng.get_state()
+    state["torch_rng"] = torch.get_rng_state()
+    state["cuda_rng"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+
+
+def _restore_rng(state: dict, batch_rng: torch.Generator) -> None:
+    batch_rng.set_state(state["batch_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def train_epoch(fabric, module, optimizer, data: SplitData, config: TrainConfig, batch_rng, quiet: bool) -> float:
+    """One pass over the train trials in seeded random batches; each rank takes its share of
+    every global batch. Returns the mean training loss over ranks."""
+    module.train()
+    batches = batch_indices(data.train_heldin.shape[0], config.batch_size, batch_rng)
+    total = torch.zeros((), device=fabric.device)
+    # a bar within each epoch, on a terminal only (None: tqdm turns itself off when piped)
+    hide = True if quiet or not fabric.is_global_zero else None
+    for index in tqdm(batches, leave=False, disable=hide, unit="batch", desc="epoch"):
+        shard = index[fabric.global_rank::fabric.world_size].to(fabric.device)
+        logrates, _ = module(data.train_heldin[shard], data.fwd_steps, dropout=config.dropout)
+        loss = poisson_nll(logrates, data.train_recon[shard])
+        optimizer.zero_grad(set_to_none=True)
+        fabric.backward(loss)
+        if config.grad_clip:
+            fabric.clip_gradients(module, optimizer, max_norm=config.grad_clip)
+        optimizer.step()
+        total += loss.detach()
+    return float(fabric.all_reduce(total / len(batches), reduce_op="mean"))
+
+
+@torch.no_grad()
+def validate(module, data: SplitData) -> tuple[float, float]:
+    """(validation loss, monitored value). The loss covers the eval trials' neurons and forward
+    bins on the val phase, their held-in observed bins on the test phase. The monitored value,
+    higher is better, is the val co-bps, or on the test phase minus the loss."""
+    module.eval()
+    logrates = torch.cat([module(chunk, data.fwd_steps)[0] for chunk in data.eval_heldin.split(512)]).float()
+    if data.split.phase == "test":
+        loss = float(poisson_nll(logrates[:, :data.bins, :data.heldin], data.eval_recon))
+        return loss, -loss
+    loss = float(poisson_nll(logrates, data.eval_recon))
+    return loss, co_bps(data, logrates[:, :data.bins, data.heldin:].exp().cpu().numpy())
+
+
+def run_hooks(fabric, module, data: SplitData, epoch: int) -> tuple[dict, dict]:
+    """Predict all trials in eval mode and run every hook (on rank 0); returns (metrics, predictions)."""
+    module.eval()
+    predictions = predict(lambda heldin: module(heldin, data.fwd_steps), data)
+    scores = {}
+    if fabric.is_global_zero:
+        for hook in HOOKS:
+            scores |= hook(fabric.logger, data, predictions, epoch) or {}
+    return scores, predictions
+
+
+def train(config: TrainConfig, prep_home: Path, runs_home: Path, file_names: dict[str, str],
+          resume: bool = False, quiet: bool = False) -> dict:
+    """Train ``config.model`` on ``config.split``; write checkpoints, TensorBoard logs, metrics
+    and the submission under ``runs_home/run_tag/split``. Returns the run's summary."""
+    split, model = get_split(config.split), get_model(config.model)
+    run_dir = Path(runs_home) / config.run_tag / split.name
+    checkpoints = run_dir / "checkpoints"
+    devices = int(config.devices) if config.devices.isdigit() else config.devices
+    fabric = Fabric(accelerator=config.accelerator, devices=devices, strategy=config.strategy,
+                    precision=config.precision, loggers=TensorBoardLogger(run_dir, name="tensorboard", version=""))
+    fabric.launch()
+    if resume and not (checkpoints / "last.ckpt").is_file():
+        raise UserError(f"nothing to resume: no {checkpoints / 'last.ckpt'}; drop --resume to start afresh")
+    if fabric.is_global_zero:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=1))
+    data = load_split(split, prep_home, file_names).to(fabric.device)
+
+    # all state in one place: what a checkpoint holds and --resume restores
+    fabric.seed_everything(config.seed, verbose=False)
+    sizes = Sizes(data.heldin, data.heldout, data.bins, data.fwd_steps,
+                  mean_counts=data.train_recon[:, :data.bins].mean((0, 1)).cpu())
+    params = model.init(sizes, config.seed, **{k: getattr(config, k) for k in model.hparams})
+    module = ParamsModule(model.apply, params)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    module, optimizer = fabric.setup(module, optimizer)
+    batch_rng = torch.Generator().manual_seed(config.seed)
+    state = {"model": module, "optimizer": optimizer, "epoch": 0, "best": -math.inf, "best_epoch": -1,
+             "stale": 0, "history": []}
+    _capture_rng(state, batch_rng)
+    if resume:
+        fabric.load(checkpoints / "last.ckpt", state)
+        _restore_rng(state, batch_rng)
+        fabric.print(f"resuming {split.name} at epoch {state['epoch']} (best {state['best']:.4f} at {state['best_epoch']})")
+    fabric.logger.log_hyperparams(asdict(config))
+
+    started = time.perf_counter()
+    stop_reason = "max epochs"
+    while state["epoch"] < config.max_epochs:
+        epoch = state["epoch"]
+        train_loss = train_epoch(fabric, module, optimizer, data, config, batch_rng, quiet)
+        if not math.isfinite(train_loss):
+            raise NonFiniteLoss(
+                f"training loss became {train_loss} at epoch {epoch}: stopped; the best checkpoint "
+                f"({checkpoints / 'best.ckpt'}) is kept. Try a lower --learning-rate or --grad-clip")
+        val_loss, value = validate(module, data)
+        state["epoch"] = epoch + 1
+        improved = value > state["best"]
+        if improved:
+            state.update(best=value, best_epoch=epoch, stale=0)
+        else:
+            state["stale"] += 1
+        state["history"].append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "monitored": value})
+        fabric.log_dict({"loss/train": train_loss, "loss/val": val_loss, "monitored": value}, step=epoch)
+        _capture_rng(state, batch_rng)
+        _save_atomic(fabric, checkpoints / "last.ckpt", state)
+        if improved:
+            _save_atomic(fabric, checkpoints / "best.ckpt", state)
+        if not quiet:
+            name = "val co-bps" if split.phase == "val" else "-val loss"
+            fabric.print(f"epoch {epoch:4d}  train {train_loss:.5f}  val {val_loss:.5f}  {name} {value:.4f}"
+                         f"  best {state['best']:.4f} @ {state['best_epoch']}  {time.perf_counter() - started:6.1f} s")
+        if (epoch + 1) % config.log_every_n_epochs == 0:
+            run_hooks(fabric, module, data, epoch)
+        if state["stale"] >= config.patience:
+            stop_reason = f"no improvement for {config.patience} epochs"
+            break
+    return finish(fabric, module, data, config, run_dir, state, stop_reason, time.perf_counter() - started,
+                  prep_home, file_names)
+
+
+def finish(fabric, module, data: SplitData, config: TrainConfig, run_dir: Path, state: dict,
+           stop_reason: str, seconds: float, prep_home: Path, file_names: dict[str, str]) -> dict:
+    """Reload the best checkpoint, run the hooks on it, merge its rates into the run's
+    submission file and, on the val phase, score that file as EvalAI would."""
+    best = run_dir / "checkpoints" / "best.ckpt"
+    fabric.load(best, {"model": module}, strict=False)
+    scores, predictions = run_hooks(fabric, module, data, state["best_epoch"])
+    summary = {"split": data.split.name, "model": config.model, "epochs": state["epoch"],
+               "best_epoch": state["best_epoch"], "best_monitored": state["best"],
+               "stop_reason": stop_reason, "seconds": round(seconds, 2), "hook_metrics": scores}
+    if fabric.is_global_zero:
+        prep_dir = Path(prep_home) / data.split.name
+        path = submit(data.split, predictions, run_dir.parent, prep_dir, file_names)
+        summary["submission"] = str(path)
+        if data.split.phase == "val":
+            summary["metrics"] = score(prep_dir / file_names["eval_target"], path, data.split)
+        (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+    fabric.barrier()
+    return summary
