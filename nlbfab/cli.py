@@ -196,5 +196,5 @@ COMMANDS = {"synth": synth, "prep": prep, "download": download, "oracle": oracle
             "splits": list_splits}
 
 if __name__ == "__main__":  # bin/nlbfab-<command> runs: python -m nlbfab.cli <command> [options]
-    command = sys.argv.pop(1)
-    COMMANDS[command](prog_name=f"nlbfab-{command}")
+    # sys.argv stays whole: Fabric's DDP launcher starts the other ranks with the same command line
+    COMMANDS[sys.argv[1]](args=sys.argv[2:], prog_name=f"nlbfab-{sys.argv[1]}")

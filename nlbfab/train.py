@@ -70,7 +70,8 @@ def _restore_rng(state: dict, batch_rng: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
-def train_epoch(fabric, module, optimizer, data: SplitData, config: TrainConfig, batch_rng, quiet: bool) -> float:
+def train_epoch(fabric, module, optimizer, data: SplitData, config: TrainConfig, batch_rng, quiet: bool,
+                epoch: int, checkpoints: Path) -> float:
     """One pass over the train trials in seeded random batches; each rank takes its share of
     every global batch. Returns the mean training loss over ranks."""
     module.train()
@@ -84,8 +85,12 @@ def train_epoch(fabric, module, optimizer, data: SplitData, config: TrainConfig,
         loss = poisson_nll(logrates, data.train_recon[shard])
         optimizer.zero_grad(set_to_none=True)
         fabric.backward(loss)
-        if config.grad_clip:
-            fabric.clip_gradients(module, optimizer, max_norm=config.grad_clip)
+        # the norm of the synchronised gradients is the same on every rank, so all ranks stop together
+        norm = fabric.clip_gradients(module, optimizer, max_norm=config.grad_clip or math.inf, error_if_nonfinite=False)
+        if not torch.isfinite(norm):
+            what = f"training loss became {float(loss)}" if not torch.isfinite(loss) else "gradients became non-finite"
+            raise NonFiniteLoss(f"{what} at epoch {epoch}: stopped before the update; the best checkpoint "
+                                f"({checkpoints / 'best.ckpt'}) is kept. Try a lower --learning-rate or --grad-clip")
         optimizer.step()
         total += loss.detach()
     return float(fabric.all_reduce(total / len(batches), reduce_op="mean"))
@@ -156,11 +161,7 @@ def train(config: TrainConfig, prep_home: Path, runs_home: Path, file_names: dic
     stop_reason = "max epochs"
     while state["epoch"] < config.max_epochs:
         epoch = state["epoch"]
-        train_loss = train_epoch(fabric, module, optimizer, data, config, batch_rng, quiet)
-        if not math.isfinite(train_loss):
-            raise NonFiniteLoss(
-                f"training loss became {train_loss} at epoch {epoch}: stopped; the best checkpoint "
-                f"({checkpoints / 'best.ckpt'}) is kept. Try a lower --learning-rate or --grad-clip")
+        train_loss = train_epoch(fabric, module, optimizer, data, config, batch_rng, quiet, epoch, checkpoints)
         val_loss, value = validate(module, data)
         state["epoch"] = epoch + 1
         improved = value > state["best"]

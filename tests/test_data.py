@@ -1,0 +1,68 @@
+"""A preprocessed split becomes one immutable value; bad files fail with the rebuild command."""
+import shutil
+
+import h5py
+import pytest
+import torch
+
+from nlbfab.config import split_file_names
+from nlbfab.data import batch_indices, load_split
+from nlbfab.errors import UserError
+from nlbfab.splits import get_split
+
+
+def test_val_split_holds_inputs_targets_and_the_official_target(prepared):
+    data = load_split(get_split("mc_maze-20ms-val"), prepared, split_file_names())
+    assert data.train_heldin.shape == (40, 35, 12)
+    assert data.train_recon.shape == (40, 45, 16)
+    assert data.eval_recon.shape == (16, 45, 16)
+    assert torch.equal(data.train_recon[:, :35, :12], data.train_heldin)
+    assert set(data.target) >= {"eval_spikes_heldout", "psth", "train_behavior", "eval_behavior"}
+
+
+def test_test_split_has_no_heldout_target(prepared):
+    data = load_split(get_split("mc_maze-20ms-test"), prepared, split_file_names())
+    assert data.target == {} and data.eval_recon.shape == (12, 35, 12)
+
+
+def test_dmfc_loss_target_is_nan_free(prepared):
+    data = load_split(get_split("dmfc_rsg-20ms-val"), prepared, split_file_names())
+    assert not torch.isnan(data.eval_recon).any()
+
+
+def copy_split(prepared, tmp_path, name):
+    shutil.copytree(prepared / name, tmp_path / name)
+    return tmp_path
+
+
+def test_a_missing_file_names_it_and_the_command(prepared, tmp_path):
+    home = copy_split(prepared, tmp_path, "area2_bump-20ms-val")
+    (home / "area2_bump-20ms-val" / "eval_input.h5").unlink()
+    with pytest.raises(UserError, match=r"missing .*eval_input.h5: run 'bin/nlbfab-prep --split area2_bump-20ms-val --force'"):
+        load_split(get_split("area2_bump-20ms-val"), home, split_file_names())
+
+
+def test_a_corrupt_file_names_it_and_the_command(prepared, tmp_path):
+    home = copy_split(prepared, tmp_path, "area2_bump-20ms-val")
+    path = home / "area2_bump-20ms-val" / "train_input.h5"
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(UserError, match=r"cannot read .*train_input.h5.*nlbfab-prep --split area2_bump-20ms-val"):
+        load_split(get_split("area2_bump-20ms-val"), home, split_file_names())
+
+
+def test_disagreeing_shapes_are_caught(prepared, tmp_path):
+    home = copy_split(prepared, tmp_path, "mc_rtt-20ms-test")
+    with h5py.File(home / "mc_rtt-20ms-test" / "eval_input.h5", "a") as h5:
+        data = h5["eval_spikes_heldin"][()]
+        del h5["eval_spikes_heldin"]
+        h5["eval_spikes_heldin"] = data[:, :, :5]
+    with pytest.raises(UserError, match="disagree"):
+        load_split(get_split("mc_rtt-20ms-test"), home, split_file_names())
+
+
+def test_batches_are_a_seeded_permutation():
+    first = batch_indices(10, 4, torch.Generator().manual_seed(1))
+    again = batch_indices(10, 4, torch.Generator().manual_seed(1))
+    assert [len(b) for b in first] == [4, 4, 2]
+    assert sorted(torch.cat(first).tolist()) == list(range(10))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))

@@ -1,0 +1,128 @@
+"""The Fabric loop: checkpoints, early stopping, NaN stop, hooks in TensorBoard, the submission,
+resume after a kill, and a second model through the same loop."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from nlbfab import train as loop
+from nlbfab.config import split_file_names
+from nlbfab.errors import UserError
+from nlbfab.scoring import score
+from nlbfab.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = dict(hidden_size=16, batch_size=16, accelerator="cpu", log_every_n_epochs=3)
+
+
+def run(homes, prepared, **options):
+    config = TrainConfig(**{**FAST, **options})
+    return train(config, prepared, homes["RUNS_HOME"], split_file_names(), quiet=True)
+
+
+def test_a_run_writes_checkpoints_logs_and_a_scored_submission(homes, prepared):
+    summary = run(homes, prepared, split="mc_maze-20ms-val", run_tag="basic", max_epochs=6)
+    run_dir = homes["RUNS_HOME"] / "basic" / "mc_maze-20ms-val"
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+    assert json.loads((run_dir / "config.json").read_text())["max_epochs"] == 6
+    assert summary["epochs"] == 6 and summary["stop_reason"] == "max epochs"
+    # the hook's last numbers are those of the submission file, scored as EvalAI does
+    target = prepared / "mc_maze-20ms-val" / "eval_target.h5"
+    on_file = score(target, Path(summary["submission"]), loop.get_split("mc_maze-20ms-val"))
+    assert on_file == pytest.approx(summary["hook_metrics"], rel=1e-5)
+    assert on_file["co-bps"] == pytest.approx(summary["best_monitored"], rel=1e-4)
+    with h5py.File(summary["submission"]) as h5:
+        assert set(h5["mc_maze_20"]) >= {"train_rates_heldin", "eval_rates_heldout", "eval_rates_heldout_forward"}
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    assert {"loss/train", "loss/val", "monitored", "nlb/co-bps", "nlb/vel R2", "nlb/psth R2"} <= set(events.Tags()["scalars"])
+    assert {"raster/trial_0", "latents/trajectories"} <= set(events.Tags()["images"])
+    assert len(events.Scalars("loss/train")) == 6
+
+
+def test_early_stopping_ends_a_run_that_stopped_improving(homes, prepared):
+    summary = run(homes, prepared, split="mc_rtt-20ms-test", run_tag="early", max_epochs=300, patience=3,
+                  learning_rate=0.05)
+    assert summary["stop_reason"] == "no improvement for 3 epochs"
+    assert summary["epochs"] == summary["best_epoch"] + 4 < 300
+
+
+def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_best(homes, prepared, monkeypatch):
+    real, calls = loop.poisson_nll, []
+
+    def nan_from_the_fourth_epoch(logrates, spikes):
+        if logrates.requires_grad:  # a training step, not validation
+            calls.append(1)
+        loss = real(logrates, spikes)
+        return loss * float("nan") if len(calls) > 3 * 3 else loss  # 40 trials: 3 batches an epoch
+
+    monkeypatch.setattr(loop, "poisson_nll", nan_from_the_fourth_epoch)
+    with pytest.raises(UserError, match=r"training loss became nan at epoch 3: stopped before the update; the best checkpoint .* is kept"):
+        run(homes, prepared, split="area2_bump-20ms-val", run_tag="nan", max_epochs=10)
+    checkpoints = homes["RUNS_HOME"] / "nan" / "area2_bump-20ms-val" / "checkpoints"
+    for name in ("best.ckpt", "last.ckpt"):
+        state = torch.load(checkpoints / name, weights_only=False)
+        assert all(torch.isfinite(v).all() for v in state["model"].values())
+        assert state["epoch"] <= 3
+
+
+def test_a_second_model_trains_through_the_same_loop(homes, prepared):
+    summary = run(homes, prepared, split="mc_maze-20ms-val", run_tag="byom", model="gru_readout", max_epochs=4)
+    assert summary["model"] == "gru_readout" and "co-bps" in summary["metrics"]
+    with h5py.File(summary["submission"]) as h5:
+        assert h5["mc_maze_20/eval_rates_heldout"].shape == (16, 35, 4)
+
+
+def test_resume_without_a_checkpoint_says_so(homes, prepared):
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(TrainConfig(split="mc_rtt-20ms-val", run_tag="fresh", **FAST), prepared, homes["RUNS_HOME"],
+              split_file_names(), resume=True, quiet=True)
+
+
+def cli_train(homes, *args):
+    env = {**os.environ, **{k: str(v) for k, v in homes.items()}, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([str(ROOT / "bin" / "nlbfab-train"), "--split", "dmfc_rsg-20ms-val", "--quiet",
+                             "--accelerator", "cpu", "--hidden-size", "16", "--batch-size", "8",
+                             "--log-every-n-epochs", "1000", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def last_epoch(path: Path) -> int:
+    try:
+        return torch.load(path, weights_only=False)["epoch"]
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return 0
+
+
+def test_a_killed_run_resumed_ends_with_the_same_weights(homes, prepared):
+    whole = cli_train(homes, "--run-tag", "whole", "--max-epochs", "12")
+    assert whole.wait(timeout=300) == 0, whole.stdout.read()
+
+    killed = cli_train(homes, "--run-tag", "killed", "--max-epochs", "12")
+    last = homes["RUNS_HOME"] / "killed" / "dmfc_rsg-20ms-val" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while last_epoch(last) < 4 and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert 4 <= last_epoch(last) < 12  # really stopped part-way
+    resumed = cli_train(homes, "--run-tag", "killed", "--max-epochs", "12", "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+
+    def weights(tag):
+        state = torch.load(homes["RUNS_HOME"] / tag / "dmfc_rsg-20ms-val" / "checkpoints" / "last.ckpt", weights_only=False)
+        return state["model"], state["epoch"]
+    (a, epochs_a), (b, epochs_b) = weights("whole"), weights("killed")
+    assert epochs_a == epochs_b == 12
+    assert all(torch.equal(a[k], b[k]) for k in a)
