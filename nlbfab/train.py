@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -121,25 +122,11 @@ def run_hooks(fabric, module, data: SplitData, epoch: int) -> tuple[dict, dict]:
     return scores, predictions
 
 
-def train(config: TrainConfig, prep_home: Path, runs_home: Path, file_names: dict[str, str],
-          resume: bool = False, quiet: bool = False) -> dict:
-    """Train ``config.model`` on ``config.split``; write checkpoints, TensorBoard logs, metrics
-    and the submission under ``runs_home/run_tag/split``. Returns the run's summary."""
-    split, model = get_split(config.split), get_model(config.model)
-    run_dir = Path(runs_home) / config.run_tag / split.name
-    checkpoints = run_dir / "checkpoints"
-    devices = int(config.devices) if config.devices.isdigit() else config.devices
-    fabric = Fabric(accelerator=config.accelerator, devices=devices, strategy=config.strategy,
-                    precision=config.precision, loggers=TensorBoardLogger(run_dir, name="tensorboard", version=""))
-    fabric.launch()
-    if resume and not (checkpoints / "last.ckpt").is_file():
-        raise UserError(f"nothing to resume: no {checkpoints / 'last.ckpt'}; drop --resume to start afresh")
-    if fabric.is_global_zero:
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=1))
-    data = load_split(split, prep_home, file_names).to(fabric.device)
-
-    # all state in one place: what a checkpoint holds and --resume restores
+def create_train_state(fabric: Fabric, config: TrainConfig, data: SplitData):
+    """All state in one place, what a checkpoint holds and ``--resume`` restores: the model
+    (set up by Fabric), its optimizer, epoch and early-stopping counters, and the RNG states.
+    Returns ``(module, optimizer, state, batch_rng)``."""
+    model = get_model(config.model)
     fabric.seed_everything(config.seed, verbose=False)
     sizes = Sizes(data.heldin, data.heldout, data.bins, data.fwd_steps,
                   mean_counts=data.train_recon[:, :data.bins].mean((0, 1)).cpu())
@@ -151,6 +138,32 @@ def train(config: TrainConfig, prep_home: Path, runs_home: Path, file_names: dic
     state = {"model": module, "optimizer": optimizer, "epoch": 0, "best": -math.inf, "best_epoch": -1,
              "stale": 0, "history": []}
     _capture_rng(state, batch_rng)
+    return module, optimizer, state, batch_rng
+
+
+def train(config: TrainConfig, prep_home: Path, runs_home: Path, file_names: dict[str, str],
+          resume: bool = False, quiet: bool = False) -> dict:
+    """Train ``config.model`` on ``config.split``; write checkpoints, TensorBoard logs, metrics
+    and the submission under ``runs_home/run_tag/split``. Returns the run's summary."""
+    split = get_split(config.split)
+    get_model(config.model)  # fail on a wrong name before starting Fabric
+    run_dir = Path(runs_home) / config.run_tag / split.name
+    checkpoints = run_dir / "checkpoints"
+    devices = int(config.devices) if config.devices.isdigit() else config.devices
+    fabric = Fabric(accelerator=config.accelerator, devices=devices, strategy=config.strategy,
+                    precision=config.precision, loggers=TensorBoardLogger(run_dir, name="tensorboard", version=""))
+    fabric.launch()
+    if resume and not (checkpoints / "last.ckpt").is_file():
+        raise UserError(f"nothing to resume: no {checkpoints / 'last.ckpt'}; drop --resume to start afresh")
+    if fabric.is_global_zero:
+        if not resume:  # a new run with the same tag and split replaces the old one's logs
+            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=1))
+    fabric.barrier()
+    data = load_split(split, prep_home, file_names).to(fabric.device)
+
+    module, optimizer, state, batch_rng = create_train_state(fabric, config, data)
     if resume:
         fabric.load(checkpoints / "last.ckpt", state)
         _restore_rng(state, batch_rng)
