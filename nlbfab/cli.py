@@ -58,8 +58,9 @@ def _report(line: str) -> None:
 @click.command()
 @click.option("--dataset", "names", multiple=True, help="Dataset to make (repeatable), e.g. mc_maze.")
 @click.option("--all", "all_", is_flag=True, help="Make all 7 datasets.")
-@click.option("--scale", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True,
-              help="tiny: a few units and trials (tests); full: the real dataset's unit and trial counts.")
+@click.option("--scale", type=click.Choice(["tiny", "small", "full"]), default="small", show_default=True,
+              help="full: the real unit and trial counts; small: the real units, an eighth of the trials; "
+                   "tiny: a few units and trials (tests).")
 @click.option("--seed", default=0, show_default=True, help="Random seed; the same seed gives the same files.")
 @click.option("--force", is_flag=True, help="Rewrite datasets that already exist with this scale and seed.")
 @friendly_errors
@@ -124,29 +125,27 @@ def download(names, all_):
 @click.command()
 @click.option("--split", "split_names", multiple=True, required=True,
               help="Split to predict (repeatable), e.g. mc_maze-20ms-val.")
-@click.option("--run-tag", default="oracle", show_default=True, help="Writes RUNS_HOME/RUN_TAG/submission-{phase}.h5.")
+@click.option("--method", type=click.Choice(["smoothing", "oracle"]), default="smoothing", show_default=True,
+              help="smoothing: Gaussian-smoothed spikes + Poisson regression; oracle: a synthetic dataset's true rates.")
+@click.option("--run-tag", default=None, help="Writes RUNS_HOME/RUN_TAG/submission-{phase}.h5 (default: the method).")
 @friendly_errors
-def oracle(split_names, run_tag):
-    """Write the true rates of synthetic datasets as a submission, and score the val splits."""
-    from nlbfab.oracle import oracle_rates, true_rate_dataset
+def baseline(split_names, method, run_tag):
+    """Write a baseline's rates through the submission path, and score the val splits."""
+    from nlbfab.baselines import predict_baseline
     from nlbfab.scoring import score
     from nlbfab.submission import submit
-    from nlbfab.synth_nwb import dataset_dir
     splits = [get_split(n) for n in split_names]
     data_home, prep_home, file_names = config.data_home(), config.prep_home(), config.split_file_names()
-    run_dir = config.runs_home() / run_tag
+    run_dir = config.runs_home() / (run_tag or method)
     for split in splits:
         if not (prep_home / split.name).is_dir():
             raise UserError(f"{split.name} is not preprocessed: run 'bin/nlbfab-prep --split {split.name}'")
-    for dataset in dict.fromkeys(s.dataset for s in splits):
-        rate_dataset = true_rate_dataset(dataset_dir(data_home, dataset))
-        for split in [s for s in splits if s.dataset == dataset]:
-            path = submit(split, oracle_rates(data_home, split, rate_dataset), run_dir, prep_home / split.name, file_names)
-            line = f"{split.name}: oracle rates written to {path} (group {split.group})"
-            if split.phase == "val":
-                metrics = score(prep_home / split.name / file_names["eval_target"], path, split)
-                line += "\n  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            click.echo(line)
+    for split, rates in predict_baseline(method, splits, data_home, prep_home, file_names):
+        path = submit(split, rates, run_dir, prep_home / split.name, file_names)
+        click.echo(f"{split.name}: {method} rates written to {path} (group {split.group})")
+        if split.phase == "val":
+            metrics = score(prep_home / split.name / file_names["eval_target"], path, split)
+            click.echo("  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
 @click.command()
@@ -184,6 +183,22 @@ def train(split_name, resume, quiet, **options):
                    f"{summary['best_epoch']}, {summary['seconds']:.0f} s; rates in {summary['submission']}")
         for name, value in summary.get("metrics", {}).items():
             click.echo(f"  {name:10s} {value:.4f}")
+        click.echo(f"run folder: {summary['run_dir']}\nTensorBoard: tensorboard --logdir {summary['run_dir']}/tensorboard")
+
+
+@click.command()
+@click.option("--split", "split_name", required=True, help="A val-phase split, e.g. mc_maze-20ms-val.")
+@click.option("--run-tag", "run_tags", multiple=True, required=True,
+              help="Run whose submission-val.h5 to score (repeatable); a tag named 'oracle' gives the reference.")
+@friendly_errors
+def scores(split_name, run_tags):
+    """Score runs' submissions on one val split with nlb_tools (as EvalAI does) and print a table."""
+    from nlbfab.scoring import score_table
+    split = get_split(split_name)
+    if split.phase != "val":
+        raise UserError(f"{split.name} is a test split: only EvalAI can score it (upload RUNS_HOME/TAG/submission-test.h5)")
+    click.echo(score_table(split, run_tags, config.runs_home(), config.prep_home() / split.name /
+                           config.split_file_names()["eval_target"]))
 
 
 @click.command(name="splits")
@@ -192,7 +207,7 @@ def list_splits():
     click.echo("\n".join(SPLIT_NAMES))
 
 
-COMMANDS = {"synth": synth, "prep": prep, "download": download, "oracle": oracle, "train": train,
+COMMANDS = {"synth": synth, "prep": prep, "download": download, "baseline": baseline, "train": train, "scores": scores,
             "splits": list_splits}
 
 if __name__ == "__main__":  # bin/nlbfab-<command> runs: python -m nlbfab.cli <command> [options]

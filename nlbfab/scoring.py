@@ -31,3 +31,26 @@ def score(target_path: Path, submission_path: Path, split: Split) -> dict[str, f
         raise UserError(f"no scores for {split.name} in {submission_path}: it needs a group named "
                         f"'{split.group}' with eval_rates_heldout")
     return metrics
+
+
+def score_table(split: Split, run_tags: list[str], runs_home: Path, target_path: Path) -> str:
+    """A table of each run's metrics on ``split``; with a run tagged ``oracle``, a column gives
+    co-bps as a share of the oracle's."""
+    if not Path(target_path).is_file():
+        raise UserError(f"missing {target_path}: run 'bin/nlbfab-prep --split {split.name}'")
+    rows = {}
+    for tag in run_tags:
+        path = Path(runs_home) / tag / "submission-val.h5"
+        if not path.is_file():
+            raise UserError(f"no submission for run '{tag}' at {path}: train or run a baseline with --run-tag {tag}")
+        rows[tag] = score(target_path, path, split)
+    names = list(dict.fromkeys(k for metrics in rows.values() for k in metrics))
+    oracle = rows.get("oracle", {}).get("co-bps")
+    header = f"{'run':14s}" + "".join(f"{n:>10s}" for n in names) + ("  of oracle" if oracle else "")
+    lines = [f"{split.name}", header]
+    for tag, metrics in rows.items():
+        line = f"{tag:14s}" + "".join(f"{metrics.get(n, float('nan')):10.4f}" for n in names)
+        if oracle:
+            line += f"  {100 * metrics['co-bps'] / oracle:8.1f}%"
+        lines.append(line)
+    return "\n".join(lines)

@@ -22,7 +22,7 @@ from nlbfab.errors import UserError
 from nlbfab.splits import Dataset
 
 LATENT_DIM = 8
-SCALES = ("tiny", "full")
+SCALES = ("tiny", "small", "full")
 LAGS_MS = {"mc_maze": 100, "mc_rtt": 140, "area2_bump": -20, "dmfc_rsg": 0,
            "mc_maze_large": 120, "mc_maze_medium": 120, "mc_maze_small": 120}
 # Behaviour is written only inside trials for these (as on DANDI for some sessions): the
@@ -43,10 +43,14 @@ class Counts:
 
 
 def counts(dataset: Dataset, scale: str) -> Counts:
-    """``full``: the real dataset's counts; ``tiny``: a few units and trials, for tests."""
+    """``full``: the real dataset's counts; ``small``: its units with an eighth of its trials
+    (the demo: minutes, not tens of minutes); ``tiny``: a few units and trials, for tests."""
     if scale == "full":
         return Counts(dataset.heldin, dataset.heldout, dataset.train, dataset.val, dataset.test,
                       none=max(2, dataset.train // 40))
+    if scale == "small":
+        return Counts(dataset.heldin, dataset.heldout, max(40, dataset.train // 8), max(16, dataset.val // 8),
+                      max(12, dataset.test // 8), none=2)
     if scale == "tiny":
         return Counts(heldin=12, heldout=4, train=40, val=16, test=12, none=2)
     raise UserError(f"unknown scale '{scale}': use one of {', '.join(SCALES)}")

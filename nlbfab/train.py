@@ -210,7 +210,8 @@ def finish(fabric, module, data: SplitData, config: TrainConfig, run_dir: Path, 
     scores, predictions = run_hooks(fabric, module, data, state["best_epoch"])
     summary = {"split": data.split.name, "model": config.model, "epochs": state["epoch"],
                "best_epoch": state["best_epoch"], "best_monitored": state["best"],
-               "stop_reason": stop_reason, "seconds": round(seconds, 2), "hook_metrics": scores}
+               "stop_reason": stop_reason, "seconds": round(seconds, 2), "hook_metrics": scores,
+               "run_dir": str(run_dir)}
     if fabric.is_global_zero:
         prep_dir = Path(prep_home) / data.split.name
         path = submit(data.split, predictions, run_dir.parent, prep_dir, file_names)

@@ -54,9 +54,9 @@ def test_synth_skips_a_dataset_it_already_made(synthetic):
     assert result.exit_code == 0 and "already synthesized" in result.output
 
 
-def test_oracle_of_an_unprepared_split_says_which_prep_to_run(homes, tmp_path, monkeypatch):
+def test_a_baseline_of_an_unprepared_split_says_which_prep_to_run(homes, tmp_path, monkeypatch):
     monkeypatch.setenv("PREP_HOME", str(tmp_path))
-    one_line_error(run_cli(cli.oracle, "--split", "mc_rtt-05ms-val"), "bin/nlbfab-prep --split mc_rtt-05ms-val")
+    one_line_error(run_cli(cli.baseline, "--split", "mc_rtt-05ms-val"), "bin/nlbfab-prep --split mc_rtt-05ms-val")
 
 
 def test_a_missing_env_variable_is_named(homes, monkeypatch):
@@ -64,7 +64,7 @@ def test_a_missing_env_variable_is_named(homes, monkeypatch):
     one_line_error(run_cli(cli.prep, "--split", "mc_maze-20ms-val"), "PREP_HOME is not set")
 
 
-@pytest.mark.parametrize("name", ["synth", "prep", "download", "oracle"])
+@pytest.mark.parametrize("name", ["synth", "prep", "download", "baseline", "train", "scores"])
 def test_bin_scripts_run_the_commands(name):
     import subprocess
     from pathlib import Path

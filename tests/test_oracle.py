@@ -57,14 +57,17 @@ def test_oracle_beats_smoothing_on_co_bps(prepared, synthetic, tmp_path, name):
         assert scores["oracle"]["fp-bps"] > 0
 
 
-def test_oracle_command_writes_and_scores_a_submission(prepared, synthetic, homes):
-    result = run_cli(cli.oracle, "--split", "area2_bump-20ms-val", "--split", "area2_bump-20ms-test")
+def test_baseline_command_writes_and_scores_a_submission(prepared, synthetic, homes):
+    result = run_cli(cli.baseline, "--method", "oracle", "--split", "area2_bump-20ms-val", "--split", "area2_bump-20ms-test")
     assert result.exit_code == 0, result.output
     assert "co-bps" in result.output
     with h5py.File(homes["RUNS_HOME"] / "oracle" / "submission-val.h5") as h5:
         assert list(h5) == ["area2_bump_20"]
     with h5py.File(homes["RUNS_HOME"] / "oracle" / "submission-test.h5") as h5:
         assert h5["area2_bump_20/eval_rates_heldout"].shape[0] == 12
+    result = run_cli(cli.baseline, "--split", "area2_bump-20ms-val")
+    assert result.exit_code == 0 and "smoothing rates written" in result.output
+    assert (homes["RUNS_HOME"] / "smoothing" / "submission-val.h5").is_file()
 
 
 def test_a_real_dataset_has_no_oracle(tmp_path):
