@@ -49,7 +49,7 @@ def score_table(split: Split, run_tags: list[str], runs_home: Path, target_path:
     header = f"{'run':14s}" + "".join(f"{n:>10s}" for n in names) + ("  of oracle" if oracle else "")
     lines = [f"{split.name}", header]
     for tag, metrics in rows.items():
-        line = f"{tag:14s}" + "".join(f"{metrics.get(n, float('nan')):10.4f}" for n in names)
+        line = f"{tag:14s}" + "".join(f"{metrics[n]:10.4f}" if n in metrics else f"{'-':>10s}" for n in names)
         if oracle:
             line += f"  {100 * metrics['co-bps'] / oracle:8.1f}%"
         lines.append(line)
