@@ -86,26 +86,13 @@ def synth(names, all_, scale, seed, force):
 @friendly_errors
 def prep(split_names, names, all_, force):
     """Preprocess NWB datasets from DATA_HOME into per-split HDF5 tensors under PREP_HOME."""
-    from nlbfab.prep import missing_data_hint, prepare_dataset, source_files
+    from nlbfab.prep import prepare_splits
     if not (split_names or names or all_):
         raise UserError("name a --split (e.g. mc_maze-20ms-val), a --dataset, or use --all")
     wanted = [get_split(n) for n in split_names]
     if names or all_:
         wanted += [s for dataset in _datasets(names, all_) for s in splits_of(dataset)]
-    wanted = list(dict.fromkeys(wanted))
-    by_dataset = {d: [s for s in wanted if s.dataset == d] for d in dict.fromkeys(s.dataset for s in wanted)}
-    data_home, prep_home, file_names = config.data_home(), config.prep_home(), config.split_file_names()
-    missing = [d for d in by_dataset if not source_files(data_home, d)]
-    if missing:  # before any work, so a long run does not stop half-way
-        raise UserError(f"no NWB files for {', '.join(d.name for d in missing)} under {data_home}: "
-                        f"{missing_data_hint(missing)}")
-    started = time.perf_counter()
-    written = 0
-    for number, (dataset, splits) in enumerate(by_dataset.items(), 1):
-        _report(f"[{number}/{len(by_dataset)}] {dataset.name}: {', '.join(s.name for s in splits)}")
-        written += len(prepare_dataset(dataset, splits, data_home, prep_home, file_names, force, _report))
-    _report(f"done: {written} split(s) written, {sum(map(len, by_dataset.values())) - written} up to date, "
-            f"in {time.perf_counter() - started:.1f} s under {prep_home}")
+    prepare_splits(wanted, config.data_home(), config.prep_home(), config.split_file_names(), force, _report)
 
 
 @click.command()
@@ -201,13 +188,98 @@ def scores(split_name, run_tags):
                            config.split_file_names()["eval_target"]))
 
 
+def _split_list(values, valid, what):
+    chosen = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in valid]
+    if unknown:
+        raise UserError(f"unknown {what} {', '.join(unknown)}: choose from {', '.join(map(str, valid))}")
+    return chosen or list(valid)
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--datasets", multiple=True, help="Datasets to train (comma-separated or repeated; default all 7).")
+@click.option("--bins", multiple=True, help="Bin widths in ms: 5, 20 (default both).")
+@click.option("--phases", multiple=True, help="val, test (default both).")
+@click.option("--run-tag", default="all", show_default=True, help="All splits share RUNS_HOME/RUN_TAG/submission-{phase}.h5.")
+@click.option("--jobs-per-gpu", default=3, show_default=True, help="Concurrent runs per visible GPU.")
+@click.option("--workers", default=None, type=int, help="Concurrent CPU runs without GPUs (default: one per core).")
+@click.option("--resume", is_flag=True, help="Skip finished splits and resume interrupted ones.")
+@click.option("--no-prep", is_flag=True, help="Do not preprocess missing splits; say which nlbfab-prep to run.")
+@click.pass_context
+@friendly_errors
+def sweep(ctx, datasets, bins, phases, run_tag, jobs_per_gpu, workers, resume, no_prep):
+    """Train all 28 splits (or a subset) over every GPU, or the CPU cores. Other options
+    (e.g. --max-epochs 50 --hidden-size 64) pass through to every nlbfab-train run."""
+    import os
+
+    import torch
+
+    from nlbfab import sweep as sw
+    from nlbfab.prep import is_up_to_date, prepare_splits
+    from nlbfab.splits import ALL_SPLITS
+    train_args = list(ctx.args)
+    train.make_context("nlbfab-train", ["--split", "mc_maze-20ms-val", *train_args])  # bad options fail here
+    if any(a in ("--split", "--run-tag", "--resume") for a in train_args):
+        raise UserError("--split, --run-tag and --resume are nlbfab-all's own: use --datasets/--bins/--phases")
+    chosen = (_split_list(datasets, list(DATASETS), "dataset"), _split_list(bins, ["5", "20"], "bin width"),
+              _split_list(phases, ["val", "test"], "phase"))
+    splits = [s for s in ALL_SPLITS if s.dataset.name in chosen[0] and str(s.bin_ms) in chosen[1] and s.phase in chosen[2]]
+    data_home, prep_home, file_names = config.data_home(), config.prep_home(), config.split_file_names()
+    unprepared = [s for s in splits if not is_up_to_date(s, data_home, prep_home, file_names)]
+    if unprepared and no_prep:
+        raise UserError(f"{len(unprepared)} split(s) not preprocessed: run 'bin/nlbfab-prep "
+                        + " ".join(f"--split {s.name}" for s in unprepared) + "'")
+    if unprepared:
+        prepare_splits(unprepared, data_home, prep_home, file_names, report=_report)
+    runs_dir = config.runs_home() / run_tag
+    runs = [sw.Run(s, runs_dir / s.name) for s in sw.longest_first(splits)]
+    for run in runs:
+        state = sw.run_state(run.run_dir)
+        if resume and state == "finished":
+            run.status = "skipped"
+        run.resume = resume and state == "interrupted"
+    slots = sw.local_slots(torch.cuda.device_count(), jobs_per_gpu, workers or os.cpu_count(), os.cpu_count())
+    _report(f"{len(runs)} splits on {len(slots)} slots ({', '.join(s.name for s in slots)}); logs in {runs_dir}/SPLIT/train.log")
+    started = time.perf_counter()
+    sw.run_local(runs, slots, run_tag, train_args, _live_table(len(runs) + 1))
+    click.echo(f"\nsweep finished in {time.perf_counter() - started:.0f} s\n" + sw.summary_table(runs))
+    for run in [r for r in runs if r.status == "failed"]:
+        click.echo(f"FAILED {run.split.name} (exit {run.returncode}): see {run.log}")
+    problems = sw.check_submissions(runs_dir, [r.split for r in runs if r.status in ("done", "skipped")],
+                                    prep_home, file_names)
+    for phase in sorted({s.phase for s in splits}):
+        click.echo(f"submission: {runs_dir / f'submission-{phase}.h5'}")
+    for problem in problems:
+        click.echo(f"submission problem: {problem}")
+    if problems or any(r.status == "failed" for r in runs):
+        sys.exit(1)
+
+
+def _live_table(height: int):
+    """Redraw the progress table in place on a terminal; elsewhere print it when it changes."""
+    from nlbfab.sweep import progress_table
+    last = {"text": None}
+
+    def show(runs):
+        text = progress_table(runs)
+        if sys.stderr.isatty():
+            if last["text"] is not None:
+                sys.stderr.write(f"\x1b[{height}F\x1b[J")
+            sys.stderr.write(text + "\n")
+        elif [line.split()[2] for line in text.splitlines()] != [line.split()[2] for line in (last["text"] or "").splitlines()]:
+            sys.stderr.write(text + "\n\n")
+        sys.stderr.flush()
+        last["text"] = text
+    return show
+
+
 @click.command(name="splits")
 def list_splits():
     """Print the 28 split names."""
     click.echo("\n".join(SPLIT_NAMES))
 
 
-COMMANDS = {"synth": synth, "prep": prep, "download": download, "baseline": baseline, "train": train, "scores": scores,
+COMMANDS = {"synth": synth, "prep": prep, "download": download, "baseline": baseline, "train": train, "scores": scores, "all": sweep,
             "splits": list_splits}
 
 if __name__ == "__main__":  # bin/nlbfab-<command> runs: python -m nlbfab.cli <command> [options]

@@ -134,3 +134,23 @@ def prepare_dataset(dataset: Dataset, splits: list[Split], data_home: Path, prep
                 report(f"  {split.name}: written to {folder} in {time.perf_counter() - t0:.1f} s")
             del binned
     return todo
+
+
+def prepare_splits(splits: list[Split], data_home: Path, prep_home: Path, file_names: dict[str, str],
+                   force: bool = False, report: Callable[[str], None] = print) -> int:
+    """Preprocess ``splits`` dataset by dataset (one load each); returns how many were written.
+    Every dataset's NWB files are looked for first, so a long run does not stop half-way."""
+    splits = list(dict.fromkeys(splits))
+    by_dataset = {d: [s for s in splits if s.dataset == d] for d in dict.fromkeys(s.dataset for s in splits)}
+    missing = [d for d in by_dataset if not source_files(data_home, d)]
+    if missing:
+        raise UserError(f"no NWB files for {', '.join(d.name for d in missing)} under {data_home}: "
+                        f"{missing_data_hint(missing)}")
+    started = time.perf_counter()
+    written = 0
+    for number, (dataset, group) in enumerate(by_dataset.items(), 1):
+        report(f"[{number}/{len(by_dataset)}] {dataset.name}: {', '.join(s.name for s in group)}")
+        written += len(prepare_dataset(dataset, group, data_home, prep_home, file_names, force, report))
+    report(f"done: {written} split(s) written, {len(splits) - written} up to date, "
+           f"in {time.perf_counter() - started:.1f} s under {prep_home}")
+    return written

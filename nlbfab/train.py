@@ -122,6 +122,13 @@ def run_hooks(fabric, module, data: SplitData, epoch: int) -> tuple[dict, dict]:
     return scores, predictions
 
 
+def write_progress(run_dir: Path, **fields) -> None:
+    """``progress.json``: where a run is, read by ``nlbfab-all``'s live table."""
+    partial = run_dir / ".progress.json.partial"
+    partial.write_text(json.dumps(fields))
+    os.replace(partial, run_dir / "progress.json")
+
+
 def create_train_state(fabric: Fabric, config: TrainConfig, data: SplitData):
     """All state in one place, what a checkpoint holds and ``--resume`` restores: the model
     (set up by Fabric), its optimizer, epoch and early-stopping counters, and the RNG states.
@@ -186,6 +193,9 @@ def train(config: TrainConfig, prep_home: Path, runs_home: Path, file_names: dic
         fabric.log_dict({"loss/train": train_loss, "loss/val": val_loss, "monitored": value}, step=epoch)
         _capture_rng(state, batch_rng)
         _save_atomic(fabric, checkpoints / "last.ckpt", state)
+        if fabric.is_global_zero:  # for nlbfab-all's live table
+            write_progress(run_dir, epoch=epoch, best=state["best"], best_epoch=state["best_epoch"],
+                           max_epochs=config.max_epochs, device=str(fabric.device))
         if improved:
             _save_atomic(fabric, checkpoints / "best.ckpt", state)
         if not quiet:
