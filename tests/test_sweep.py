@@ -1,0 +1,62 @@
+"""nlbfab-all: splits spread over local slots, longest first; crashes reported; resume; the
+submission files checked at the end."""
+import shutil
+
+import h5py
+
+from nlbfab import cli
+from nlbfab.splits import get_split
+from nlbfab.sweep import local_slots, longest_first, run_state
+from tests.conftest import run_cli
+
+QUICK = ["--max-epochs", "2", "--hidden-size", "8", "--log-every-n-epochs", "100", "--workers", "2"]
+
+
+def test_longest_splits_come_first():
+    names = ["mc_maze_small-20ms-val", "mc_maze-05ms-test", "dmfc_rsg-20ms-val", "mc_maze-20ms-val"]
+    ordered = [s.name for s in longest_first([get_split(n) for n in names])]
+    assert ordered[0] == "mc_maze-05ms-test" and ordered[-1] == "mc_maze_small-20ms-val"
+
+
+def test_slots_pin_gpus_or_divide_the_cores():
+    gpu = local_slots(gpus=2, jobs_per_gpu=3, workers=1, cpus=16)
+    assert len(gpu) == 6 and {s.env["CUDA_VISIBLE_DEVICES"] for s in gpu} == {"0", "1"}
+    cpu = local_slots(gpus=0, jobs_per_gpu=3, workers=4, cpus=16)
+    assert len(cpu) == 4 and all(s.env["OMP_NUM_THREADS"] == "4" and s.accelerator == "cpu" for s in cpu)
+
+
+def test_a_sweep_fills_both_submission_files_and_resume_skips_finished(prepared, homes):
+    result = run_cli(cli.sweep, "--datasets", "mc_rtt", "--bins", "20", "--run-tag", "sweep", *QUICK)
+    assert result.exit_code == 0, result.output
+    runs = homes["RUNS_HOME"] / "sweep"
+    for phase in ("val", "test"):
+        with h5py.File(runs / f"submission-{phase}.h5") as h5:
+            assert list(h5) == ["mc_rtt_20"]
+    assert "mc_rtt-20ms-val" in result.output and "submission problem" not in result.output
+    assert run_state(runs / "mc_rtt-20ms-val") == "finished"
+
+    again = run_cli(cli.sweep, "--datasets", "mc_rtt", "--bins", "20", "--run-tag", "sweep", "--resume", *QUICK)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("skipped") >= 2
+
+
+def test_a_crashing_split_is_reported_and_the_others_go_on(prepared, homes, tmp_path, monkeypatch):
+    broken = tmp_path / "prep"
+    for name in ("area2_bump-20ms-val", "area2_bump-20ms-test"):
+        shutil.copytree(prepared / name, broken / name)
+    (broken / "area2_bump-20ms-test" / "train_input.h5").unlink()  # looks prepared, cannot load
+    monkeypatch.setenv("PREP_HOME", str(broken))
+    result = run_cli(cli.sweep, "--datasets", "area2_bump", "--bins", "20", "--run-tag", "crash", *QUICK)
+    assert result.exit_code == 1
+    runs = homes["RUNS_HOME"] / "crash"
+    assert f"FAILED area2_bump-20ms-test (exit 2): see {runs / 'area2_bump-20ms-test' / 'train.log'}" in result.output
+    assert "missing" in (runs / "area2_bump-20ms-test" / "train.log").read_text()
+    with h5py.File(runs / "submission-val.h5") as h5:
+        assert list(h5) == ["area2_bump_20"]
+
+
+def test_training_options_are_checked_before_anything_runs(prepared, homes):
+    result = run_cli(cli.sweep, "--datasets", "mc_rtt", "--max-epoch", "2")
+    assert result.exit_code == 2 and "No such option" in result.output
+    result = run_cli(cli.sweep, "--datasets", "mc_rt")
+    assert result.exit_code == 2 and "unknown dataset mc_rt" in result.output
