@@ -203,7 +203,9 @@ def train(config: TrainConfig, prep_home: Path, runs_home: Path, file_names: dic
             fabric.print(f"epoch {epoch:4d}  train {train_loss:.5f}  val {val_loss:.5f}  {name} {value:.4f}"
                          f"  best {state['best']:.4f} @ {state['best_epoch']}  {time.perf_counter() - started:6.1f} s")
         if (epoch + 1) % config.log_every_n_epochs == 0:
-            run_hooks(fabric, module, data, epoch)
+            scores, _ = run_hooks(fabric, module, data, epoch)
+            if scores and not quiet:
+                fabric.print(f"epoch {epoch:4d}  nlb: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         if state["stale"] >= config.patience:
             stop_reason = f"no improvement for {config.patience} epochs"
             break

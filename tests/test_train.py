@@ -126,3 +126,16 @@ def test_a_killed_run_resumed_ends_with_the_same_weights(homes, prepared):
     (a, epochs_a), (b, epochs_b) = weights("whole"), weights("killed")
     assert epochs_a == epochs_b == 12
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_runs_and_learns(homes, prepared, precision):
+    summary = run(homes, prepared, split="mc_maze-20ms-val", run_tag=f"amp-{precision}", precision=precision,
+                  max_epochs=8, learning_rate=0.02)
+    history = json.loads((homes["RUNS_HOME"] / f"amp-{precision}" / "mc_maze-20ms-val" / "metrics.json").read_text())
+    assert summary["best_monitored"] > 0 and history["epochs"] == 8
+    state = torch.load(homes["RUNS_HOME"] / f"amp-{precision}" / "mc_maze-20ms-val" / "checkpoints" / "last.ckpt",
+                       weights_only=False)
+    losses = [h["train_loss"] for h in state["history"]]
+    assert losses[-1] < losses[0]
+    assert all(v.dtype == torch.float32 for v in state["model"].values())  # mixed, not half weights
