@@ -19,7 +19,7 @@ class TrainConfig:
     grad_clip: float = 5.0
     seed: int = 0
     max_epochs: int = 400
-    patience: int = 40
+    patience: int = 25
     log_every_n_epochs: int = 25
     precision: str = "32-true"
     accelerator: str = "auto"

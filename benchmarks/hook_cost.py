@@ -1,0 +1,70 @@
+"""Hook cost: seconds per evaluation, raster and trajectory hook, against one training epoch.
+
+Uses a preprocessed split (default mc_maze-20ms-val; make it with ``bin/nlbfab-synth --dataset
+mc_maze --scale full`` and ``bin/nlbfab-prep --split mc_maze-20ms-val``).
+
+    .venv/bin/python benchmarks/hook_cost.py [--split mc_maze-20ms-val] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import device_description, save, table  # noqa: E402
+from lightning_fabric import Fabric  # noqa: E402
+from lightning_fabric.loggers import TensorBoardLogger  # noqa: E402
+
+from nlbfab import config  # noqa: E402
+from nlbfab.data import load_split  # noqa: E402
+from nlbfab.evaluation import predict  # noqa: E402
+from nlbfab.hooks import evaluation_hook, raster_hook, trajectory_hook  # noqa: E402
+from nlbfab.splits import get_split  # noqa: E402
+from nlbfab.train import TrainConfig, create_train_state, train_epoch  # noqa: E402
+
+
+def timed(function, repeats: int) -> float:
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--split", default="mc_maze-20ms-val")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    split = get_split(args.split)
+    with tempfile.TemporaryDirectory() as logs:
+        fabric = Fabric(accelerator="auto", devices=1, loggers=TensorBoardLogger(logs, name="hooks"))
+        data = load_split(split, config.prep_home(), config.split_file_names()).to(fabric.device)
+        train_config = TrainConfig(split=split.name)
+        module, optimizer, state, rng = create_train_state(fabric, train_config, data)
+        epoch = timed(lambda: train_epoch(fabric, module, optimizer, data, train_config, rng, True, 0, Path(logs)),
+                      args.repeats)
+        module.eval()
+        predictions = predict(lambda x: module(x, data.fwd_steps), data)
+        rows = [{"what": "training epoch", "seconds": epoch, "of an epoch": 1.0}]
+        rows.append({"what": "predict all trials", "seconds": timed(
+            lambda: predict(lambda x: module(x, data.fwd_steps), data), args.repeats)})
+        for hook in (evaluation_hook, raster_hook, trajectory_hook):
+            seconds = timed(lambda: hook(fabric.logger, data, predictions, 0), args.repeats)
+            rows.append({"what": hook.__name__, "seconds": seconds})
+        for row in rows:
+            row["of an epoch"] = row["seconds"] / epoch
+    print(f"device: {device_description()}; split {split.name} ({data.train_heldin.shape[0]} train trials)")
+    print(table(rows, ["what", "seconds", "of an epoch"]))
+    print(f"saved {save('hook_cost', {'device': device_description(), 'split': split.name, 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
