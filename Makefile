@@ -9,6 +9,8 @@ PIP := $(PY) -m pip
 # CPU wheel locally, add: TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
+# the test suite covers nlbfab-all's Ray backend on a local Ray instance, so set-up installs it
+EXTRAS ?= test,ray
 STAMP := $(VENV)/.nlbfab-installed
 
 .PHONY: setup demo test clean-data
@@ -20,7 +22,7 @@ $(STAMP): setup.cfg pyproject.toml nlb_tools/requirements.txt nlb_tools/nlb-tool
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install --no-deps -r nlb_tools/nlb-tools.txt
 	$(PIP) install -r nlb_tools/requirements.txt
-	$(PIP) install -e ".[test]"
+	$(PIP) install -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 demo: setup

@@ -205,9 +205,13 @@ def _split_list(values, valid, what):
 @click.option("--workers", default=None, type=int, help="Concurrent CPU runs without GPUs (default: one per core).")
 @click.option("--resume", is_flag=True, help="Skip finished splits and resume interrupted ones.")
 @click.option("--no-prep", is_flag=True, help="Do not preprocess missing splits; say which nlbfab-prep to run.")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this machine's GPUs or cores; ray: an existing Ray cluster (pip install -e .[ray]).")
+@click.option("--address", default=None, help="Ray cluster address (e.g. auto or ray://head:10001); none: a local Ray.")
+@click.option("--gpus-per-run", type=float, default=None, help="Ray: GPU share per run (default 0.3 with GPUs, else 0).")
 @click.pass_context
 @friendly_errors
-def sweep(ctx, datasets, bins, phases, run_tag, jobs_per_gpu, workers, resume, no_prep):
+def sweep(ctx, datasets, bins, phases, run_tag, jobs_per_gpu, workers, resume, no_prep, backend, address, gpus_per_run):
     """Train all 28 splits (or a subset) over every GPU, or the CPU cores. Other options
     (e.g. --max-epochs 50 --hidden-size 64) pass through to every nlbfab-train run."""
     import os
@@ -238,10 +242,22 @@ def sweep(ctx, datasets, bins, phases, run_tag, jobs_per_gpu, workers, resume, n
         if resume and state == "finished":
             run.status = "skipped"
         run.resume = resume and state == "interrupted"
-    slots = sw.local_slots(torch.cuda.device_count(), jobs_per_gpu, workers or os.cpu_count(), os.cpu_count())
-    _report(f"{len(runs)} splits on {len(slots)} slots ({', '.join(s.name for s in slots)}); logs in {runs_dir}/SPLIT/train.log")
     started = time.perf_counter()
-    sw.run_local(runs, slots, run_tag, train_args, _live_table(len(runs) + 1))
+    if backend == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise UserError("--backend ray needs Ray: run 'pip install -e .[ray]'") from None
+        paths = {"DATA_HOME": str(data_home), "PREP_HOME": str(prep_home), "RUNS_HOME": str(config.runs_home())}
+        paths |= {config_name: file_names[key] for config_name, key in (
+            ("TRAIN_INPUT_FILE", "train_input"), ("EVAL_INPUT_FILE", "eval_input"), ("EVAL_TARGET_FILE", "eval_target"))}
+        _report(f"{len(runs)} splits to Ray ({address or 'a local instance'}); logs in {runs_dir}/SPLIT/train.log")
+        sw.run_ray(runs, address, gpus_per_run, run_tag, train_args, paths, _live_table(len(runs) + 1))
+    else:
+        slots = sw.local_slots(torch.cuda.device_count(), jobs_per_gpu, workers or os.cpu_count(), os.cpu_count())
+        _report(f"{len(runs)} splits on {len(slots)} slots ({', '.join(s.name for s in slots)}); "
+                f"logs in {runs_dir}/SPLIT/train.log")
+        sw.run_local(runs, slots, run_tag, train_args, _live_table(len(runs) + 1))
     click.echo(f"\nsweep finished in {time.perf_counter() - started:.0f} s\n" + sw.summary_table(runs))
     for run in [r for r in runs if r.status == "failed"]:
         click.echo(f"FAILED {run.split.name} (exit {run.returncode}): see {run.log}")

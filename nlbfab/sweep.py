@@ -35,7 +35,7 @@ class Slot:
 class Run:
     split: Split
     run_dir: Path
-    status: str = "waiting"  # waiting, running, done, failed, skipped
+    status: str = "waiting"  # waiting, queued (Ray), running, done, failed, skipped
     slot: Slot | None = None
     process: subprocess.Popen | None = None
     started: float = 0.0
@@ -90,13 +90,19 @@ def _start(run: Run, slot: Slot, run_tag: str, train_args: list[str]) -> None:
                                        env={**os.environ, **slot.env})
 
 
-def _poll(run: Run) -> bool:
-    """Refresh a running run's progress; True when its process has ended."""
+def _refresh(run: Run) -> None:
+    """Read a run's progress.json; a queued (Ray) run counts as running once it has one."""
     try:
         run.progress = json.loads((run.run_dir / "progress.json").read_text())
+        run.status = "running" if run.status == "queued" else run.status
     except (FileNotFoundError, json.JSONDecodeError):
         pass
     run.seconds = time.perf_counter() - run.started
+
+
+def _poll(run: Run) -> bool:
+    """Refresh a running run's progress; True when its process has ended."""
+    _refresh(run)
     code = run.process.poll()
     if code is None:
         return False
@@ -155,7 +161,7 @@ def progress_table(runs: list[Run]) -> str:
         p = run.progress
         epoch = f"{p['epoch'] + 1}/{p['max_epochs']}" if p else "-"
         best = f"{p['best']:.4f}" if p and p["best_epoch"] >= 0 else "-"
-        elapsed = f"{run.seconds:.0f} s" if run.status in ("running", "done", "failed") else "-"
+        elapsed = f"{run.seconds:.0f} s" if run.status in ("queued", "running", "done", "failed") else "-"
         lines.append(f"{run.split.name:24s} {run.slot.name if run.slot else '-':7s} {run.status:9s} "
                      f"{epoch:>9s} {best:>8s} {elapsed:>8s}")
     return "\n".join(lines)
@@ -175,3 +181,46 @@ def summary_table(runs: list[Run]) -> str:
         status = run.status if run.status != "done" or summary else "no-result"
         lines.append(f"{run.split.name:24s} {status:8s} {summary.get('epochs', '-'):>6} {cells}")
     return "\n".join(lines)
+
+
+def _train_process(command: list[str], env: dict[str, str], log: str) -> int:
+    """Body of a Ray task: one nlbfab-train process on the node Ray picked (Ray has set
+    ``CUDA_VISIBLE_DEVICES`` there for the task's GPU share)."""
+    with open(log, "w") as out:
+        return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}).returncode
+
+
+def run_ray(runs: list[Run], address: str | None, gpus_per_run: float | None, run_tag: str, train_args: list[str],
+            paths: dict[str, str], show: Callable[[list[Run]], None], interval: float = 2.0) -> list[Run]:
+    """Send every waiting run to a Ray cluster (``address``; None starts a local instance), one
+    task each with ``gpus_per_run`` of a GPU (default 0.3 where the cluster has GPUs).
+
+    The paths in ``paths`` (DATA_HOME, PREP_HOME, RUNS_HOME, ...) must be on a filesystem every
+    node shares: runs read their split there and write checkpoints and submissions there."""
+    import ray
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        if gpus_per_run is None:
+            gpus_per_run = 0.3 if ray.cluster_resources().get("GPU", 0) else 0.0
+        slot = Slot("ray-gpu" if gpus_per_run else "ray-cpu", {}, "gpu" if gpus_per_run else "cpu")
+        task = ray.remote(_train_process).options(num_cpus=1, num_gpus=gpus_per_run)
+        pending = {}
+        for run in [r for r in runs if r.status == "waiting"]:
+            run.slot, run.status, run.started = slot, "queued", time.perf_counter()
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            (run.run_dir / "progress.json").unlink(missing_ok=True)
+            pending[task.remote(_command(run, run_tag, train_args), paths, str(run.log))] = run
+        show(runs)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=interval)
+            for ref in done:
+                run = pending.pop(ref)
+                run.returncode = ray.get(ref)
+                run.status = "done" if run.returncode == 0 else "failed"
+                run.seconds = time.perf_counter() - run.started
+            for run in pending.values():
+                _refresh(run)
+            show(runs)
+    finally:
+        ray.shutdown()
+    return runs

@@ -60,3 +60,16 @@ def test_training_options_are_checked_before_anything_runs(prepared, homes):
     assert result.exit_code == 2 and "No such option" in result.output
     result = run_cli(cli.sweep, "--datasets", "mc_rt")
     assert result.exit_code == 2 and "unknown dataset mc_rt" in result.output
+
+
+def test_the_ray_backend_runs_splits_on_a_local_ray_instance(prepared, homes):
+    import ray  # installed by make test (the [ray] extra)
+
+    assert ray.__version__
+    result = run_cli(cli.sweep, "--datasets", "mc_maze_small", "--bins", "20", "--run-tag", "ray", "--backend", "ray",
+                     *QUICK[:-2])
+    assert result.exit_code == 0, result.output
+    assert "ray-cpu" in result.output
+    for phase in ("val", "test"):
+        with h5py.File(homes["RUNS_HOME"] / "ray" / f"submission-{phase}.h5") as h5:
+            assert list(h5) == ["mc_maze_small_20"]
