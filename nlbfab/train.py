@@ -33,7 +33,7 @@ from nlbfab.train_config import TrainConfig
 
 
 class NonFiniteLoss(UserError):
-    pass
+    """The loss or the gradients became NaN or infinite: the run stops before the update."""
 
 
 class ParamsModule(torch.nn.Module):
