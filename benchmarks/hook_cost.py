@@ -61,6 +61,7 @@ def main():
             rows.append({"what": hook.__name__, "seconds": seconds})
         for row in rows:
             row["of an epoch"] = row["seconds"] / epoch
+        fabric.logger.experiment.close()  # flush the event file before the folder goes
     print(f"device: {device_description()}; split {split.name} ({data.train_heldin.shape[0]} train trials)")
     print(table(rows, ["what", "seconds", "of an epoch"]))
     print(f"saved {save('hook_cost', {'device': device_description(), 'split': split.name, 'rows': rows})}")
