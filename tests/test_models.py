@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from nlbfab.loss import poisson_nll
+from nlbfab.models.gru import GRULayers, _fused_gru, gru
 from nlbfab.models import MODELS, Sizes, get_model
 from nlbfab.errors import UserError
 
@@ -47,23 +48,79 @@ def test_dropout_acts_only_in_training():
     assert not torch.equal(train_a, train_b) and torch.equal(eval_a, eval_b)
 
 
-def test_the_fused_gru_matches_torch_nn_gru():
-    params = MODELS["sae"].init(SIZES, 0)
-    gru = torch.nn.GRU(1, params["dec_w_hh"].shape[1], batch_first=True)
-    with torch.no_grad():
-        for name in ("w_ih", "w_hh", "b_ih", "b_hh"):
-            getattr(gru, f"{'weight' if name[0] == 'w' else 'bias'}_{name[2:]}_l0").copy_(params[f"dec_{name}"])
-    h0 = torch.randn(1, 3, gru.hidden_size)
-    expected, _ = gru(torch.zeros(3, 7, 1), h0)
-    from nlbfab.models.sae import _gru
-    got, _ = _gru(params, ("dec",), torch.zeros(3, 7, 1), h0, bidirectional=False)
-    assert torch.allclose(got, expected, atol=1e-6)
+def _torch_gru_and_weights(inputs: int, hidden: int, bidirectional: bool):
+    """A float64 ``torch.nn.GRU`` and its weights in ``nlbfab.models.gru.gru``'s layout."""
+    torch.manual_seed(0)
+    reference = torch.nn.GRU(inputs, hidden, batch_first=True, bidirectional=bidirectional).double()
+    suffixes = ("_l0", "_l0_reverse") if bidirectional else ("_l0",)
+    weights = [{"w_ih": getattr(reference, f"weight_ih{s}"), "w_hh": getattr(reference, f"weight_hh{s}"),
+                "b_ih": getattr(reference, f"bias_ih{s}"), "b_hh": getattr(reference, f"bias_hh{s}")} for s in suffixes]
+    return reference, weights
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_the_gru_matches_torch_nn_gru_in_values_and_gradients(bidirectional):
+    reference, weights = _torch_gru_and_weights(4, 6, bidirectional)
+    directions = 2 if bidirectional else 1
+    x = torch.randn(5, 9, 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(directions, 5, 6, dtype=torch.float64, requires_grad=True)
+    expected, expected_h_n = reference(x, h0)
+    outputs, h_n = gru(x, h0, weights, (False, True)[:directions])
+    got = torch.cat(list(outputs), -1)  # nn.GRU concatenates the directions' features
+    assert torch.allclose(got, expected, atol=1e-12) and torch.allclose(h_n, expected_h_n, atol=1e-12)
+    wrt = [x, h0, *reference.parameters()]
+    # a loss that weighs every output and final state differently
+    loss = lambda out, fin: (out * torch.linspace(-1, 2, out.shape[-1], dtype=torch.float64)).pow(2).sum() + fin.pow(3).sum()  # noqa: E731
+    expected_grads = torch.autograd.grad(loss(expected, expected_h_n), wrt)
+    grads = torch.autograd.grad(loss(got, h_n), wrt)
+    for name, g, e in zip(["inputs", "h0", *(n for n, _ in reference.named_parameters())], grads, expected_grads):
+        assert torch.allclose(g, e, atol=1e-10), name
+
+
+def test_the_gpu_path_computes_the_same_gru():
+    """On CUDA ``gru`` hands each GRU to cuDNN through ``aten::gru``; that path runs on the CPU too."""
+    _, weights = _torch_gru_and_weights(4, 6, True)
+    x, h0 = torch.randn(5, 9, 4, dtype=torch.float64), torch.randn(2, 5, 6, dtype=torch.float64)
+    ours, ours_h_n = gru(x, h0, weights, (False, True))
+    fused, fused_h_n = _fused_gru(x, h0, weights, (False, True))
+    assert torch.allclose(ours, fused, atol=1e-12) and torch.allclose(ours_h_n, fused_h_n, atol=1e-12)
+
+
+def test_the_gru_recurrence_passes_gradcheck():
+    d = lambda *shape: torch.randn(*shape, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    h = 3
+    args = (d(4, 2, 5), d(2, 2, h), d(2, 3 * h, 5), d(2, 3 * h, h), d(2, 3 * h), d(2, 3 * h))
+    assert torch.autograd.gradcheck(lambda *a: GRULayers.apply(*a, (False, True)), args)
+
+
+def test_the_gru_runs_in_bfloat16_under_autocast_and_returns_float32_gradients():
+    reference, weights = _torch_gru_and_weights(4, 6, True)
+    weights = [{k: v.detach().float().requires_grad_() for k, v in w.items()} for w in weights]
+    x = torch.randn(3, 7, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs, h_n = gru(x, torch.zeros(2, 3, 6), weights, (False, True))
+    assert outputs.dtype == torch.bfloat16
+    h_n.float().sum().backward()
+    assert weights[1]["w_hh"].grad.dtype == torch.float32 and torch.isfinite(weights[1]["w_hh"].grad).all()
+    exact, _ = gru(x, torch.zeros(2, 3, 6), weights, (False, True))
+    assert torch.allclose(outputs.float(), exact, atol=0.05)
 
 
 def test_poisson_loss_is_smallest_at_the_true_rate():
     spikes = torch.poisson(torch.full((200, 10, 3), 2.0), generator=torch.Generator().manual_seed(0))
     losses = {rate: float(poisson_nll(torch.full_like(spikes, rate).log(), spikes)) for rate in (1.0, 2.0, 4.0)}
     assert min(losses, key=losses.get) == 2.0
+
+
+def test_poisson_loss_and_its_gradient_equal_torchs():
+    logrates = torch.randn(4, 6, 5, dtype=torch.float64, requires_grad=True)
+    spikes = torch.poisson(torch.full((4, 6, 5), 1.5, dtype=torch.float64))
+    ours = poisson_nll(logrates, spikes)
+    (grad,) = torch.autograd.grad(ours, logrates)
+    reference = torch.nn.functional.poisson_nll_loss(logrates.float(), spikes.float(), log_input=True)
+    (expected,) = torch.autograd.grad(reference, logrates)
+    assert ours.dtype == torch.float32 and torch.allclose(ours, reference, rtol=1e-6)
+    assert grad.dtype == torch.float64 and torch.allclose(grad, expected, atol=1e-7)
 
 
 def test_an_unknown_model_lists_the_known_ones():

@@ -22,6 +22,7 @@ def init(sizes, seed: int = 0, hidden_size: int = 32) -> dict[str, torch.Tensor]
 def apply(params, heldin, fwd_steps: int, *, dropout: float = 0.0, training: bool = False):
     hidden = params["rnn_w_hh"].shape[1]
     x = F.dropout(heldin, dropout, training)
-    states, _ = _gru(params, ("rnn",), x, x.new_zeros(1, x.shape[0], hidden), bidirectional=False)
+    states, _ = _gru(params, ("rnn",), x, x.new_zeros(1, x.shape[0], hidden), reverse=(False,))
+    states = states[0]
     latents = torch.cat([states, states[:, -1:].expand(-1, fwd_steps, -1)], 1)
     return F.linear(latents, params["readout_w"], params["readout_b"]), latents

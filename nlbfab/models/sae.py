@@ -4,7 +4,7 @@ A bidirectional GRU encodes the held-in spikes; its final states give, through a
 the initial condition of an input-free GRU decoder unrolled over the observed and ``fwd_steps``
 forward bins; a linear readout maps its states to the log-rates of all neurons. Dropout acts on
 the input, the encoder's final states and the initial condition, as in nlb-lightning. The GRUs
-call PyTorch's fused kernel (``aten::gru``), several times faster than a loop over time.
+are ``nlbfab.models.gru.gru``: PyTorch's GRU maths, with a faster backward on the CPU.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from nlbfab.models.gru import gru
 
 GRU_WEIGHTS = ("w_ih", "w_hh", "b_ih", "b_hh")
 
@@ -44,9 +46,10 @@ def init(sizes, seed: int = 0, hidden_size: int = 64) -> dict[str, torch.Tensor]
     return params
 
 
-def _gru(params, prefix_list, inputs, h0, bidirectional):
-    weights = [params[f"{prefix}_{name}"] for prefix in prefix_list for name in GRU_WEIGHTS]
-    return torch.ops.aten.gru.input(inputs, h0, weights, True, 1, 0.0, False, bidirectional, True)
+def _gru(params, prefixes, inputs, h0, reverse):
+    """The GRUs named by ``prefixes`` over ``inputs`` (see ``nlbfab.models.gru.gru``)."""
+    weights = [{name: params[f"{prefix}_{name}"] for name in GRU_WEIGHTS} for prefix in prefixes]
+    return gru(inputs, h0, weights, reverse)
 
 
 def apply(params, heldin, fwd_steps: int, *, dropout: float = 0.0, training: bool = False):
@@ -56,9 +59,9 @@ def apply(params, heldin, fwd_steps: int, *, dropout: float = 0.0, training: boo
     hidden = params["dec_w_hh"].shape[1]
     x = F.dropout(heldin, dropout, training)
     h0 = x.new_zeros(2, trials, hidden)
-    _, h_n = _gru(params, ("enc_fwd", "enc_bwd"), x, h0, bidirectional=True)
+    _, h_n = _gru(params, ("enc_fwd", "enc_bwd"), x, h0, reverse=(False, True))
     h = F.dropout(torch.cat([h_n[0], h_n[1]], -1), dropout, training)
     ic = F.dropout(F.linear(h, params["ic_w"], params["ic_b"]), dropout, training)
     no_input = x.new_zeros(trials, bins + fwd_steps, 1)
-    latents, _ = _gru(params, ("dec",), no_input, ic.unsqueeze(0).contiguous(), bidirectional=False)
-    return F.linear(latents, params["readout_w"], params["readout_b"]), latents
+    latents, _ = _gru(params, ("dec",), no_input, ic.unsqueeze(0), reverse=(False,))
+    return F.linear(latents[0], params["readout_w"], params["readout_b"]), latents[0]

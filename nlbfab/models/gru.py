@@ -1,0 +1,125 @@
+"""A GRU layer for the CPU with a hand-written backward pass; PyTorch's fused kernel elsewhere.
+
+The SAE's GRUs are small (batch 64, hidden 64) and long (up to 180 bins), so on a CPU an epoch
+is spent dispatching tiny per-step ops, not in arithmetic: ``aten::gru`` records about ten
+autograd nodes per step and replays twice as many in backward. Here the recurrence is one
+``torch.autograd.Function``: six ops per step forward, four per step backward (every gate
+derivative that does not depend on the incoming gradient is computed for all steps at once),
+the weight gradients are one matmul over all steps, and independent GRUs (the encoder's two
+directions) step together as one batched matmul. The maths is PyTorch's GRU exactly
+(``tests/test_models.py`` checks values and gradients against ``torch.nn.GRU``); on CUDA
+``aten::gru`` (cuDNN) is already one fused kernel, so it is used there.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gru(inputs: torch.Tensor, h0: torch.Tensor, weights: list[dict[str, torch.Tensor]],
+        reverse: tuple[bool, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``D = len(weights)`` independent one-layer GRUs over the same inputs.
+
+    ``inputs: (batch, time, features)``; ``h0: (D, batch, hidden)``; each ``weights[d]`` holds
+    PyTorch's ``w_ih (3h, features)``, ``w_hh (3h, h)``, ``b_ih``, ``b_hh (3h,)`` in its
+    (reset, update, new) gate order; GRU ``d`` reads time backwards where ``reverse[d]``.
+    Returns ``(outputs (D, batch, time, hidden), h_n (D, batch, hidden))``, outputs in the
+    inputs' time order."""
+    if inputs.is_cuda:
+        return _fused_gru(inputs, h0, weights, reverse)
+    device = inputs.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else inputs.dtype
+    stacked = [torch.stack([w[name] for w in weights]).to(dtype) for name in ("w_ih", "w_hh", "b_ih", "b_hh")]
+    with torch.autocast(device, enabled=False):
+        time_major = inputs.to(dtype).transpose(0, 1).contiguous()
+        states = GRULayers.apply(time_major, h0.to(dtype), *stacked, tuple(reverse))  # (D, 1 + time, batch, h)
+    outputs = [states[d, 1:].flip(0) if rev else states[d, 1:] for d, rev in enumerate(reverse)]
+    return torch.stack(outputs).transpose(1, 2), states[:, -1]
+
+
+def _fused_gru(inputs, h0, weights, reverse):
+    outputs, finals = [], []
+    for d, (w, rev) in enumerate(zip(weights, reverse)):
+        x = inputs.flip(1) if rev else inputs
+        out, h_n = torch.ops.aten.gru.input(x, h0[d:d + 1].contiguous(), [w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"]],
+                                            True, 1, 0.0, False, False, True)
+        outputs.append(out.flip(1) if rev else out)
+        finals.append(h_n[0])
+    return torch.stack(outputs), torch.stack(finals)
+
+
+class GRULayers(torch.autograd.Function):
+    """D stacked one-layer GRUs over the same time-major inputs.
+
+    ``inputs: (time, batch, features)``, ``h0: (D, batch, h)``, ``w_ih: (D, 3h, features)``,
+    ``w_hh: (D, 3h, h)``, ``b_ih``, ``b_hh: (D, 3h)``, ``reverse``: per GRU, whether it reads
+    time backwards. Returns ``states: (D, 1 + time, batch, h)`` in each GRU's reading order,
+    ``states[:, 0]`` being ``h0``. Buffers are GRU-major so that each GRU's weight gradients
+    are single matmuls over all steps."""
+
+    @staticmethod
+    def forward(ctx, inputs, h0, w_ih, w_hh, b_ih, b_hh, reverse):
+        steps, batch, features = inputs.shape
+        gru_count, three_h, h = w_hh.shape
+        read = [(inputs.flip(0) if rev else inputs).reshape(steps * batch, features) for rev in reverse]
+        # the reset and update gates' two biases are simply summed; the new gate's recurrent
+        # bias sits inside the reset product, so it stays apart
+        bias = torch.cat([b_ih[:, :2 * h] + b_hh[:, :2 * h], b_ih[:, 2 * h:]], 1)
+        gates = torch.stack([torch.addmm(bias[d], read[d], w_ih[d].t()) for d in range(gru_count)])
+        gates = gates.view(gru_count, steps, batch, three_h)
+        w_t = w_hh.transpose(1, 2)
+        w_reset_update, w_new, b_new = w_t[..., :2 * h].contiguous(), w_t[..., 2 * h:].contiguous(), b_hh[:, None, 2 * h:]
+        states = inputs.new_empty(gru_count, steps + 1, batch, h)
+        states[:, 0] = h0
+        reset_update = inputs.new_empty(gru_count, steps, batch, 2 * h)
+        hidden_new = inputs.new_empty(gru_count, steps, batch, h)  # h_{t-1} @ w_hn.T + b_hn, kept for backward
+        new = inputs.new_empty(gru_count, steps, batch, h)
+        # tanh(a) as 2 sigmoid(2a) - 1: PyTorch's CPU tanh is about five times slower than its sigmoid
+        twice_gates_new = 2 * gates[..., 2 * h:]
+        step_views = zip(gates[..., :2 * h].unbind(1), twice_gates_new.unbind(1), reset_update.unbind(1),
+                         reset_update[..., :h].unbind(1), reset_update[..., h:].unbind(1), hidden_new.unbind(1),
+                         new.unbind(1), states[:, :-1].unbind(1), states[:, 1:].unbind(1))
+        for gate_ru, twice_gate_n, ru, reset, update, hn, n, previous, state in step_views:
+            torch.baddbmm(gate_ru, previous, w_reset_update, out=ru).sigmoid_()
+            torch.baddbmm(b_new, previous, w_new, out=hn)
+            torch.addcmul(twice_gate_n, reset, hn, value=2, out=n).sigmoid_().mul_(2).sub_(1)
+            torch.lerp(n, previous, update, out=state)  # (1 - z) n + z h
+        ctx.reverse = reverse
+        ctx.save_for_backward(*read, w_ih, w_hh, reset_update, hidden_new, new, states)
+        return states
+
+    @staticmethod
+    def backward(ctx, grad_states):
+        *read, w_ih, w_hh, reset_update, hidden_new, new, states = ctx.saved_tensors
+        gru_count, steps, batch, h = new.shape
+        grad_hidden_gates = new.new_empty(gru_count, steps, batch, 3 * h)  # d loss / d(h_{t-1} @ w_hh.T + b_hh)
+        grad_new_gate = torch.empty_like(new)  # d loss / d(new gate's pre-activation input part)
+        carry = torch.zeros_like(states[:, 0])
+        # each step's gate derivatives are computed inside the loop, on tensors that stay in cache
+        step_views = zip(reset_update[..., :h].unbind(1), reset_update[..., h:].unbind(1), hidden_new.unbind(1),
+                         new.unbind(1), states[:, :-1].unbind(1), grad_states[:, 1:].unbind(1),
+                         grad_hidden_gates.unbind(1), grad_new_gate.unbind(1))
+        for reset, update, hn, n, previous, grad_state, grad_gates, grad_n in reversed(list(step_views)):
+            grad_h = grad_state + carry
+            not_update = 1 - update
+            torch.mul(grad_h * not_update, 1 - n * n, out=grad_n)
+            torch.mul(grad_n, reset, out=grad_gates[..., 2 * h:])
+            torch.mul(grad_h * (previous - n), update * not_update, out=grad_gates[..., h:2 * h])
+            torch.mul(grad_n * hn, reset * (1 - reset), out=grad_gates[..., :h])
+            carry = torch.baddbmm(grad_h * update, grad_gates, w_hh)
+        previous = states[:, :-1]
+        grad_hidden_gates = grad_hidden_gates.view(gru_count, steps * batch, 3 * h)
+        grad_new_gate = grad_new_gate.view(gru_count, steps * batch, h)
+        # the input gates' gradient is (reset and update columns of the recurrent one, new gate's)
+        input_parts = [(grad_hidden_gates[d, :, :2 * h], grad_new_gate[d]) for d in range(gru_count)]
+        grad_w_ih = torch.stack([torch.cat([ru.t() @ x, n.t() @ x]) for (ru, n), x in zip(input_parts, read)])
+        grad_w_hh = torch.stack([grad_hidden_gates[d].t() @ previous[d].reshape(steps * batch, h)
+                                 for d in range(gru_count)])
+        grad_b_hh = grad_hidden_gates.sum(1)
+        grad_b_ih = torch.cat([grad_b_hh[:, :2 * h], grad_new_gate.sum(1)], 1)
+        grad_inputs = None
+        if ctx.needs_input_grad[0]:
+            per_gru = [torch.addmm(n @ w[2 * h:], ru, w[:2 * h]).view(steps, batch, -1)
+                       for (ru, n), w in zip(input_parts, w_ih)]
+            grad_inputs = sum(g.flip(0) if rev else g for g, rev in zip(per_gru, ctx.reverse))
+        return grad_inputs, carry + grad_states[:, 0], grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, None
