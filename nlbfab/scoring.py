@@ -1,4 +1,9 @@
-"""Score a val-phase submission exactly as EvalAI does, with ``nlb_tools.evaluation.evaluate``."""
+"""Score a val-phase submission exactly as EvalAI does, with ``nlb_tools.evaluation.evaluate``.
+
+``score`` runs nlb_tools unpatched, its GridSearchCV velocity decoder included (~10 s on
+mc_maze): it gives a run's final, authoritative number. The loop's evaluation hook uses
+``nlbfab.evaluation.metrics`` instead, which swaps in an equal but fast decoder.
+"""
 from __future__ import annotations
 
 from pathlib import Path
