@@ -32,9 +32,14 @@ def gru(inputs: torch.Tensor, h0: torch.Tensor, weights: list[dict[str, torch.Te
     stacked = [torch.stack([w[name] for w in weights]).to(dtype) for name in ("w_ih", "w_hh", "b_ih", "b_hh")]
     with torch.autocast(device, enabled=False):
         time_major = inputs.to(dtype).transpose(0, 1).contiguous()
-        states = GRULayers.apply(time_major, h0.to(dtype), *stacked, tuple(reverse))  # (D, 1 + time, batch, h)
+        states = _gru_layers(time_major, h0.to(dtype), *stacked, tuple(reverse))  # (D, 1 + time, batch, h)
     outputs = [states[d, 1:].flip(0) if rev else states[d, 1:] for d, rev in enumerate(reverse)]
     return torch.stack(outputs).transpose(1, 2), states[:, -1]
+
+
+@torch.compiler.disable  # torch.compile would unroll the loop over time: minutes of compiling, no gain
+def _gru_layers(*args):
+    return GRULayers.apply(*args)
 
 
 def _fused_gru(inputs, h0, weights, reverse):
