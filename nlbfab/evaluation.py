@@ -14,15 +14,19 @@ from contextlib import contextmanager
 import nlb_tools.evaluation
 import numpy as np
 import torch
-from nlb_tools.evaluation import bits_per_spike, evaluate
+from nlb_tools.evaluation import evaluate
 
 from nlbfab import ridge
 from nlbfab.data import SplitData
 from nlbfab.scoring import split_metrics
 
+# trials per forward pass without gradients: the GRUs' per-step tensors then stay in cache
+# (mc_maze at 5 ms on a CPU: 574 trials in 0.50 s in chunks of 128, 0.74 s in chunks of 512)
+INFERENCE_BATCH = 128
+
 
 @torch.no_grad()
-def predict(forward, data: SplitData, batch_size: int = 512) -> dict[str, np.ndarray]:
+def predict(forward, data: SplitData, batch_size: int = INFERENCE_BATCH) -> dict[str, np.ndarray]:
     """Rates (spikes per bin, float32) in the submission's layout plus ``eval_latents``.
 
     ``forward(heldin) -> (logrates, latents)`` is the model in eval mode (no dropout)."""
@@ -42,8 +46,29 @@ def predict(forward, data: SplitData, batch_size: int = 512) -> dict[str, np.nda
 
 def co_bps(data: SplitData, eval_rates_heldout: np.ndarray) -> float:
     """Co-smoothing bits per spike on the eval trials (val phase): the metric runs are chosen by."""
-    return float(bits_per_spike(eval_rates_heldout.astype(np.float64),
-                                data.target["eval_spikes_heldout"].astype(np.float64)))
+    return bits_per_spike(eval_rates_heldout, data.target["eval_spikes_heldout"])
+
+
+def bits_per_spike(rates: np.ndarray, spikes: np.ndarray) -> float:
+    """nlb_tools' ``bits_per_spike`` (tests check it to 1e-9), fast enough to run every epoch.
+
+    nlb_tools sums ``gammaln(spikes + 1)`` into both the model's and the null model's
+    log-likelihood, where the two cancel, and tiles the null rates over every bin; here the
+    null model's term is a sum per neuron. ``rates``, ``spikes: (trials, bins, neurons)``;
+    NaN spikes (dmfc_rsg outside its window) are left out, zero rates read as 1e-9, as there."""
+    spikes = spikes.astype(np.float64)
+    rates = rates.astype(np.float64)
+    observed = ~np.isnan(spikes)
+    if not observed.all():
+        rates, spikes = np.where(observed, rates, 1.0), np.where(observed, spikes, 0.0)
+    rates[rates == 0] = 1e-9
+    model = rates[observed].sum() - spikes.ravel() @ np.log(rates).ravel()
+    per_neuron = spikes.sum(tuple(range(spikes.ndim - 1)))
+    counts = observed.sum(tuple(range(spikes.ndim - 1)))
+    null_rates = per_neuron / counts
+    null_rates[null_rates == 0] = 1e-9
+    null = np.sum(counts * null_rates - per_neuron * np.log(null_rates))
+    return float((null - model) / per_neuron.sum() / np.log(2))
 
 
 @contextmanager
