@@ -20,16 +20,19 @@ from nlbfab import ridge
 from nlbfab.data import SplitData
 from nlbfab.scoring import split_metrics
 
-# trials per forward pass without gradients: the GRUs' per-step tensors then stay in cache
-# (mc_maze at 5 ms on a CPU: 574 trials in 0.50 s in chunks of 128, 0.74 s in chunks of 512)
-INFERENCE_BATCH = 128
+def inference_batch(device: torch.device) -> int:
+    """Trials per forward pass without gradients. On a CPU, 128 keeps the GRUs' per-step
+    tensors in cache (mc_maze at 5 ms: 574 trials in 0.50 s in chunks of 128, 0.74 s in chunks
+    of 512); a GPU wants wide batches."""
+    return 128 if device.type == "cpu" else 1024
 
 
 @torch.no_grad()
-def predict(forward, data: SplitData, batch_size: int = INFERENCE_BATCH) -> dict[str, np.ndarray]:
+def predict(forward, data: SplitData) -> dict[str, np.ndarray]:
     """Rates (spikes per bin, float32) in the submission's layout plus ``eval_latents``.
 
     ``forward(heldin) -> (logrates, latents)`` is the model in eval mode (no dropout)."""
+    batch_size = inference_batch(data.train_heldin.device)
     out = {}
     for prefix, heldin in (("train", data.train_heldin), ("eval", data.eval_heldin)):
         logrates, latents = zip(*(forward(chunk) for chunk in heldin.split(batch_size)))
