@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from nlbfab.loss import poisson_nll
+from nlbfab.models.dropout import spike_dropout
 from nlbfab.models.gru import GRULayers, _fused_gru, gru
 from nlbfab.models import MODELS, Sizes, get_model
 from nlbfab.errors import UserError
@@ -126,3 +127,14 @@ def test_poisson_loss_and_its_gradient_equal_torchs():
 def test_an_unknown_model_lists_the_known_ones():
     with pytest.raises(UserError, match="choose one of sae, gru_readout"):
         get_model("lfads")
+
+
+def test_spike_dropout_zeroes_counts_with_probability_p_and_rescales_the_rest():
+    torch.manual_seed(0)
+    spikes = torch.poisson(torch.full((200, 50, 30), 0.3))
+    dropped = spike_dropout(spikes, 0.25, training=True)
+    kept = dropped[spikes > 0] != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01
+    assert torch.allclose(dropped[spikes > 0][kept], spikes[spikes > 0][kept] / 0.75)
+    assert (dropped[spikes == 0] == 0).all()
+    assert torch.equal(spike_dropout(spikes, 0.25, training=False), spikes)

@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# backward computes the gate derivatives of this many steps at once: few ops, still in cache
+BACKWARD_CHUNK = 8
+
 
 def gru(inputs: torch.Tensor, h0: torch.Tensor, weights: list[dict[str, torch.Tensor]],
         reverse: tuple[bool, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,8 +73,11 @@ class GRULayers(torch.autograd.Function):
         # the reset and update gates' two biases are simply summed; the new gate's recurrent
         # bias sits inside the reset product, so it stays apart
         bias = torch.cat([b_ih[:, :2 * h] + b_hh[:, :2 * h], b_ih[:, 2 * h:]], 1)
-        gates = torch.stack([torch.addmm(bias[d], read[d], w_ih[d].t()) for d in range(gru_count)])
-        gates = gates.view(gru_count, steps, batch, three_h)
+        gates = inputs.new_empty(gru_count, steps, batch, three_h)
+        for d in range(gru_count):
+            torch.addmm(bias[d], read[d], w_ih[d].t(), out=gates[d].view(steps * batch, three_h))
+        # tanh(a) as 2 sigmoid(2a) - 1: PyTorch's CPU tanh is about five times slower than its sigmoid
+        gates[..., 2 * h:].mul_(2)
         w_t = w_hh.transpose(1, 2)
         w_reset_update, w_new, b_new = w_t[..., :2 * h].contiguous(), w_t[..., 2 * h:].contiguous(), b_hh[:, None, 2 * h:]
         states = inputs.new_empty(gru_count, steps + 1, batch, h)
@@ -79,9 +85,7 @@ class GRULayers(torch.autograd.Function):
         reset_update = inputs.new_empty(gru_count, steps, batch, 2 * h)
         hidden_new = inputs.new_empty(gru_count, steps, batch, h)  # h_{t-1} @ w_hn.T + b_hn, kept for backward
         new = inputs.new_empty(gru_count, steps, batch, h)
-        # tanh(a) as 2 sigmoid(2a) - 1: PyTorch's CPU tanh is about five times slower than its sigmoid
-        twice_gates_new = 2 * gates[..., 2 * h:]
-        step_views = zip(gates[..., :2 * h].unbind(1), twice_gates_new.unbind(1), reset_update.unbind(1),
+        step_views = zip(gates[..., :2 * h].unbind(1), gates[..., 2 * h:].unbind(1), reset_update.unbind(1),
                          reset_update[..., :h].unbind(1), reset_update[..., h:].unbind(1), hidden_new.unbind(1),
                          new.unbind(1), states[:, :-1].unbind(1), states[:, 1:].unbind(1))
         for gate_ru, twice_gate_n, ru, reset, update, hn, n, previous, state in step_views:
@@ -97,21 +101,25 @@ class GRULayers(torch.autograd.Function):
     def backward(ctx, grad_states):
         *read, w_ih, w_hh, reset_update, hidden_new, new, states = ctx.saved_tensors
         gru_count, steps, batch, h = new.shape
-        grad_hidden_gates = new.new_empty(gru_count, steps, batch, 3 * h)  # d loss / d(h_{t-1} @ w_hh.T + b_hh)
-        grad_new_gate = torch.empty_like(new)  # d loss / d(new gate's pre-activation input part)
+        reset, update = reset_update[..., :h], reset_update[..., h:]
+        grad_hidden_gates = new.new_empty(gru_count, steps, batch, 3, h)  # d loss / d(h_{t-1} @ w_hh.T + b_hh)
+        grad_h = torch.empty_like(new)
+        grad_new_gate = torch.empty_like(new)  # d loss / d(new gate's pre-activation, input part)
         carry = torch.zeros_like(states[:, 0])
-        # each step's gate derivatives are computed inside the loop, on tensors that stay in cache
-        step_views = zip(reset_update[..., :h].unbind(1), reset_update[..., h:].unbind(1), hidden_new.unbind(1),
-                         new.unbind(1), states[:, :-1].unbind(1), grad_states[:, 1:].unbind(1),
-                         grad_hidden_gates.unbind(1), grad_new_gate.unbind(1))
-        for reset, update, hn, n, previous, grad_state, grad_gates, grad_n in reversed(list(step_views)):
-            grad_h = grad_state + carry
-            not_update = 1 - update
-            torch.mul(grad_h * not_update, 1 - n * n, out=grad_n)
-            torch.mul(grad_n, reset, out=grad_gates[..., 2 * h:])
-            torch.mul(grad_h * (previous - n), update * not_update, out=grad_gates[..., h:2 * h])
-            torch.mul(grad_n * hn, reset * (1 - reset), out=grad_gates[..., :h])
-            carry = torch.baddbmm(grad_h * update, grad_gates, w_hh)
+        for chunk in reversed(range(0, steps, BACKWARD_CHUNK)):
+            at = slice(chunk, min(chunk + BACKWARD_CHUNK, steps))
+            r, z, n, hn, previous = reset[:, at], update[:, at], new[:, at], hidden_new[:, at], states[:, at]
+            # d(gate pre-activation)/d(h_t) of the chunk's steps, all at once
+            not_update = 1 - z
+            d_new = not_update * (1 - n * n)
+            d_hidden_new = d_new * r
+            per_state = torch.stack([d_hidden_new * hn * (1 - r), (previous - n) * z * not_update, d_hidden_new], -2)
+            for t in reversed(range(at.start, at.stop)):
+                k = t - at.start
+                torch.add(grad_states[:, t + 1], carry, out=grad_h[:, t])
+                gates = torch.mul(per_state[:, k], grad_h[:, t, :, None], out=grad_hidden_gates[:, t]).flatten(-2)
+                carry = torch.baddbmm(grad_h[:, t] * z[:, k], gates, w_hh)
+            torch.mul(grad_h[:, at], d_new, out=grad_new_gate[:, at])
         previous = states[:, :-1]
         grad_hidden_gates = grad_hidden_gates.view(gru_count, steps * batch, 3 * h)
         grad_new_gate = grad_new_gate.view(gru_count, steps * batch, h)

@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from nlbfab.models.dropout import spike_dropout
 from nlbfab.models.sae import _gru, _gru_params, _uniform
 
 
@@ -21,7 +22,7 @@ def init(sizes, seed: int = 0, hidden_size: int = 32) -> dict[str, torch.Tensor]
 
 def apply(params, heldin, fwd_steps: int, *, dropout: float = 0.0, training: bool = False):
     hidden = params["rnn_w_hh"].shape[1]
-    x = F.dropout(heldin, dropout, training)
+    x = spike_dropout(heldin, dropout, training)
     states, _ = _gru(params, ("rnn",), x, x.new_zeros(1, x.shape[0], hidden), reverse=(False,))
     states = states[0]
     latents = torch.cat([states, states[:, -1:].expand(-1, fwd_steps, -1)], 1)

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from nlbfab.models.dropout import spike_dropout
 from nlbfab.models.gru import gru
 
 GRU_WEIGHTS = ("w_ih", "w_hh", "b_ih", "b_hh")
@@ -57,7 +58,7 @@ def apply(params, heldin, fwd_steps: int, *, dropout: float = 0.0, training: boo
     ``bins + fwd_steps`` bins: ``(trials, bins + fwd, neurons)`` and ``(trials, bins + fwd, hidden)``."""
     trials, bins, _ = heldin.shape
     hidden = params["dec_w_hh"].shape[1]
-    x = F.dropout(heldin, dropout, training)
+    x = spike_dropout(heldin, dropout, training)
     h0 = x.new_zeros(2, trials, hidden)
     _, h_n = _gru(params, ("enc_fwd", "enc_bwd"), x, h0, reverse=(False, True))
     h = F.dropout(torch.cat([h_n[0], h_n[1]], -1), dropout, training)
