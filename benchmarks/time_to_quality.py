@@ -1,5 +1,6 @@
 """Time to quality: wall time and epochs until early stopping against a fixed 2,000-epoch
-schedule (nlb-lightning's), with the val co-bps each reaches. The split must be preprocessed.
+schedule (nlb-lightning's: constant learning rate, no early stopping), with the val co-bps each
+reaches. The split must be preprocessed.
 
     .venv/bin/python benchmarks/time_to_quality.py [--split mc_maze-20ms-val] [--epochs 2000]
 """
@@ -26,7 +27,8 @@ def main():
     args, passthrough = parser.parse_known_args()
     rows = []
     for schedule, options in (("early stopping (defaults)", []),
-                              (f"fixed {args.epochs} epochs", ["--max-epochs", args.epochs, "--patience", args.epochs])):
+                              (f"fixed {args.epochs} epochs", ["--max-epochs", args.epochs, "--patience", args.epochs,
+                                                               "--lr-decay", "1"])):
         tag = "bench-ttq-" + ("early" if not options else "fixed")
         started = time.perf_counter()
         subprocess.run([str(ROOT / "bin" / "nlbfab-train"), "--split", args.split, "--run-tag", tag, "--quiet",

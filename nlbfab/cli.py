@@ -148,6 +148,13 @@ def baseline(split_names, method, run_tag):
 @click.option("--max-epochs", default=TrainConfig.max_epochs, show_default=True)
 @click.option("--patience", default=TrainConfig.patience, show_default=True,
               help="Stop after this many epochs without a better monitored value.")
+@click.option("--lr-decay", default=TrainConfig.lr_decay, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Multiply the learning rate by this after every --lr-patience epochs without a better "
+                   "monitored value (1: constant, nlb-lightning's schedule).")
+@click.option("--lr-patience", default=TrainConfig.lr_patience, show_default=True, type=click.IntRange(min=1),
+              help="Epochs without a better monitored value before each learning-rate decay.")
+@click.option("--min-lr", default=TrainConfig.min_lr, show_default=True,
+              help="Stop at a plateau whose decay would take the learning rate below this.")
 @click.option("--log-every-n-epochs", default=TrainConfig.log_every_n_epochs, show_default=True,
               help="Run the hooks (metrics, rasters, trajectories) this often, and at the end.")
 @click.option("--precision", default=TrainConfig.precision, show_default=True,

@@ -1,9 +1,9 @@
 """The hand-written Fabric training loop.
 
 One entry point, ``train(config, ...)``: set-up (Fabric, data, parameters, optimizer, all state
-in one dict), then a loop whose sections run in order: train an epoch, validate, checkpoint,
-early-stop, hooks. At the end the best checkpoint predicts the rates that go into the run's
-``submission-{phase}.h5``.
+in one dict), then a loop whose sections run in order: train an epoch, validate, lower the
+learning rate on a plateau, checkpoint, early-stop, hooks. At the end the best checkpoint
+predicts the rates that go into the run's ``submission-{phase}.h5``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from nlbfab.data import SplitData, batch_indices, load_split
 from nlbfab.errors import UserError
-from nlbfab.evaluation import co_bps, predict
+from nlbfab.evaluation import co_bps, inference_batch, predict
 from nlbfab.hooks import HOOKS
 from nlbfab.loss import poisson_nll
 from nlbfab.models import Sizes, get_model
@@ -97,13 +97,23 @@ def train_epoch(fabric, module, optimizer, data: SplitData, config: TrainConfig,
     return float(fabric.all_reduce(total / len(batches), reduce_op="mean"))
 
 
+def plateau_lr(lr: float, stale: int, config: TrainConfig) -> float:
+    """The learning rate for the next epoch: multiplied by ``lr_decay`` each time the monitored
+    value has gone another ``lr_patience`` epochs without improving (``lr_decay`` 1: constant).
+    At a constant lr the val co-bps keeps jumping around its plateau; smaller steps let the model
+    settle there before the run stops. Counted from the same ``stale`` as early stopping, so the
+    schedule needs no state of its own beyond the optimizer's lr and is the same on every rank."""
+    return lr * config.lr_decay if stale and stale % config.lr_patience == 0 else lr
+
+
 @torch.no_grad()
 def validate(module, data: SplitData) -> tuple[float, float]:
     """(validation loss, monitored value). The loss covers the eval trials' neurons and forward
     bins on the val phase, their held-in observed bins on the test phase. The monitored value,
     higher is better, is the val co-bps, or on the test phase minus the loss."""
     module.eval()
-    logrates = torch.cat([module(chunk, data.fwd_steps)[0] for chunk in data.eval_heldin.split(512)]).float()
+    chunks = data.eval_heldin.split(inference_batch(data.eval_heldin.device))
+    logrates = torch.cat([module(chunk, data.fwd_steps)[0] for chunk in chunks]).float()
     if data.split.phase == "test":
         loss = float(poisson_nll(logrates[:, :data.bins, :data.heldin], data.eval_recon))
         return loss, -loss
@@ -131,7 +141,8 @@ def write_progress(run_dir: Path, **fields) -> None:
 
 def create_train_state(fabric: Fabric, config: TrainConfig, data: SplitData):
     """All state in one place, what a checkpoint holds and ``--resume`` restores: the model
-    (set up by Fabric), its optimizer, epoch and early-stopping counters, and the RNG states.
+    (set up by Fabric), its optimizer (whose state holds the current learning rate), epoch and
+    early-stopping counters, and the RNG states.
     Returns ``(module, optimizer, state, batch_rng)``."""
     model = get_model(config.model)
     fabric.seed_everything(config.seed, verbose=False)
@@ -174,7 +185,8 @@ def train(config: TrainConfig, prep_home: Path, runs_home: Path, file_names: dic
     if resume:
         fabric.load(checkpoints / "last.ckpt", state)
         _restore_rng(state, batch_rng)
-        fabric.print(f"resuming {split.name} at epoch {state['epoch']} (best {state['best']:.4f} at {state['best_epoch']})")
+        fabric.print(f"resuming {split.name} at epoch {state['epoch']} (best {state['best']:.4f} at {state['best_epoch']}, "
+                     f"lr {optimizer.param_groups[0]['lr']:.3g})")
     fabric.logger.log_hyperparams(asdict(config))
 
     started = time.perf_counter()
@@ -189,8 +201,13 @@ def train(config: TrainConfig, prep_home: Path, runs_home: Path, file_names: dic
             state.update(best=value, best_epoch=epoch, stale=0)
         else:
             state["stale"] += 1
-        state["history"].append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "monitored": value})
-        fabric.log_dict({"loss/train": train_loss, "loss/val": val_loss, "monitored": value}, step=epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        next_lr = plateau_lr(lr, state["stale"], config)
+        for group in optimizer.param_groups:  # the optimizer's checkpoint holds the lr, so resume continues it
+            group["lr"] = next_lr
+        state["history"].append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "monitored": value,
+                                 "lr": lr})
+        fabric.log_dict({"loss/train": train_loss, "loss/val": val_loss, "monitored": value, "lr": lr}, step=epoch)
         _capture_rng(state, batch_rng)
         _save_atomic(fabric, checkpoints / "last.ckpt", state)
         if fabric.is_global_zero:  # for nlbfab-all's live table
@@ -208,6 +225,10 @@ def train(config: TrainConfig, prep_home: Path, runs_home: Path, file_names: dic
                 fabric.print(f"epoch {epoch:4d}  nlb: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         if state["stale"] >= config.patience:
             stop_reason = f"no improvement for {config.patience} epochs"
+            break
+        # a further plateau at the lowest lr: what is left are gains too small to wait for
+        if next_lr < lr and next_lr < config.min_lr:
+            stop_reason = f"no improvement for {config.lr_patience} epochs at the lowest learning rate ({lr:.3g})"
             break
     return finish(fabric, module, data, config, run_dir, state, stop_reason, time.perf_counter() - started,
                   prep_home, file_names)

@@ -20,6 +20,9 @@ class TrainConfig:
     seed: int = 0
     max_epochs: int = 400
     patience: int = 25
+    lr_decay: float = 0.5
+    lr_patience: int = 15
+    min_lr: float = 1e-3
     log_every_n_epochs: int = 25
     precision: str = "32-true"
     accelerator: str = "auto"

@@ -1,5 +1,5 @@
-"""The Fabric loop: checkpoints, early stopping, NaN stop, hooks in TensorBoard, the submission,
-resume after a kill, and a second model through the same loop."""
+"""The Fabric loop: checkpoints, early stopping, the learning rate's decay on a plateau, NaN stop,
+hooks in TensorBoard, the submission, resume after a kill, and a second model through the same loop."""
 from __future__ import annotations
 
 import dataclasses
@@ -46,7 +46,7 @@ def test_a_run_writes_checkpoints_logs_and_a_scored_submission(homes, prepared):
         assert set(h5["mc_maze_20"]) >= {"train_rates_heldin", "eval_rates_heldout", "eval_rates_heldout_forward"}
 
     events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
-    assert {"loss/train", "loss/val", "monitored", "nlb/co-bps", "nlb/vel R2", "nlb/psth R2"} <= set(events.Tags()["scalars"])
+    assert {"loss/train", "loss/val", "monitored", "lr", "nlb/co-bps", "nlb/vel R2", "nlb/psth R2"} <= set(events.Tags()["scalars"])
     assert {"raster/trial_0", "latents/trajectories"} <= set(events.Tags()["images"])
     assert len(events.Scalars("loss/train")) == 6
 
@@ -56,6 +56,27 @@ def test_early_stopping_ends_a_run_that_stopped_improving(homes, prepared):
                   learning_rate=0.05)
     assert summary["stop_reason"] == "no improvement for 3 epochs"
     assert summary["epochs"] == summary["best_epoch"] + 4 < 300
+
+
+def test_the_lr_decays_after_every_lr_patience_epochs_without_improvement():
+    config = TrainConfig(split="mc_rtt-20ms-test", lr_decay=0.5, lr_patience=3)
+    assert [loop.plateau_lr(1.0, stale, config) for stale in range(8)] == [1, 1, 1, 0.5, 1, 1, 0.5, 1]
+    constant = dataclasses.replace(config, lr_decay=1.0)  # nlb-lightning's schedule
+    assert {loop.plateau_lr(1.0, stale, constant) for stale in range(8)} == {1.0}
+
+
+def test_a_run_halves_its_lr_on_each_plateau_and_stops_at_the_floor(homes, prepared):
+    summary = run(homes, prepared, split="mc_rtt-20ms-test", run_tag="plateau", max_epochs=300, patience=100,
+                  learning_rate=0.05, lr_decay=0.5, lr_patience=2, min_lr=0.01)
+    assert summary["stop_reason"] == "no improvement for 2 epochs at the lowest learning rate (0.0125)"
+    history = torch.load(homes["RUNS_HOME"] / "plateau" / "mc_rtt-20ms-test" / "checkpoints" / "last.ckpt",
+                         weights_only=False)["history"]
+    best, stale, lr = -float("inf"), 0, 0.05
+    for epoch in history:
+        assert epoch["lr"] == lr
+        best, stale = (epoch["monitored"], 0) if epoch["monitored"] > best else (best, stale + 1)
+        lr = lr / 2 if stale and stale % 2 == 0 else lr
+    assert history[-1]["lr"] == 0.0125 and stale % 2 == 0  # halved twice, then stopped at the third plateau
 
 
 def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_best(homes, prepared, monkeypatch):
@@ -106,10 +127,13 @@ def last_epoch(path: Path) -> int:
 
 
 def test_a_killed_run_resumed_ends_with_the_same_weights(homes, prepared):
-    whole = cli_train(homes, "--run-tag", "whole", "--max-epochs", "12")
+    # a high lr with --lr-patience 1 lowers the lr in the first epochs, so that the run is killed
+    # after a decay and resume must carry the lowered lr (no floor: all 12 epochs run)
+    schedule = ("--max-epochs", "12", "--learning-rate", "0.05", "--lr-patience", "1", "--min-lr", "0")
+    whole = cli_train(homes, "--run-tag", "whole", *schedule)
     assert whole.wait(timeout=300) == 0, whole.stdout.read()
 
-    killed = cli_train(homes, "--run-tag", "killed", "--max-epochs", "12")
+    killed = cli_train(homes, "--run-tag", "killed", *schedule)
     last = homes["RUNS_HOME"] / "killed" / "dmfc_rsg-20ms-val" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while last_epoch(last) < 4 and killed.poll() is None and time.time() < deadline:
@@ -117,15 +141,17 @@ def test_a_killed_run_resumed_ends_with_the_same_weights(homes, prepared):
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert 4 <= last_epoch(last) < 12  # really stopped part-way
-    resumed = cli_train(homes, "--run-tag", "killed", "--max-epochs", "12", "--resume")
+    resumed = cli_train(homes, "--run-tag", "killed", *schedule, "--resume")
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
 
-    def weights(tag):
-        state = torch.load(homes["RUNS_HOME"] / tag / "dmfc_rsg-20ms-val" / "checkpoints" / "last.ckpt", weights_only=False)
-        return state["model"], state["epoch"]
-    (a, epochs_a), (b, epochs_b) = weights("whole"), weights("killed")
-    assert epochs_a == epochs_b == 12
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    def checkpoint(tag):
+        return torch.load(homes["RUNS_HOME"] / tag / "dmfc_rsg-20ms-val" / "checkpoints" / "last.ckpt", weights_only=False)
+    a, b = checkpoint("whole"), checkpoint("killed")
+    assert a["epoch"] == b["epoch"] == 12
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    lrs = [epoch["lr"] for epoch in a["history"]]
+    assert lrs == [epoch["lr"] for epoch in b["history"]]
+    assert lrs[4] < lrs[0]  # lowered before the earliest kill
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
