@@ -20,6 +20,7 @@ from nlbfab import ridge
 from nlbfab.data import SplitData
 from nlbfab.scoring import split_metrics
 
+
 def inference_batch(device: torch.device) -> int:
     """Trials per forward pass without gradients. On a CPU, 128 keeps the GRUs' per-step
     tensors in cache (mc_maze at 5 ms: 574 trials in 0.50 s in chunks of 128, 0.74 s in chunks
