@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from nlbfab.errors import UserError
-from nlbfab.prep import TRAIN_WINDOW_TARGET
-from nlbfab.splits import Split
+# not from nlbfab.prep, which would load pynwb and hdmf into every training run (0.6 s)
+from nlbfab.splits import TRAIN_WINDOW_TARGET, Split
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,10 @@ from nlb_tools.make_tensors import (PARAMS, make_eval_input_tensors, make_eval_t
 
 from nlbfab.errors import UserError
 from nlbfab.nwb import load_dataset, reused_by_nlb_tools
-from nlbfab.splits import Dataset, Split
+from nlbfab.splits import TRAIN_WINDOW_TARGET, Dataset, Split
 from nlbfab.synth_nwb import dataset_dir
 
 MARKER = "prep.json"
-TRAIN_WINDOW_TARGET = "eval_target_train_window.h5"
 
 
 def source_files(data_home: Path, dataset: Dataset) -> list[Path]:

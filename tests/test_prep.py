@@ -9,7 +9,7 @@ import pytest
 
 from nlbfab import cli, prep
 from nlbfab.config import split_file_names
-from nlbfab.splits import ALL_SPLITS, DATASETS, get_split
+from nlbfab.splits import ALL_SPLITS, DATASETS, TRAIN_WINDOW_TARGET, get_split
 from nlbfab.synth import counts
 from tests.conftest import run_cli
 
@@ -70,7 +70,7 @@ def test_keys_and_shapes_follow_the_dataset(prepared, split):
 def test_dmfc_keeps_the_official_target_and_a_nan_free_one(prepared):
     folder = prepared / "dmfc_rsg-20ms-val"
     official = read_h5(folder / "eval_target.h5")["dmfc_rsg_20"]
-    train_window = read_h5(folder / prep.TRAIN_WINDOW_TARGET)["dmfc_rsg_20"]
+    train_window = read_h5(folder / TRAIN_WINDOW_TARGET)["dmfc_rsg_20"]
     assert np.isnan(official["eval_spikes_heldout"]).any()  # set..go, front-padded: EvalAI's
     assert not np.isnan(train_window["eval_spikes_heldout"]).any()
     assert "eval_jitter" in official
