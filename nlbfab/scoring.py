@@ -1,14 +1,17 @@
 """Score a val-phase submission exactly as EvalAI does, with ``nlb_tools.evaluation.evaluate``.
 
-``score`` runs nlb_tools unpatched, its GridSearchCV velocity decoder included (~10 s on
-mc_maze): it gives a run's final, authoritative number. The loop's evaluation hook uses
-``nlbfab.evaluation.metrics`` instead, which swaps in an equal but fast decoder.
+``score`` runs nlb_tools unpatched, its GridSearchCV velocity decoder included: it gives a run's
+final, authoritative number. The loop's evaluation hook uses ``nlbfab.evaluation.metrics``
+instead, which swaps in an equal but fast decoder.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import joblib
 from nlb_tools.evaluation import evaluate
+from threadpoolctl import threadpool_limits
 
 from nlbfab.errors import UserError
 from nlbfab.splits import Split
@@ -28,10 +31,19 @@ def split_metrics(results: list[dict], split: Split) -> dict[str, float]:
     return {k: float(v) for k, v in merged.get(f"{split.group}_split", {}).items()}
 
 
+def scoring_threads() -> int:
+    """The cores this process may use: those nlbfab-all gave its slot, else all of them."""
+    return int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+
+
 def score(target_path: Path, submission_path: Path, split: Split) -> dict[str, float]:
     """Score the split's group of a submission file against its target file."""
-    # evaluate() opens files only when given str paths
-    metrics = split_metrics(evaluate(str(target_path), str(submission_path)), split)
+    # GridSearchCV's 45 small ridge fits are independent: one thread per core, each fit on a
+    # single BLAS thread, score mc_maze in 3.5 s instead of 9 s on 2 cores, with nlb_tools' numbers
+    with threadpool_limits(1), joblib.parallel_config(backend="threading", n_jobs=scoring_threads()):
+        # evaluate() opens files only when given str paths
+        results = evaluate(str(target_path), str(submission_path))
+    metrics = split_metrics(results, split)
     if not metrics:  # evaluate() silently skips a misnamed group
         raise UserError(f"no scores for {split.name} in {submission_path}: it needs a group named "
                         f"'{split.group}' with eval_rates_heldout")

@@ -74,3 +74,16 @@ def test_a_real_dataset_has_no_oracle(tmp_path):
     from nlbfab.errors import UserError
     with pytest.raises(UserError, match="only datasets made by 'bin/nlbfab-synth' have an oracle"):
         true_rate_dataset(tmp_path)
+
+
+def test_score_gives_nlb_tools_own_numbers_with_its_ridge_fits_in_parallel(prepared, synthetic, tmp_path,
+                                                                            monkeypatch):
+    from nlb_tools.evaluation import evaluate
+    from nlbfab.scoring import split_metrics
+    split = get_split("mc_maze-20ms-val")
+    target = prepared / split.name / "eval_target.h5"
+    submission = merge_group(tmp_path / "oracle.h5", split.group, oracle_rates(synthetic, split))
+    plain = split_metrics(evaluate(str(target), str(submission)), split)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert score(target, submission, split) == pytest.approx(plain, rel=1e-9, abs=1e-12)
+    assert set(plain) == {"co-bps", "vel R2", "psth R2", "fp-bps"}
