@@ -33,13 +33,17 @@ def main():
         started = time.perf_counter()
         subprocess.run([str(ROOT / "bin" / "nlbfab-train"), "--split", args.split, "--run-tag", tag, "--quiet",
                         *options, *passthrough], check=True, stdout=subprocess.DEVNULL)
-        summary = json.loads((config.runs_home() / tag / args.split / "metrics.json").read_text())
-        rows.append({"schedule": schedule, "epochs": summary["epochs"], "best epoch": summary["best_epoch"],
-                     "seconds": time.perf_counter() - started, "co-bps": summary["metrics"]["co-bps"]})
+        run_dir = config.runs_home() / tag / args.split
+        summary = json.loads((run_dir / "metrics.json").read_text())
+        rows.append({"schedule": schedule, "batch": json.loads((run_dir / "config.json").read_text())["batch_size"],
+                     "epochs": summary["epochs"], "best epoch": summary["best_epoch"],
+                     "seconds": time.perf_counter() - started, "loop seconds": summary["seconds"],
+                     "co-bps": summary["metrics"]["co-bps"]})
     rows[0]["sooner"] = rows[1]["seconds"] / rows[0]["seconds"]
     print(f"device: {device_description()}; split {args.split}")
-    print(table(rows, ["schedule", "epochs", "best epoch", "seconds", "co-bps", "sooner"]))
-    print(f"saved {save('time_to_quality', {'device': device_description(), 'split': args.split, 'rows': rows})}")
+    print(table(rows, ["schedule", "batch", "epochs", "best epoch", "seconds", "loop seconds", "co-bps", "sooner"]))
+    result = {"device": device_description(), "split": args.split, "rows": rows}
+    print(f"saved {save(f'time_to_quality-{args.split}', result)}")
 
 
 if __name__ == "__main__":

@@ -139,7 +139,8 @@ def baseline(split_names, method, run_tag):
 @click.option("--split", "split_name", required=True, help="Split to train on, e.g. mc_maze-20ms-val.")
 @click.option("--model", default=TrainConfig.model, show_default=True, help="Model by name (see nlbfab.models.MODELS).")
 @click.option("--hidden-size", default=TrainConfig.hidden_size, show_default=True)
-@click.option("--batch-size", default=TrainConfig.batch_size, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Trials per optimizer step [default: a fifth of the train trials, between 16 and 64].")
 @click.option("--learning-rate", default=TrainConfig.learning_rate, show_default=True)
 @click.option("--weight-decay", default=TrainConfig.weight_decay, show_default=True)
 @click.option("--dropout", default=TrainConfig.dropout, show_default=True)

@@ -29,7 +29,7 @@ from nlbfab.models import Sizes, get_model
 from nlbfab.scoring import score
 from nlbfab.splits import get_split
 from nlbfab.submission import submit
-from nlbfab.train_config import TrainConfig
+from nlbfab.train_config import TrainConfig, with_batch_size
 
 
 class NonFiniteLoss(UserError):
@@ -175,13 +175,14 @@ def train(config: TrainConfig, prep_home: Path, runs_home: Path, file_names: dic
     fabric.launch()
     if resume and not (checkpoints / "last.ckpt").is_file():
         raise UserError(f"nothing to resume: no {checkpoints / 'last.ckpt'}; drop --resume to start afresh")
+    data = load_split(split, prep_home, file_names).to(fabric.device)
+    config = with_batch_size(config, data.train_heldin.shape[0])
     if fabric.is_global_zero:
         if not resume:  # a new run with the same tag and split replaces the old one's logs
             shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
         checkpoints.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=1))
     fabric.barrier()
-    data = load_split(split, prep_home, file_names).to(fabric.device)
 
     module, optimizer, state, batch_rng = create_train_state(fabric, config, data)
     if resume:

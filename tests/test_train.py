@@ -21,6 +21,7 @@ from nlbfab.config import split_file_names
 from nlbfab.errors import UserError
 from nlbfab.scoring import score
 from nlbfab.train import TrainConfig, train
+from nlbfab.train_config import auto_batch_size, with_batch_size
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = dict(hidden_size=16, batch_size=16, accelerator="cpu", log_every_n_epochs=3)
@@ -77,6 +78,19 @@ def test_a_run_halves_its_lr_on_each_plateau_and_stops_at_the_floor(homes, prepa
         best, stale = (epoch["monitored"], 0) if epoch["monitored"] > best else (best, stale + 1)
         lr = lr / 2 if stale and stale % 2 == 0 else lr
     assert history[-1]["lr"] == 0.0125 and stale % 2 == 0  # halved twice, then stopped at the third plateau
+
+
+def test_the_default_batch_makes_about_five_batches_an_epoch_between_16_and_64_trials():
+    assert [auto_batch_size(n) for n in (10, 75, 100, 250, 272, 500, 1721)] == [16, 16, 20, 50, 55, 64, 64]
+    assert with_batch_size(TrainConfig(split="mc_maze-20ms-val", batch_size=8), 1721).batch_size == 8
+
+
+def test_a_run_without_a_batch_size_records_the_one_it_chose(homes, prepared):
+    run(homes, prepared, split="area2_bump-20ms-val", run_tag="auto-batch", max_epochs=1, batch_size=None)
+    with h5py.File(prepared / "area2_bump-20ms-val" / "train_input.h5") as h5:
+        trials = h5["train_spikes_heldin"].shape[0]
+    saved = json.loads((homes["RUNS_HOME"] / "auto-batch" / "area2_bump-20ms-val" / "config.json").read_text())
+    assert saved["batch_size"] == auto_batch_size(trials)
 
 
 def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_best(homes, prepared, monkeypatch):
