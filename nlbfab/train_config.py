@@ -43,7 +43,7 @@ def auto_batch_size(train_trials: int) -> int:
     """Batches of 64 trials, smaller on small datasets so that an epoch still takes about
     ``BATCHES_PER_EPOCH`` optimizer steps (never under 16 trials). mc_maze_small's 75 train trials
     made 2 batches of 64 an epoch: it took 241 epochs to stop, against 151 with 16, at better
-    co-bps (benchmarks/README.md)."""
+    co-bps (with 15-epoch plateaus; benchmarks/README.md)."""
     return max(16, min(64, math.ceil(train_trials / BATCHES_PER_EPOCH)))
 
 
