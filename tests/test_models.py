@@ -4,7 +4,8 @@ import torch
 
 from nlbfab.loss import poisson_nll
 from nlbfab.models.dropout import spike_dropout
-from nlbfab.models.gru import GRULayers, _fused_gru, gru
+from nlbfab.models import gru as gru_module
+from nlbfab.models.gru import GRULayers, _fused_gru, fused_train_mode, gru
 from nlbfab.models import MODELS, Sizes, get_model
 from nlbfab.errors import UserError
 
@@ -78,13 +79,47 @@ def test_the_gru_matches_torch_nn_gru_in_values_and_gradients(bidirectional):
         assert torch.allclose(g, e, atol=1e-10), name
 
 
-def test_the_gpu_path_computes_the_same_gru():
+def test_the_gpu_path_computes_the_same_gru_and_gradients():
     """On CUDA ``gru`` hands each GRU to cuDNN through ``aten::gru``; that path runs on the CPU too."""
     _, weights = _torch_gru_and_weights(4, 6, True)
-    x, h0 = torch.randn(5, 9, 4, dtype=torch.float64), torch.randn(2, 5, 6, dtype=torch.float64)
+    x = torch.randn(5, 9, 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
     ours, ours_h_n = gru(x, h0, weights, (False, True))
-    fused, fused_h_n = _fused_gru(x, h0, weights, (False, True))
+    fused, fused_h_n = _fused_gru(x, h0, weights, (False, True), train=True)
     assert torch.allclose(ours, fused, atol=1e-12) and torch.allclose(ours_h_n, fused_h_n, atol=1e-12)
+    wrt = [x, h0, *(w[name] for w in weights for name in ("w_ih", "w_hh", "b_ih", "b_hh"))]
+    for ours_grad, fused_grad in zip(torch.autograd.grad((ours.pow(2).sum() + ours_h_n.sum()), wrt),
+                                     torch.autograd.grad((fused.pow(2).sum() + fused_h_n.sum()), wrt)):
+        assert torch.allclose(ours_grad, fused_grad, atol=1e-10)
+
+
+def test_the_fused_kernel_trains_exactly_when_gradients_are_recorded_on_a_gpu():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert fused_train_mode(cuda, grad_enabled=True) is True
+    assert fused_train_mode(cuda, grad_enabled=False) is False
+    assert fused_train_mode(cpu, grad_enabled=True) is False  # the CPU runs GRULayers, not aten::gru
+
+
+def test_the_fused_path_passes_train_to_aten_gru_in_training_and_not_in_inference(monkeypatch):
+    """cuDNN's backward fails unless the forward ran in training mode; no GPU runs here, so the
+    CPU is made a fused device and the arguments reaching ``aten::gru`` are recorded."""
+    calls = []
+
+    def recording_gru(*args):
+        calls.append(args[6])  # (input, hx, params, has_biases, num_layers, dropout, train, ...)
+        return torch.ops.aten.gru.input(*args)
+
+    monkeypatch.setattr(gru_module, "FUSED_DEVICES", ("cpu",))
+    monkeypatch.setattr(gru_module, "aten_gru", recording_gru)
+    model = MODELS["sae"]
+    params = {k: v.requires_grad_() for k, v in model.init(SIZES, 0).items()}
+    logrates, _ = model.apply(params, torch.rand(4, 12, 6), 2, dropout=0.2, training=True)
+    logrates.sum().backward()
+    assert calls == [True, True, True] and params["enc_fwd_w_hh"].grad is not None  # encoder pair, decoder
+    calls.clear()
+    with torch.no_grad():
+        model.apply(params, torch.rand(4, 12, 6), 2)
+    assert calls == [False, False, False]
 
 
 def test_the_gru_recurrence_passes_gradcheck():

@@ -17,6 +17,10 @@ import torch.nn.functional as F
 
 # backward computes the gate derivatives of this many steps at once: few ops, still in cache
 BACKWARD_CHUNK = 8
+# devices whose ``aten::gru`` is one fused kernel (cuDNN); every other device gets ``GRULayers``
+FUSED_DEVICES = ("cuda",)
+# looked up at each call, so that a test can record the arguments that reach the kernel
+aten_gru = torch.ops.aten.gru.input
 
 
 def gru(inputs: torch.Tensor, h0: torch.Tensor, weights: list[dict[str, torch.Tensor]],
@@ -28,8 +32,8 @@ def gru(inputs: torch.Tensor, h0: torch.Tensor, weights: list[dict[str, torch.Te
     (reset, update, new) gate order; GRU ``d`` reads time backwards where ``reverse[d]``.
     Returns ``(outputs (D, batch, time, hidden), h_n (D, batch, hidden))``, outputs in the
     inputs' time order."""
-    if inputs.is_cuda:
-        return _fused_gru(inputs, h0, weights, reverse)
+    if inputs.device.type in FUSED_DEVICES:
+        return _fused_gru(inputs, h0, weights, reverse, fused_train_mode(inputs.device, torch.is_grad_enabled()))
     device = inputs.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else inputs.dtype
     stacked = [torch.stack([w[name] for w in weights]).to(dtype) for name in ("w_ih", "w_hh", "b_ih", "b_hh")]
@@ -45,12 +49,22 @@ def _gru_layers(*args):
     return GRULayers.apply(*args)
 
 
-def _fused_gru(inputs, h0, weights, reverse):
+def fused_train_mode(device: torch.device, grad_enabled: bool) -> bool:
+    """``aten::gru``'s ``train`` flag on ``device``. cuDNN keeps the forward's reserve space, which
+    its backward needs, only in training mode (otherwise the backward stops with "cudnn RNN
+    backward can only be called in training mode"), so the flag is on whenever autograd records;
+    without gradients it selects the leaner inference kernel. Dropout is 0, so it changes
+    nothing else. Off the fused devices no ``aten::gru`` runs and the flag is off."""
+    return grad_enabled and device.type in FUSED_DEVICES
+
+
+def _fused_gru(inputs, h0, weights, reverse, train: bool):
     outputs, finals = [], []
     for d, (w, rev) in enumerate(zip(weights, reverse)):
         x = inputs.flip(1) if rev else inputs
-        out, h_n = torch.ops.aten.gru.input(x, h0[d:d + 1].contiguous(), [w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"]],
-                                            True, 1, 0.0, False, False, True)
+        # (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+        out, h_n = aten_gru(x, h0[d:d + 1].contiguous(), [w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"]],
+                            True, 1, 0.0, train, False, True)
         outputs.append(out.flip(1) if rev else out)
         finals.append(h_n[0])
     return torch.stack(outputs), torch.stack(finals)
