@@ -54,6 +54,40 @@ def setting(name: str) -> str:
     return value
 
 
+def origin(name: str) -> str:
+    """Where a setting's value comes from, for error messages: the environment, ``.env`` or the default."""
+    if name in os.environ:
+        return "the environment"
+    env_file = _env_file()
+    if env_file and env_file.is_file() and name in dotenv_values(env_file):
+        return str(env_file)
+    return f"nlbfab's default {DEFAULTS[name]}"
+
+
+def writable_home(name: str) -> Path:
+    """The folder a path setting names, created if missing; one line naming the variable, its
+    origin and the reason if it cannot be created or written to."""
+    path = Path(setting(name))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".nlbfab-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"{name}={path} (set in {origin(name)}) cannot be written: {error.strerror or error}; "
+                        f"point {name} at a writable folder") from None
+    return path
+
+
+def existing_home(name: str, fix: str) -> Path:
+    """The folder a path setting names, which must exist; else one line naming the variable,
+    its origin and ``fix`` (what makes the folder)."""
+    path = Path(setting(name))
+    if not path.is_dir():
+        raise UserError(f"{name}={path} (set in {origin(name)}) is not a folder: {fix}, or point {name} elsewhere")
+    return path
+
+
 def data_home() -> Path:
     """Where the NWB files live, in DANDI's layout: ``DATA_HOME/000128/sub-Jenkins/*.nwb``."""
     return Path(setting("DATA_HOME"))

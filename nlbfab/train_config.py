@@ -1,42 +1,130 @@
 """A training run's settings, kept apart from the loop so that commands parse options without
-importing torch."""
+importing torch.
+
+Each setting is declared once, as a ``TrainConfig`` field with its default, valid values and
+help text; ``nlbfab-train``'s options are generated from these fields, and a config that breaks
+a rule cannot be built, so bad values fail before any work, wherever a config comes from.
+"""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+import re
+from dataclasses import dataclass, field, fields, replace
+
+from nlbfab.errors import UserError
 
 # the stopping rule counts epochs, so an epoch should take a few optimizer steps on every dataset
 BATCHES_PER_EPOCH = 5
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+MAX_SEED = 2 ** 32 - 1  # Fabric's seed_everything silently picks another seed above this
+
+
+@dataclass(frozen=True)
+class Valid:
+    """The values a setting accepts: a number range (either end open or closed, ``None`` for
+    unbounded) or a list of choices."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+
+    def accepts(self, value) -> bool:
+        if self.choices:
+            return value in self.choices
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def describe(self) -> str:
+        if self.choices:
+            return f"one of {', '.join(self.choices)}"
+        low, high = _number(self.low), _number(self.high)
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _number(value) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def setting(default, help: str, valid: Valid = Valid(), option: bool = True):
+    """A ``TrainConfig`` field: its default, its command-line help and its valid values."""
+    return field(default=default, metadata={"help": help, "valid": valid, "option": option})
+
+
+POSITIVE = Valid(low=0, low_open=True)
+AT_LEAST_ONE = Valid(low=1)
+NON_NEGATIVE = Valid(low=0)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a run depends on; saved as ``config.json`` and logged as hyperparameters."""
 
-    split: str
-    model: str = "sae"
-    hidden_size: int = 64
-    batch_size: int | None = None  # None: auto_batch_size of the split's train trials
-    learning_rate: float = 5e-3
-    weight_decay: float = 1e-4
-    dropout: float = 0.2
-    grad_clip: float = 5.0
-    seed: int = 0
-    max_epochs: int = 400
+    split: str = field(metadata={"help": "Split to train on, e.g. mc_maze-20ms-val.", "valid": Valid(), "option": False})
+    model: str = setting("sae", "Model by name (see nlbfab.models.MODELS).")
+    hidden_size: int = setting(64, "Units in each GRU.", AT_LEAST_ONE)
+    batch_size: int | None = setting(
+        None, "Trials per optimizer step [default: a fifth of the train trials, between 16 and 64].", AT_LEAST_ONE)
+    learning_rate: float = setting(5e-3, "AdamW's initial learning rate.", POSITIVE)
+    weight_decay: float = setting(1e-4, "AdamW's decoupled weight decay.", NON_NEGATIVE)
+    dropout: float = setting(0.2, "Dropout probability (inputs, encoder states, initial condition).",
+                             Valid(low=0, high=1, high_open=True))
+    grad_clip: float = setting(5.0, "Max gradient norm (0: off).", NON_NEGATIVE)
+    seed: int = setting(0, "Random seed: initialisation, batches and dropout.", Valid(low=0, high=MAX_SEED))
+    max_epochs: int = setting(400, "Stop after this many epochs at the latest.", AT_LEAST_ONE)
     # over two plateaus, so that a decayed rate gets its own: at 25 with 15-epoch plateaus,
     # mc_maze_medium stopped 10 epochs after its first decay, 0.001 co-bps short of 2,000 epochs
-    patience: int = 30
-    lr_decay: float = 0.5
+    patience: int = setting(30, "Stop after this many epochs without a better monitored value.", AT_LEAST_ONE)
+    lr_decay: float = setting(
+        0.5, "Multiply the learning rate by this after every --lr-patience epochs without a better monitored "
+             "value (1: constant, nlb-lightning's schedule).", Valid(low=0, high=1, low_open=True))
     # 12, not 15: mc_maze stops at 123 epochs instead of 184, all three mc_maze sizes still above
     # the 2,000-epoch schedule's co-bps; 10 left mc_maze_small below it (benchmarks/README.md)
-    lr_patience: int = 12
-    min_lr: float = 1e-3
-    log_every_n_epochs: int = 25
-    precision: str = "32-true"
-    accelerator: str = "auto"
-    devices: str = "1"
-    strategy: str = "auto"
-    run_tag: str = "default"
+    lr_patience: int = setting(12, "Epochs without a better monitored value before each learning-rate decay.",
+                               AT_LEAST_ONE)
+    min_lr: float = setting(1e-3, "Stop at a plateau whose decay would take the learning rate below this "
+                                  "(below --learning-rate).", NON_NEGATIVE)
+    log_every_n_epochs: int = setting(25, "Run the hooks (metrics, rasters, trajectories) this often, and at the end.",
+                                      AT_LEAST_ONE)
+    precision: str = setting("32-true", "Numeric precision (Fabric's names).", Valid(choices=PRECISIONS))
+    accelerator: str = setting("auto", "Device type; auto picks a GPU where there is one.", Valid(choices=ACCELERATORS))
+    devices: str = setting("1", "How many devices (a positive number, or auto), or GPU indices such as 0,2.")
+    strategy: str = setting("auto", "Fabric's strategy: auto, ddp, ddp_spawn, ...")
+    run_tag: str = setting("default", "Runs go to RUNS_HOME/RUN_TAG/SPLIT.")
+
+    def __post_init__(self):
+        check(self)
+
+
+def option_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check(config: TrainConfig) -> None:
+    """Raise a one-line ``UserError`` for the first setting no run can use, naming its option,
+    the value and what is valid."""
+    for f in fields(config):
+        value, valid = getattr(config, f.name), f.metadata["valid"]
+        if value is not None and not valid.accepts(value):
+            raise UserError(f"{option_name(f.name)} {value}: must be {valid.describe()}")
+    if config.min_lr >= config.learning_rate:
+        raise UserError(f"--min-lr {config.min_lr:g} must be below --learning-rate {config.learning_rate:g}: "
+                        f"the run would stop at its first plateau")
+    if not re.fullmatch(r"auto|[1-9][0-9]*|[0-9]+,|[0-9]+(,[0-9]+)+", config.devices):
+        raise UserError(f"--devices {config.devices}: must be a positive number, auto, or GPU indices such as 0,2")
+    if not re.fullmatch(r"[\w.+-]+", config.run_tag or ""):
+        raise UserError(f"--run-tag {config.run_tag!r}: use letters, digits, '.', '_', '+' or '-' (it names a folder)")
 
 
 def auto_batch_size(train_trials: int) -> int:

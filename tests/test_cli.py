@@ -64,7 +64,7 @@ def test_a_missing_env_variable_is_named(homes, monkeypatch):
     one_line_error(run_cli(cli.prep, "--split", "mc_maze-20ms-val"), "PREP_HOME is not set")
 
 
-@pytest.mark.parametrize("name", ["synth", "prep", "download", "baseline", "train", "scores"])
+@pytest.mark.parametrize("name", ["synth", "prep", "download", "baseline", "train", "scores", "submit", "all"])
 def test_bin_scripts_run_the_commands(name):
     import subprocess
     from pathlib import Path
@@ -76,3 +76,63 @@ def test_bin_scripts_run_the_commands(name):
 def test_every_dataset_has_a_dandi_url():
     assert {download.dandi_url(d).split("/")[0] for d in DATASETS.values()} == {
         "DANDI:000128", "DANDI:000129", "DANDI:000127", "DANDI:000130", "DANDI:000138", "DANDI:000139", "DANDI:000140"}
+
+
+BAD_VALUES = [("--hidden-size", "0", ">= 1"), ("--batch-size", "0", ">= 1"), ("--learning-rate", "-1", "> 0"),
+              ("--learning-rate", "0", "> 0"), ("--weight-decay", "-0.1", ">= 0"), ("--dropout", "1.5", "in [0, 1)"),
+              ("--dropout", "-0.1", "in [0, 1)"), ("--grad-clip", "-1", ">= 0"), ("--seed", "-1", "in [0, 4294967295]"),
+              ("--max-epochs", "0", ">= 1"), ("--patience", "0", ">= 1"), ("--lr-decay", "0", "in (0, 1]"),
+              ("--lr-decay", "1.5", "in (0, 1]"), ("--lr-patience", "0", ">= 1"), ("--min-lr", "-1", ">= 0"),
+              ("--log-every-n-epochs", "0", ">= 1"), ("--learning-rate", "nan", "> 0"),
+              ("--devices", "0", "positive number"), ("--run-tag", "a/b", "names a folder"),
+              ("--precision", "64", "'32-true'"), ("--accelerator", "tpu", "'cuda'"), ("--hidden-size", "abc", "integer")]
+
+
+@pytest.mark.parametrize("option, value, valid", BAD_VALUES)
+def test_every_training_option_is_checked_before_any_work(homes, option, value, valid):
+    one_line_error(run_cli(cli.train, "--split", "mc_rtt-20ms-val", option, value), option, value, valid)
+
+
+def test_a_min_lr_at_or_above_the_learning_rate_is_refused(homes):
+    one_line_error(run_cli(cli.train, "--split", "mc_rtt-20ms-val", "--learning-rate", "1e-3", "--min-lr", "1e-3"),
+                   "--min-lr", "below --learning-rate")
+
+
+def test_nlbfab_all_checks_the_training_options_it_passes_on(homes, tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNS_HOME", str(tmp_path / "runs"))
+    one_line_error(run_cli(cli.sweep, "--datasets", "mc_rtt", "--grad-clip", "-1"), "--grad-clip -1", ">= 0")
+    one_line_error(run_cli(cli.sweep, "--datasets", "mc_rtt", "--jobs-per-gpu", "0"), "--jobs-per-gpu")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_accelerator_that_is_not_there_names_those_that_are_and_how_to_get_cuda(prepared, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    one_line_error(run_cli(cli.train, "--split", "mc_rtt-20ms-val", "--accelerator", "gpu"),
+                   "--accelerator gpu", "available: auto, cpu", "CUDA build of torch")
+
+
+def test_an_option_fabric_refuses_is_one_line(prepared):
+    one_line_error(run_cli(cli.train, "--split", "mc_rtt-20ms-val", "--accelerator", "cpu", "--strategy", "nonsense"),
+                   "--strategy nonsense", "invalid strategy")
+
+
+def test_a_runs_home_that_cannot_be_created_is_named_with_where_it_was_set(prepared, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("RUNS_HOME", str(blocker / "runs"))
+    one_line_error(run_cli(cli.train, "--split", "mc_rtt-20ms-val"), "RUNS_HOME=", "the environment", "writable")
+    env_file = tmp_path / "custom.env"
+    env_file.write_text(f"RUNS_HOME={blocker / 'runs'}\n")
+    monkeypatch.delenv("RUNS_HOME")
+    monkeypatch.setenv("NLBFAB_ENV_FILE", str(env_file))
+    one_line_error(run_cli(cli.baseline, "--split", "mc_rtt-20ms-val"), "RUNS_HOME=", str(env_file))
+
+
+def test_a_missing_prep_home_or_data_home_says_what_makes_it(homes, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREP_HOME", str(tmp_path / "nowhere"))
+    one_line_error(run_cli(cli.train, "--split", "mc_rtt-20ms-val"), "PREP_HOME=", "the environment",
+                   "bin/nlbfab-prep --split mc_rtt-20ms-val")
+    monkeypatch.setenv("DATA_HOME", str(tmp_path / "nothing"))
+    one_line_error(run_cli(cli.prep, "--split", "mc_rtt-20ms-val"), "DATA_HOME=", "bin/nlbfab-synth")
+    assert not (tmp_path / "nowhere").exists()
