@@ -9,14 +9,16 @@ import functools
 import logging
 import sys
 import time
+import typing
 import warnings
+from dataclasses import fields
 
 import click
 
 from nlbfab import config
 from nlbfab.errors import UserError
 from nlbfab.splits import DATASETS, SPLIT_NAMES, get_dataset, get_split, splits_of
-from nlbfab.train_config import TrainConfig
+from nlbfab.train_config import TrainConfig, option_name
 
 
 def _quiet_libraries() -> None:
@@ -25,6 +27,32 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("nlb_tools", "hdmf", "pynwb"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class Command(click.Command):
+    """A click command whose own parsing errors (an unknown option, a value of the wrong type)
+    end in one ``error:`` line and exit status 2, like every other bad input."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as error:
+            click.echo(f"error: {error.format_message()} (see {prog_name or self.name} --help)", err=True)
+            sys.exit(2)
+
+
+def train_options(command):
+    """``nlbfab-train``'s options, one per ``TrainConfig`` field: name, type, default, help and
+    valid values come from the field, so a setting is declared in one place."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in reversed([f for f in fields(TrainConfig) if f.metadata["option"]]):
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        valid = f.metadata["valid"]
+        bounds = f" Valid: {valid.describe()}." if valid.low is not None or valid.high is not None else ""
+        command = click.option(option_name(f.name), f.name, default=f.default, show_default=f.default is not None,
+                               type=click.Choice(valid.choices) if valid.choices else kind,
+                               help=f.metadata["help"] + bounds)(command)
+    return command
 
 
 def friendly_errors(command):
@@ -55,20 +83,22 @@ def _report(line: str) -> None:
     click.echo(line, err=True)
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--dataset", "names", multiple=True, help="Dataset to make (repeatable), e.g. mc_maze.")
 @click.option("--all", "all_", is_flag=True, help="Make all 7 datasets.")
 @click.option("--scale", type=click.Choice(["tiny", "small", "full"]), default="small", show_default=True,
               help="full: the real unit and trial counts; small: the real units, an eighth of the trials; "
                    "tiny: a few units and trials (tests).")
-@click.option("--seed", default=0, show_default=True, help="Random seed; the same seed gives the same files.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2 ** 32 - 1),
+              help="Random seed; the same seed gives the same files.")
 @click.option("--force", is_flag=True, help="Rewrite datasets that already exist with this scale and seed.")
 @friendly_errors
 def synth(names, all_, scale, seed, force):
     """Write synthetic NLB datasets (NWB files in DANDI's layout, with ground truth) to DATA_HOME."""
     from nlbfab.synth_nwb import existing_synthesis, synthesize
-    data_home = config.data_home()
-    for dataset in _datasets(names, all_):
+    datasets = _datasets(names, all_)
+    data_home = config.writable_home("DATA_HOME")
+    for dataset in datasets:
         if not force and existing_synthesis(data_home, dataset) == (scale, seed):
             _report(f"{dataset.name}: already synthesized ({scale}, seed {seed}) in {data_home / dataset.folder}; --force to redo")
             continue
@@ -78,7 +108,7 @@ def synth(names, all_, scale, seed, force):
         _report(f"{dataset.name}: wrote {folder} in {time.perf_counter() - started:.1f} s")
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--split", "split_names", multiple=True, help="Split to preprocess (repeatable), e.g. mc_maze-20ms-val.")
 @click.option("--dataset", "names", multiple=True, help="Preprocess all 4 splits of this dataset (repeatable).")
 @click.option("--all", "all_", is_flag=True, help="Preprocess all 28 splits.")
@@ -92,10 +122,11 @@ def prep(split_names, names, all_, force):
     wanted = [get_split(n) for n in split_names]
     if names or all_:
         wanted += [s for dataset in _datasets(names, all_) for s in splits_of(dataset)]
-    prepare_splits(wanted, config.data_home(), config.prep_home(), config.split_file_names(), force, _report)
+    data_home = config.existing_home("DATA_HOME", "make the datasets with 'bin/nlbfab-synth' or 'bin/nlbfab-download'")
+    prepare_splits(wanted, data_home, config.writable_home("PREP_HOME"), config.split_file_names(), force, _report)
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--dataset", "names", multiple=True, help="Dataset to download (repeatable), e.g. mc_maze.")
 @click.option("--all", "all_", is_flag=True, help="Download all 7 datasets (about 2 GB).")
 @friendly_errors
@@ -103,13 +134,14 @@ def download(names, all_):
     """Download NLB datasets from DANDI into DATA_HOME (needs the optional 'dandi' extra)."""
     from nlbfab.download import dandi_url
     from nlbfab.download import download as fetch
-    data_home = config.data_home()
-    for dataset in _datasets(names, all_):
+    datasets = _datasets(names, all_)
+    data_home = config.writable_home("DATA_HOME")
+    for dataset in datasets:
         _report(f"{dataset.name}: downloading {dandi_url(dataset)} ...")
         _report(f"{dataset.name}: files in {fetch(dataset, data_home)}")
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--split", "split_names", multiple=True, required=True,
               help="Split to predict (repeatable), e.g. mc_maze-20ms-val.")
 @click.option("--method", type=click.Choice(["smoothing", "oracle"]), default="smoothing", show_default=True,
@@ -122,8 +154,9 @@ def baseline(split_names, method, run_tag):
     from nlbfab.scoring import score
     from nlbfab.submission import submit
     splits = [get_split(n) for n in split_names]
-    data_home, prep_home, file_names = config.data_home(), config.prep_home(), config.split_file_names()
-    run_dir = config.runs_home() / (run_tag or method)
+    prep_home = config.existing_home("PREP_HOME", f"run 'bin/nlbfab-prep --split {splits[0].name}'")
+    data_home, file_names = config.data_home(), config.split_file_names()
+    run_dir = config.writable_home("RUNS_HOME") / (run_tag or method)
     for split in splits:
         if not (prep_home / split.name).is_dir():
             raise UserError(f"{split.name} is not preprocessed: run 'bin/nlbfab-prep --split {split.name}'")
@@ -135,35 +168,9 @@ def baseline(split_names, method, run_tag):
             click.echo("  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--split", "split_name", required=True, help="Split to train on, e.g. mc_maze-20ms-val.")
-@click.option("--model", default=TrainConfig.model, show_default=True, help="Model by name (see nlbfab.models.MODELS).")
-@click.option("--hidden-size", default=TrainConfig.hidden_size, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1),
-              help="Trials per optimizer step [default: a fifth of the train trials, between 16 and 64].")
-@click.option("--learning-rate", default=TrainConfig.learning_rate, show_default=True)
-@click.option("--weight-decay", default=TrainConfig.weight_decay, show_default=True)
-@click.option("--dropout", default=TrainConfig.dropout, show_default=True)
-@click.option("--grad-clip", default=TrainConfig.grad_clip, show_default=True, help="Max gradient norm (0: off).")
-@click.option("--seed", default=TrainConfig.seed, show_default=True)
-@click.option("--max-epochs", default=TrainConfig.max_epochs, show_default=True)
-@click.option("--patience", default=TrainConfig.patience, show_default=True,
-              help="Stop after this many epochs without a better monitored value.")
-@click.option("--lr-decay", default=TrainConfig.lr_decay, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="Multiply the learning rate by this after every --lr-patience epochs without a better "
-                   "monitored value (1: constant, nlb-lightning's schedule).")
-@click.option("--lr-patience", default=TrainConfig.lr_patience, show_default=True, type=click.IntRange(min=1),
-              help="Epochs without a better monitored value before each learning-rate decay.")
-@click.option("--min-lr", default=TrainConfig.min_lr, show_default=True,
-              help="Stop at a plateau whose decay would take the learning rate below this.")
-@click.option("--log-every-n-epochs", default=TrainConfig.log_every_n_epochs, show_default=True,
-              help="Run the hooks (metrics, rasters, trajectories) this often, and at the end.")
-@click.option("--precision", default=TrainConfig.precision, show_default=True,
-              type=click.Choice(["32-true", "bf16-mixed", "16-mixed"]))
-@click.option("--accelerator", default=TrainConfig.accelerator, show_default=True, help="cpu, gpu, cuda, mps or auto.")
-@click.option("--devices", default=TrainConfig.devices, show_default=True, help="How many devices (or 'auto').")
-@click.option("--strategy", default=TrainConfig.strategy, show_default=True, help="auto, ddp, ddp_spawn, ...")
-@click.option("--run-tag", default=TrainConfig.run_tag, show_default=True, help="Runs go to RUNS_HOME/RUN_TAG/SPLIT.")
+@train_options
 @click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
 @friendly_errors
@@ -171,17 +178,19 @@ def train(split_name, resume, quiet, **options):
     """Train a model on one split with Lightning Fabric, and write its rates to the submission."""
     from nlbfab.train import train as run
     get_split(split_name)
-    summary = run(TrainConfig(split=split_name, **options), config.prep_home(), config.runs_home(),
-                  config.split_file_names(), resume=resume, quiet=quiet)
+    train_config = TrainConfig(split=split_name, **options)
+    prep_home = config.existing_home("PREP_HOME", f"run 'bin/nlbfab-prep --split {split_name}'")
+    summary = run(train_config, prep_home, config.writable_home("RUNS_HOME"), config.split_file_names(),
+                  resume=resume, quiet=quiet)
     if "submission" in summary:
         click.echo(f"{summary['split']}: {summary['epochs']} epochs ({summary['stop_reason']}), best at "
                    f"{summary['best_epoch']}, {summary['seconds']:.0f} s; rates in {summary['submission']}")
         for name, value in summary.get("metrics", {}).items():
             click.echo(f"  {name:10s} {value:.4f}")
-        click.echo(f"run folder: {summary['run_dir']}\nTensorBoard: tensorboard --logdir {summary['run_dir']}/tensorboard")
+        click.echo(f"run folder: {summary['run_dir']}\nTensorBoard: tensorboard --logdir {summary['run_dir']}")
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--split", "split_name", required=True, help="A val-phase split, e.g. mc_maze-20ms-val.")
 @click.option("--run-tag", "run_tags", multiple=True, required=True,
               help="Run whose submission-val.h5 to score (repeatable); a tag named 'oracle' gives the reference.")
@@ -196,6 +205,20 @@ def scores(split_name, run_tags):
                            config.split_file_names()["eval_target"]))
 
 
+@click.command(cls=Command)
+@click.option("--run-tag", required=True, help="The run whose submission-val.h5 and submission-test.h5 to rebuild.")
+@friendly_errors
+def submit(run_tag):
+    """Rebuild a run's submission files from the rates each split wrote (RUNS_HOME/RUN_TAG/SPLIT/rates.h5);
+    a damaged submission file is moved aside, not deleted."""
+    from nlbfab.submission import rebuild
+    run_dir = config.runs_home() / run_tag
+    if not run_dir.is_dir():
+        raise UserError(f"no run '{run_tag}' in RUNS_HOME ({run_dir}): check the tag, or RUNS_HOME")
+    for path, groups in rebuild(run_dir, _report).items():
+        click.echo(f"{path}: {len(groups)} group(s): {', '.join(groups)}")
+
+
 def _split_list(values, valid, what):
     chosen = [v.strip() for value in values for v in value.split(",") if v.strip()]
     unknown = [v for v in chosen if v not in valid]
@@ -204,19 +227,21 @@ def _split_list(values, valid, what):
     return chosen or list(valid)
 
 
-@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.command(cls=Command, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--datasets", multiple=True, help="Datasets to train (comma-separated or repeated; default all 7).")
 @click.option("--bins", multiple=True, help="Bin widths in ms: 5, 20 (default both).")
 @click.option("--phases", multiple=True, help="val, test (default both).")
 @click.option("--run-tag", default="all", show_default=True, help="All splits share RUNS_HOME/RUN_TAG/submission-{phase}.h5.")
-@click.option("--jobs-per-gpu", default=3, show_default=True, help="Concurrent runs per visible GPU.")
-@click.option("--workers", default=None, type=int, help="Concurrent CPU runs without GPUs (default: one per core).")
+@click.option("--jobs-per-gpu", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Concurrent runs per visible GPU.")
+@click.option("--workers", default=None, type=click.IntRange(min=1),
+              help="Concurrent CPU runs without GPUs (default: one per core).")
 @click.option("--resume", is_flag=True, help="Skip finished splits and resume interrupted ones.")
 @click.option("--no-prep", is_flag=True, help="Do not preprocess missing splits; say which nlbfab-prep to run.")
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this machine's GPUs or cores; ray: an existing Ray cluster (pip install -e .[ray]).")
 @click.option("--address", default=None, help="Ray cluster address (e.g. auto or ray://head:10001); none: a local Ray.")
-@click.option("--gpus-per-run", type=float, default=None, help="Ray: GPU share per run (default 0.3 with GPUs, else 0).")
+@click.option("--gpus-per-run", type=click.FloatRange(0, 1, min_open=True), default=None, help="Ray: GPU share per run (default 0.3 with GPUs, else 0).")
 @click.pass_context
 @friendly_errors
 def sweep(ctx, datasets, bins, phases, run_tag, jobs_per_gpu, workers, resume, no_prep, backend, address, gpus_per_run):
@@ -230,20 +255,23 @@ def sweep(ctx, datasets, bins, phases, run_tag, jobs_per_gpu, workers, resume, n
     from nlbfab.prep import is_up_to_date, prepare_splits
     from nlbfab.splits import ALL_SPLITS
     train_args = list(ctx.args)
-    train.make_context("nlbfab-train", ["--split", "mc_maze-20ms-val", *train_args])  # bad options fail here
+    # bad options and values fail here, before any split is prepared or trained
+    parsed = train.make_context("nlbfab-train", ["--split", "mc_maze-20ms-val", *train_args]).params
+    TrainConfig(split="mc_maze-20ms-val", **{k: v for k, v in parsed.items() if k not in ("split_name", "resume", "quiet")})
     if any(a in ("--split", "--run-tag", "--resume") for a in train_args):
         raise UserError("--split, --run-tag and --resume are nlbfab-all's own: use --datasets/--bins/--phases")
     chosen = (_split_list(datasets, list(DATASETS), "dataset"), _split_list(bins, ["5", "20"], "bin width"),
               _split_list(phases, ["val", "test"], "phase"))
     splits = [s for s in ALL_SPLITS if s.dataset.name in chosen[0] and str(s.bin_ms) in chosen[1] and s.phase in chosen[2]]
-    data_home, prep_home, file_names = config.data_home(), config.prep_home(), config.split_file_names()
+    data_home, file_names = config.data_home(), config.split_file_names()
+    prep_home, runs_home = config.writable_home("PREP_HOME"), config.writable_home("RUNS_HOME")
     unprepared = [s for s in splits if not is_up_to_date(s, data_home, prep_home, file_names)]
     if unprepared and no_prep:
         raise UserError(f"{len(unprepared)} split(s) not preprocessed: run 'bin/nlbfab-prep "
                         + " ".join(f"--split {s.name}" for s in unprepared) + "'")
     if unprepared:
         prepare_splits(unprepared, data_home, prep_home, file_names, report=_report)
-    runs_dir = config.runs_home() / run_tag
+    runs_dir = runs_home / run_tag
     runs = [sw.Run(s, runs_dir / s.name) for s in sw.longest_first(splits)]
     for run in runs:
         state = sw.run_state(run.run_dir)
@@ -256,7 +284,7 @@ def sweep(ctx, datasets, bins, phases, run_tag, jobs_per_gpu, workers, resume, n
             import ray  # noqa: F401
         except ImportError:
             raise UserError("--backend ray needs Ray: run 'pip install -e .[ray]'") from None
-        paths = {"DATA_HOME": str(data_home), "PREP_HOME": str(prep_home), "RUNS_HOME": str(config.runs_home())}
+        paths = {"DATA_HOME": str(data_home), "PREP_HOME": str(prep_home), "RUNS_HOME": str(runs_home)}
         paths |= {config_name: file_names[key] for config_name, key in (
             ("TRAIN_INPUT_FILE", "train_input"), ("EVAL_INPUT_FILE", "eval_input"), ("EVAL_TARGET_FILE", "eval_target"))}
         _report(f"{len(runs)} splits to Ray ({address or 'a local instance'}); logs in {runs_dir}/SPLIT/train.log")
@@ -297,13 +325,13 @@ def _live_table(height: int):
     return show
 
 
-@click.command(name="splits")
+@click.command(cls=Command, name="splits")
 def list_splits():
     """Print the 28 split names."""
     click.echo("\n".join(SPLIT_NAMES))
 
 
-COMMANDS = {"synth": synth, "prep": prep, "download": download, "baseline": baseline, "train": train, "scores": scores, "all": sweep,
+COMMANDS = {"synth": synth, "prep": prep, "download": download, "baseline": baseline, "train": train, "scores": scores, "submit": submit, "all": sweep,
             "splits": list_splits}
 
 if __name__ == "__main__":  # bin/nlbfab-<command> runs: python -m nlbfab.cli <command> [options]

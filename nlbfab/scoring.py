@@ -15,6 +15,7 @@ from threadpoolctl import threadpool_limits
 
 from nlbfab.errors import UserError
 from nlbfab.splits import Split
+from nlbfab.submission import submission_path
 
 # evaluate() reports the scaling sets together, each key prefixed with its test-phase trial count
 SCALING_TAGS = {"mc_maze_large": "[500]", "mc_maze_medium": "[250]", "mc_maze_small": "[100]"}
@@ -57,7 +58,7 @@ def score_table(split: Split, run_tags: list[str], runs_home: Path, target_path:
         raise UserError(f"missing {target_path}: run 'bin/nlbfab-prep --split {split.name}'")
     rows = {}
     for tag in run_tags:
-        path = Path(runs_home) / tag / "submission-val.h5"
+        path = submission_path(Path(runs_home) / tag, "val")
         if not path.is_file():
             raise UserError(f"no submission for run '{tag}' at {path}: train or run a baseline with --run-tag {tag}")
         rows[tag] = score(target_path, path, split)

@@ -1,14 +1,20 @@
 """The EvalAI submission file: one HDF5 per phase, one group per split (``mc_maze_20``, ...).
 
-Many training processes may add their split to the same ``submission-{phase}.h5`` at once, so a
-merge takes a lock, copies the file to a new one with the split's group replaced, and renames it
-over the old: readers never see a half-written file, and no other split's group is lost.
+Each run first writes its own rates into its split folder (``RUNS_HOME/{tag}/{split}/rates.h5``,
+one group in the submission's layout); ``submission-{phase}.h5`` is merged from these files, so
+it can always be rebuilt (``nlbfab-submit``), and a damaged one is set aside and rebuilt rather
+than blocking the runs that write into it. Many training processes may add their split at once,
+so a merge takes a lock, copies the file to a new one with the split's group replaced, and
+renames it over the old: readers never see a half-written file, and no other split's group is lost.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
@@ -18,6 +24,12 @@ from nlbfab.errors import UserError
 
 REQUIRED = ("train_rates_heldin", "train_rates_heldout", "eval_rates_heldin", "eval_rates_heldout")
 OPTIONAL = ("eval_rates_heldin_forward", "eval_rates_heldout_forward")
+RATES_FILE = "rates.h5"
+PHASES = ("val", "test")
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def check_rates(rates: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], group: str) -> None:
@@ -35,19 +47,77 @@ def check_rates(rates: dict[str, np.ndarray], expected: dict[str, tuple[int, ...
             raise UserError(f"submission group {group}: {key} holds NaN or infinite rates")
 
 
-def merge_group(path: Path, group: str, rates: dict[str, np.ndarray]) -> Path:
-    """Put ``rates`` (spikes per bin) into ``path`` as group ``group``, replacing an older one."""
+def write_rates(path: Path, group: str, phase: str, rates: dict[str, np.ndarray]) -> Path:
+    """One split's rates (spikes per bin) as group ``group`` of a file of their own, written
+    atomically (a temporary file, then a rename), tagged with the phase they belong to."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    with h5py.File(partial, "w") as h5:
+        h5.attrs["phase"] = phase
+        for key, value in rates.items():
+            h5.create_dataset(f"{group}/{key}", data=np.asarray(value, np.float32))
+    os.replace(partial, path)
+    return path
+
+
+def rates_files(run_dir: Path, phase: str, report: Callable[[str], None] = _stderr) -> list[Path]:
+    """The readable rates files of ``phase`` in a run's split folders; a damaged one is named
+    (with what remakes it) and left out, so that it cannot block the others."""
+    found = []
+    for path in sorted(Path(run_dir).glob(f"*/{RATES_FILE}")):
+        try:
+            with h5py.File(path, "r") as h5:
+                if h5.attrs.get("phase") == phase:
+                    found.append(path)
+        except OSError:
+            report(f"warning: {path} is damaged and left out; train {path.parent.name} again to replace it")
+    return found
+
+
+def _readable(path: Path) -> bool:
+    """Whether HDF5 can open ``path`` and list every array in it (a truncated file fails here)."""
+    try:
+        with h5py.File(path, "r") as h5:
+            h5.visititems(lambda name, item: item.shape if isinstance(item, h5py.Dataset) else None)
+        return True
+    except (OSError, RuntimeError, KeyError):
+        return False
+
+
+def _set_aside(path: Path) -> Path:
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, aside)
+    return aside
+
+
+def merge_rates(path: Path, sources: list[Path], all_sources: Callable[[], list[Path]],
+                report: Callable[[str], None] = _stderr) -> Path:
+    """Put the group of each rates file in ``sources`` into the submission file ``path``,
+    replacing older ones and keeping every other group. A damaged ``path`` is moved aside (named
+    in one line) and rebuilt from ``all_sources()``, the run folders' rates files of its phase."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         partial = path.with_name(f".{path.name}.partial")
-        if path.exists():
-            shutil.copyfile(path, partial)
-        with h5py.File(partial, "a") as h5:
-            if group in h5:
-                del h5[group]
-            for key, value in rates.items():
-                h5.create_dataset(f"{group}/{key}", data=np.asarray(value, np.float32))
+        partial.unlink(missing_ok=True)  # left by a writer that was killed: never build on it
+        if path.exists() and not _readable(path):
+            aside = _set_aside(path)
+            report(f"warning: {path} was damaged: moved to {aside.name}, rebuilt from the run folders' {RATES_FILE}")
+            sources = list(dict.fromkeys([*all_sources(), *sources]))
+        try:
+            if path.exists():
+                shutil.copyfile(path, partial)
+            with h5py.File(partial, "a") as h5:
+                for source in sources:
+                    with h5py.File(source, "r") as rates:
+                        for group in rates:
+                            if group in h5:
+                                del h5[group]
+                            rates.copy(rates[group], h5, name=group)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         os.replace(partial, path)
     return path
 
@@ -73,10 +143,28 @@ def submission_path(run_dir: Path, phase: str) -> Path:
 
 
 def submit(split, rates: dict[str, np.ndarray], run_dir: Path, split_dir: Path,
-           file_names: dict[str, str]) -> Path:
-    """Validate ``rates`` against the split's tensors and merge them into the run's
-    ``submission-{phase}.h5``. Train-window arrays (``train_rates_*_forward``) are dropped:
-    EvalAI takes only the arrays in ``REQUIRED`` and ``OPTIONAL``."""
+           file_names: dict[str, str], report: Callable[[str], None] = _stderr) -> Path:
+    """Validate ``rates`` against the split's tensors, write them to the split's folder of the run
+    (``run_dir/{split}/rates.h5``) and merge them into the run's ``submission-{phase}.h5``.
+    Train-window arrays (``train_rates_*_forward``) are dropped: EvalAI takes only the arrays in
+    ``REQUIRED`` and ``OPTIONAL``."""
     rates = {k: v for k, v in rates.items() if k in REQUIRED + OPTIONAL}
     check_rates(rates, expected_shapes(split_dir, file_names), split.group)
-    return merge_group(submission_path(run_dir, split.phase), split.group, rates)
+    own = write_rates(Path(run_dir) / split.name / RATES_FILE, split.group, split.phase, rates)
+    return merge_rates(submission_path(run_dir, split.phase), [own],
+                       lambda: rates_files(run_dir, split.phase, report), report)
+
+
+def rebuild(run_dir: Path, report: Callable[[str], None] = _stderr) -> dict[str, list[str]]:
+    """Merge every split folder's rates of a run into its submission files (a damaged file is
+    set aside first). Returns each rebuilt file's groups, by path."""
+    rebuilt = {}
+    for phase in PHASES:
+        sources = rates_files(run_dir, phase, report)
+        if sources:
+            path = merge_rates(submission_path(run_dir, phase), sources, lambda: sources, report)
+            with h5py.File(path, "r") as h5:
+                rebuilt[str(path)] = sorted(h5)
+    if not rebuilt:
+        raise UserError(f"no run rates in {run_dir}/*/{RATES_FILE}: train a split with this --run-tag first")
+    return rebuilt

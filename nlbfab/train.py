@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from lightning_fabric import Fabric
 from lightning_fabric.loggers import TensorBoardLogger
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from tqdm import tqdm
 
 from nlbfab.data import SplitData, batch_indices, load_split
@@ -161,6 +161,43 @@ def create_train_state(fabric: Fabric, config: TrainConfig, data: SplitData):
     return module, optimizer, state, batch_rng
 
 
+def available_accelerators() -> list[str]:
+    """The ``--accelerator`` values this machine can run, besides ``auto``."""
+    gpus = (["cuda"] if torch.cuda.is_available() else []) + (["mps"] if torch.backends.mps.is_available() else [])
+    return ["cpu", *(["gpu"] if gpus else []), *gpus]
+
+
+def create_fabric(config: TrainConfig, run_dir: Path) -> Fabric:
+    """Fabric for the run's accelerator, devices, strategy and precision; what this machine or
+    Fabric cannot run fails in one line before any work. TensorBoard logs into the run folder,
+    so that ``tensorboard --logdir RUNS_HOME`` names each run ``{run_tag}/{split}``."""
+    available = available_accelerators()
+    if config.accelerator not in ("auto", *available):
+        cuda = f"built for CUDA {torch.version.cuda} but sees no GPU" if torch.version.cuda else "a CPU-only build"
+        raise UserError(f"--accelerator {config.accelerator}: not on this machine (available: auto, "
+                        f"{', '.join(available)}; torch {torch.__version__} is {cuda}). For an NVIDIA GPU, install a "
+                        f"CUDA build of torch into .venv, e.g. '.venv/bin/pip install torch --index-url "
+                        f"https://download.pytorch.org/whl/cu128' (README: Set up)")
+    devices = int(config.devices) if config.devices.isdigit() else config.devices
+    logger = TensorBoardLogger(run_dir.parent, name=run_dir.name, version="", default_hp_metric=False)
+    try:
+        return Fabric(accelerator=config.accelerator, devices=devices, strategy=config.strategy,
+                      precision=config.precision, loggers=logger)
+    except (ValueError, RuntimeError, TypeError, MisconfigurationException) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"Fabric cannot run --accelerator {config.accelerator} --devices {config.devices} --strategy "
+                        f"{config.strategy} --precision {config.precision}: {reason}") from None
+
+
+def clear_old_run(run_dir: Path) -> None:
+    """A new run with the same tag and split replaces the old one: its logs, checkpoints and
+    scores go, so that nothing of it can pass for the new run's."""
+    stale = [*run_dir.glob("events.out.tfevents.*"), run_dir / "hparams.yaml", run_dir / "metrics.json",
+             run_dir / "checkpoints" / "best.ckpt", run_dir / "checkpoints" / "last.ckpt"]
+    for path in stale:
+        path.unlink(missing_ok=True)
+
+
 def train(config: TrainConfig, prep_home: Path, runs_home: Path, file_names: dict[str, str],
           resume: bool = False, quiet: bool = False) -> dict:
     """Train ``config.model`` on ``config.split``; write checkpoints, TensorBoard logs, metrics
@@ -169,17 +206,15 @@ def train(config: TrainConfig, prep_home: Path, runs_home: Path, file_names: dic
     get_model(config.model)  # fail on a wrong name before starting Fabric
     run_dir = Path(runs_home) / config.run_tag / split.name
     checkpoints = run_dir / "checkpoints"
-    devices = int(config.devices) if config.devices.isdigit() else config.devices
-    fabric = Fabric(accelerator=config.accelerator, devices=devices, strategy=config.strategy,
-                    precision=config.precision, loggers=TensorBoardLogger(run_dir, name="tensorboard", version=""))
+    fabric = create_fabric(config, run_dir)
     fabric.launch()
     if resume and not (checkpoints / "last.ckpt").is_file():
         raise UserError(f"nothing to resume: no {checkpoints / 'last.ckpt'}; drop --resume to start afresh")
     data = load_split(split, prep_home, file_names).to(fabric.device)
     config = with_batch_size(config, data.train_heldin.shape[0])
     if fabric.is_global_zero:
-        if not resume:  # a new run with the same tag and split replaces the old one's logs
-            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+        if not resume:
+            clear_old_run(run_dir)
         checkpoints.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=1))
     fabric.barrier()
@@ -190,7 +225,6 @@ def train(config: TrainConfig, prep_home: Path, runs_home: Path, file_names: dic
         _restore_rng(state, batch_rng)
         fabric.print(f"resuming {split.name} at epoch {state['epoch']} (best {state['best']:.4f} at {state['best_epoch']}, "
                      f"lr {optimizer.param_groups[0]['lr']:.3g})")
-    fabric.logger.log_hyperparams(asdict(config))
 
     started = time.perf_counter()
     stop_reason = "max epochs"
@@ -237,6 +271,17 @@ def train(config: TrainConfig, prep_home: Path, runs_home: Path, file_names: dic
                   prep_home, file_names)
 
 
+def log_final_metrics(logger, config: TrainConfig, summary: dict) -> None:
+    """The run's settings with its final scores, for TensorBoard's HPARAMS tab to compare runs:
+    the submission's NLB metrics on the val phase, the best held-in validation loss on the test
+    phase, and the best epoch."""
+    final = {f"final/{name}": value for name, value in summary.get("metrics", {}).items()}
+    if "metrics" not in summary:
+        final["final/val loss"] = -summary["best_monitored"]
+    final["final/best epoch"] = summary["best_epoch"]
+    logger.log_hyperparams(asdict(config), metrics=final)
+
+
 def finish(fabric, module, data: SplitData, config: TrainConfig, run_dir: Path, state: dict,
            stop_reason: str, seconds: float, prep_home: Path, file_names: dict[str, str]) -> dict:
     """Reload the best checkpoint, run the hooks on it, merge its rates into the run's
@@ -254,6 +299,7 @@ def finish(fabric, module, data: SplitData, config: TrainConfig, run_dir: Path, 
         summary["submission"] = str(path)
         if data.split.phase == "val":
             summary["metrics"] = score(prep_dir / file_names["eval_target"], path, data.split)
+        log_final_metrics(fabric.logger, config, summary)
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
     fabric.barrier()
     return summary

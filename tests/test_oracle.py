@@ -8,7 +8,7 @@ from nlbfab.oracle import oracle_rates, true_rate_dataset
 from nlbfab.scoring import score
 from nlbfab.smoothing import smoothing_rates
 from nlbfab.splits import DATASETS, get_split, splits_of
-from nlbfab.submission import merge_group
+from nlbfab.submission import write_rates
 from nlbfab.synth_nwb import dataset_dir
 from tests.conftest import run_cli
 
@@ -51,7 +51,7 @@ def test_oracle_beats_smoothing_on_co_bps(prepared, synthetic, tmp_path, name):
     target = prepared / split.name / "eval_target.h5"
     scores = {}
     for model, rates in (("smoothing", smooth), ("oracle", oracle)):
-        scores[model] = score(target, merge_group(tmp_path / f"{model}.h5", split.group, rates), split)
+        scores[model] = score(target, write_rates(tmp_path / f"{model}.h5", split.group, split.phase, rates), split)
     assert scores["oracle"]["co-bps"] > scores["smoothing"]["co-bps"] + 0.02
     if "fp-bps" in scores["oracle"]:
         assert scores["oracle"]["fp-bps"] > 0
@@ -82,7 +82,7 @@ def test_score_gives_nlb_tools_own_numbers_with_its_ridge_fits_in_parallel(prepa
     from nlbfab.scoring import split_metrics
     split = get_split("mc_maze-20ms-val")
     target = prepared / split.name / "eval_target.h5"
-    submission = merge_group(tmp_path / "oracle.h5", split.group, oracle_rates(synthetic, split))
+    submission = write_rates(tmp_path / "oracle.h5", split.group, split.phase, oracle_rates(synthetic, split))
     plain = split_metrics(evaluate(str(target), str(submission)), split)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert score(target, submission, split) == pytest.approx(plain, rel=1e-9, abs=1e-12)

@@ -8,7 +8,9 @@ import pytest
 from nlbfab.config import split_file_names
 from nlbfab.errors import UserError
 from nlbfab.splits import get_split
-from nlbfab.submission import check_rates, merge_group, submit
+from nlbfab import cli
+from nlbfab.submission import check_rates, expected_shapes, merge_rates, rates_files, submit, write_rates
+from tests.conftest import run_cli
 
 SHAPES = {"train_rates_heldin": (3, 5, 2), "train_rates_heldout": (3, 5, 1),
           "eval_rates_heldin": (2, 5, 2), "eval_rates_heldout": (2, 5, 1)}
@@ -16,6 +18,12 @@ SHAPES = {"train_rates_heldin": (3, 5, 2), "train_rates_heldout": (3, 5, 1),
 
 def rates(value=1.0):
     return {k: np.full(shape, value, np.float32) for k, shape in SHAPES.items()}
+
+
+def merge_group(path, group, rates):
+    """Merge one group through a rates file of its own, as a run does."""
+    source = write_rates(path.parent / group / "rates.h5", group, "val", rates)
+    return merge_rates(path, [source], lambda: rates_files(path.parent, "val"))
 
 
 def write_group(args):
@@ -65,3 +73,56 @@ def test_submit_checks_against_the_splits_tensors_and_keeps_the_file_intact(prep
         submit(split, {**good, "eval_rates_heldout": np.ones((16, 29, 4))}, tmp_path, prepared / split.name,
                split_file_names())
     assert path.read_bytes() == before
+
+
+def submit_tiny(prepared, run_dir, name, value, lines=None):
+    """Rates of ``value`` everywhere, in the shapes of the prepared split ``name``."""
+    split = get_split(name)
+    shapes = expected_shapes(prepared / split.name, split_file_names())
+    return submit(split, {k: np.full(shape, value) for k, shape in shapes.items()}, run_dir, prepared / split.name,
+                  split_file_names(), report=(lines.append if lines is not None else print))
+
+
+def test_a_damaged_submission_is_set_aside_and_rebuilt_with_every_runs_group(prepared, tmp_path):
+    path = submit_tiny(prepared, tmp_path, "mc_rtt-20ms-val", 1.0)
+    submit_tiny(prepared, tmp_path, "mc_rtt-05ms-val", 2.0)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:len(whole) // 2])  # as after a full disk or a killed copy
+    (tmp_path / ".submission-val.h5.partial").write_bytes(b"left by a killed writer")
+    lines = []
+    submit_tiny(prepared, tmp_path, "mc_rtt-20ms-val", 3.0, lines)
+    assert len(lines) == 1 and "damaged" in lines[0] and str(path) in lines[0]
+    aside = list(tmp_path.glob("submission-val.h5.damaged-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == whole[:len(whole) // 2]  # moved, not deleted
+    with h5py.File(path, "r") as h5:
+        assert sorted(h5) == ["mc_rtt", "mc_rtt_20"]
+        assert h5["mc_rtt_20/eval_rates_heldin"][0, 0, 0] == 3 and h5["mc_rtt/eval_rates_heldin"][0, 0, 0] == 2
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_a_stale_partial_file_is_never_merged_into_a_new_submission(prepared, tmp_path):
+    with h5py.File(tmp_path / ".submission-val.h5.partial", "w") as stale:
+        stale.create_dataset("old_group/eval_rates_heldin", data=np.zeros(3))
+    path = submit_tiny(prepared, tmp_path, "mc_rtt-20ms-val", 1.0)
+    with h5py.File(path, "r") as h5:
+        assert list(h5) == ["mc_rtt_20"]
+
+
+def test_nlbfab_submit_rebuilds_both_submission_files_from_the_run_folders(prepared, homes):
+    run_dir = homes["RUNS_HOME"] / "rebuild"
+    for name, value in (("mc_rtt-20ms-val", 1.0), ("mc_rtt-05ms-val", 2.0), ("mc_rtt-20ms-test", 3.0)):
+        submit_tiny(prepared, run_dir, name, value)
+    (run_dir / "submission-val.h5").unlink()
+    (run_dir / "submission-test.h5").write_bytes(b"not hdf5")
+    result = run_cli(cli.submit, "--run-tag", "rebuild")
+    assert result.exit_code == 0, result.output
+    with h5py.File(run_dir / "submission-val.h5", "r") as val, h5py.File(run_dir / "submission-test.h5", "r") as test:
+        assert sorted(val) == ["mc_rtt", "mc_rtt_20"] and list(test) == ["mc_rtt_20"]
+        assert test["mc_rtt_20/eval_rates_heldout"][0, 0, 0] == 3
+    assert len(list(run_dir.glob("submission-test.h5.damaged-*"))) == 1
+    assert "2 group(s)" in result.output and "moved to" in result.output
+
+
+def test_nlbfab_submit_without_runs_says_so(homes):
+    result = run_cli(cli.submit, "--run-tag", "never-ran")
+    assert result.exit_code == 2 and result.output.startswith("error: no run 'never-ran'")

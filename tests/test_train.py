@@ -46,8 +46,13 @@ def test_a_run_writes_checkpoints_logs_and_a_scored_submission(homes, prepared):
     with h5py.File(summary["submission"]) as h5:
         assert set(h5["mc_maze_20"]) >= {"train_rates_heldin", "eval_rates_heldout", "eval_rates_heldout_forward"}
 
-    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
-    assert {"loss/train", "loss/val", "monitored", "lr", "nlb/co-bps", "nlb/vel R2", "nlb/psth R2"} <= set(events.Tags()["scalars"])
+    events = EventAccumulator(str(run_dir)).Reload()  # tensorboard --logdir RUNS_HOME names it basic/mc_maze-20ms-val
+    scalars = set(events.Tags()["scalars"])
+    assert {"loss/train", "loss/val", "monitored", "lr", "nlb/co-bps", "nlb/vel R2", "nlb/psth R2"} <= scalars
+    # no placeholder: the HPARAMS tab compares runs by their final scores
+    assert "hp_metric" not in scalars and {"final/co-bps", "final/vel R2", "final/best epoch"} <= scalars
+    assert events.Scalars("final/co-bps")[0].value == pytest.approx(on_file["co-bps"], rel=1e-6)
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(events.PluginTagToContent("hparams"))
     assert {"raster/trial_0", "latents/trajectories"} <= set(events.Tags()["images"])
     assert len(events.Scalars("loss/train")) == 6
 
