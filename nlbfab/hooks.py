@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display: figures are rendered for TensorBoard only
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import patheffects  # noqa: E402
 import numpy as np  # noqa: E402
 from mpl_toolkits.mplot3d.art3d import Line3DCollection  # noqa: E402
 
@@ -17,6 +18,7 @@ from nlbfab.data import SplitData  # noqa: E402
 from nlbfab.evaluation import metrics  # noqa: E402
 
 RASTER_TRIALS = 3
+OUTLINE = [patheffects.withStroke(linewidth=3, foreground="k")]  # white lines seen on viridis' yellow too
 
 
 def evaluation_hook(logger, data: SplitData, predictions, epoch: int) -> dict[str, float]:
@@ -30,22 +32,39 @@ def evaluation_hook(logger, data: SplitData, predictions, epoch: int) -> dict[st
 
 def raster_figure(data: SplitData, predictions, trial: int):
     """Spikes beside inferred rates for one eval trial: time bins x neurons, with lines between
-    held-in and held-out neurons and between observed and forward bins."""
+    held-in and held-out neurons (dashed) and between observed and forward bins (dotted).
+
+    Sized for TensorBoard's image card, about 500 px wide: 6 x 3.3 inches at matplotlib's default
+    100 dpi (600 x 330 px) with 9-11 pt text. Each neuron's rates are divided by its own maximum
+    over the trial, so a low-rate neuron shows its time course as clearly as the few high-rate
+    ones. The spikes keep counts on one scale, capped at the trial's 99th percentile (at least 1)
+    so that one burst does not darken every single spike."""
     spikes = data.eval_recon[trial].cpu().numpy() if data.split.phase == "val" else data.eval_heldin[trial].cpu().numpy()
     rates = np.concatenate([
         np.concatenate([predictions["eval_rates_heldin"][trial], predictions["eval_rates_heldout"][trial]], -1),
         np.concatenate([predictions["eval_rates_heldin_forward"][trial], predictions["eval_rates_heldout_forward"][trial]], -1),
     ], 0)
+    peak = rates.max(0)
+    scaled = np.divide(rates, peak, out=np.zeros_like(rates), where=peak > 0)
+    cap = max(1, int(np.ceil(np.percentile(spikes, 99))))
     # fixed margins: a layout engine measured every tick label at each draw, two thirds of the hook's time
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True,
-                                gridspec_kw=dict(left=0.08, right=0.96, bottom=0.12, top=0.92, wspace=0.22))
-    for ax, values, title in ((axes[0], spikes, "spikes"), (axes[1], rates, "inferred rates")):
-        image = ax.imshow(values.T, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest")
-        ax.axhline(data.heldin - 0.5, color="w", lw=1, ls="--")
-        ax.axvline(data.bins - 0.5, color="w", lw=1, ls=":")
-        ax.set(title=f"eval trial {trial}: {title}", xlabel="time bin (forward after dotted line)")
-        figure.colorbar(image, ax=ax, label="spikes per bin", fraction=0.08, pad=0.02)
-    axes[0].set_ylabel(f"neuron (held-out above dashed line, {data.heldout})")
+    figure, axes = plt.subplots(1, 2, figsize=(6, 3.3), sharey=True,
+                                gridspec_kw=dict(left=0.13, right=0.925, bottom=0.16, top=0.9, wspace=0.3))
+    panels = ((axes[0], spikes, f"trial {trial}: spikes", cap, "spikes per bin", np.arange(0, cap + 1, max(1, cap // 4))),
+              (axes[1], scaled, "inferred rates", 1, "rate / each neuron's max", [0, 0.5, 1]))
+    for ax, values, title, top, label, ticks in panels:
+        image = ax.imshow(values.T, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest", vmin=0, vmax=top)
+        ax.axhline(data.heldin - 0.5, color="w", lw=1.5, ls="--", path_effects=OUTLINE)
+        ax.axvline(data.bins - 0.5, color="w", lw=1.5, ls=":", path_effects=OUTLINE)
+        ax.set_title(title, fontsize=11)
+        ax.tick_params(labelsize=9)
+        bar = figure.colorbar(image, ax=ax, fraction=0.08, pad=0.03, ticks=ticks,
+                              extend="max" if values.max() > top else "neither")
+        bar.set_label(label, fontsize=10, labelpad=2)
+        bar.ax.tick_params(labelsize=9)
+    axes[0].set_yticks([(data.heldin - 1) / 2, data.heldin + (data.heldout - 1) / 2],
+                       [f"held-in\n{data.heldin}", f"held-out\n{data.heldout}"], fontsize=9)
+    figure.supxlabel("time bin (forward bins after the dotted line)", fontsize=10)
     return figure
 
 

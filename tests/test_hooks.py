@@ -1,0 +1,110 @@
+"""Raster figures read at a glance in TensorBoard's image card (about 500 px wide): every
+neuron's inferred rates on its own colour scale, the scaling named, text large enough, the
+held-in/held-out and observed/forward lines kept, no layout engine."""
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from matplotlib.text import Text
+
+from nlbfab.data import SplitData
+from nlbfab.hooks import raster_figure
+from nlbfab.splits import get_split
+
+HELDIN, HELDOUT, BINS, FWD = 137, 45, 35, 10  # mc_maze at 20 ms
+CARD_PX = 500  # TensorBoard's image card width: figures are scaled to it
+
+
+def _split_data(phase: str, spikes: np.ndarray) -> SplitData:
+    """A two-trial split with mc_maze's sizes; ``spikes``: (trials, bins + fwd, heldin + heldout)."""
+    recon = torch.as_tensor(spikes, dtype=torch.float32)
+    heldin = recon[:, :BINS, :HELDIN]
+    return SplitData(get_split(f"mc_maze-20ms-{phase}"), train_heldin=heldin, train_recon=recon, eval_heldin=heldin,
+                     eval_recon=recon if phase == "val" else heldin, heldout=HELDOUT, fwd_steps=FWD)
+
+
+def _predictions(rates: np.ndarray) -> dict[str, np.ndarray]:
+    """``rates``: (trials, bins + fwd, heldin + heldout) in the layout of ``nlbfab.evaluation.predict``."""
+    return {"eval_rates_heldin": rates[:, :BINS, :HELDIN], "eval_rates_heldout": rates[:, :BINS, HELDIN:],
+            "eval_rates_heldin_forward": rates[:, BINS:, :HELDIN], "eval_rates_heldout_forward": rates[:, BINS:, HELDIN:]}
+
+
+@pytest.fixture
+def rates() -> np.ndarray:
+    """One bump per neuron at a random time; neuron 0 fires at 30 spikes per bin, the rest at
+    0.01-1: on one shared scale all but neuron 0 would be dark."""
+    rng = np.random.default_rng(0)
+    time = np.arange(BINS + FWD)[None, :, None]
+    centre = rng.uniform(0, BINS + FWD, (2, 1, HELDIN + HELDOUT))
+    gain = rng.uniform(0.01, 1, (2, 1, HELDIN + HELDOUT))
+    gain[:, :, 0] = 30
+    return (gain * (0.05 + np.exp(-0.5 * ((time - centre) / 3) ** 2))).astype(np.float32)
+
+
+@pytest.fixture
+def figure(rates):
+    spikes = np.random.default_rng(1).poisson(rates.clip(max=3)).astype(np.float32)
+    spikes[0, 5, 3] = 40  # one burst
+    figure = raster_figure(_split_data("val", spikes), _predictions(rates), trial=0)
+    figure.canvas.draw()  # what TensorBoard's add_figure does: render at the figure's own dpi
+    yield figure
+    plt.close(figure)
+
+
+def _texts(figure) -> list[Text]:
+    return [t for t in figure.findobj(Text) if t.get_visible() and t.get_text().strip()]
+
+
+def test_each_neurons_rates_span_its_own_scale(figure, rates):
+    shown = figure.axes[1].images[0]
+    values = np.asarray(shown.get_array())  # (neurons, bins + fwd)
+    assert shown.get_clim() == (0, 1)
+    np.testing.assert_allclose(values.max(1), 1, rtol=1e-6)  # a 0.01-spikes-per-bin neuron reaches the top too
+    assert values.min() >= 0
+    # each neuron's time course, not just its peak: its rates divided by its own maximum
+    np.testing.assert_allclose(values, (rates[0] / rates[0].max(0)).T, rtol=1e-6)
+    quiet = np.argmin(rates[0].max(0))
+    assert values[quiet].max() == pytest.approx(1) and values[quiet].min() < 0.2
+
+
+def test_the_figure_names_its_scales(figure):
+    text = " ".join(t.get_text() for t in _texts(figure))
+    assert "each neuron's max" in text
+    assert "spikes per bin" in text
+
+
+def test_spike_counts_keep_one_scale_that_one_burst_does_not_set(figure):
+    shown = figure.axes[0].images[0]
+    low, high = shown.get_clim()
+    assert low == 0 and 1 <= high < 40  # one bin of 40 spikes would leave single spikes dark
+    assert np.asarray(shown.get_array()).max() == 40  # counts, not rescaled
+
+
+def test_text_is_readable_at_the_card_width_and_inside_the_figure(figure):
+    width, height = figure.canvas.get_width_height()
+    assert width == pytest.approx(figure.get_figwidth() * plt.rcParams["figure.dpi"])  # the dpi add_figure renders at
+    texts = _texts(figure)
+    assert len(texts) > 10  # titles, colorbar labels, tick labels, the time-bin label
+    for text in texts:
+        shown_px = text.get_fontsize() * figure.dpi / 72 * CARD_PX / width
+        assert shown_px >= 10, f"{text.get_text()!r}: {shown_px:.1f} px high in a {CARD_PX} px card"
+    # with fixed margins, larger text must still fit: everything drawn lies inside the image
+    drawn = figure.get_tightbbox(figure.canvas.get_renderer())  # inches
+    assert drawn.x0 >= 0 and drawn.y0 >= 0 and drawn.x1 <= figure.get_figwidth() and drawn.y1 <= figure.get_figheight()
+
+
+def test_keeps_the_heldout_and_forward_lines_and_fixed_margins(figure):
+    assert figure.get_layout_engine() is None  # a layout engine cost two thirds of the hook's time
+    for ax in figure.axes[:2]:  # spikes, rates (then their colorbars)
+        styles = {(line.get_linestyle(), tuple(line.get_xdata()), tuple(line.get_ydata())) for line in ax.lines}
+        assert ("--", (0, 1), (HELDIN - 0.5, HELDIN - 0.5)) in styles
+        assert (":", (BINS - 0.5, BINS - 0.5), (0, 1)) in styles
+
+
+def test_test_phase_shows_the_heldin_spikes_beside_all_rates(rates):
+    spikes = np.random.default_rng(2).poisson(rates.clip(max=3)).astype(np.float32)
+    figure = raster_figure(_split_data("test", spikes), _predictions(rates), trial=1)
+    figure.canvas.draw()
+    assert np.asarray(figure.axes[0].images[0].get_array()).shape == (HELDIN, BINS)
+    assert np.asarray(figure.axes[1].images[0].get_array()).shape == (HELDIN + HELDOUT, BINS + FWD)
+    plt.close(figure)
