@@ -122,7 +122,9 @@ def prep(split_names, names, all_, force):
     wanted = [get_split(n) for n in split_names]
     if names or all_:
         wanted += [s for dataset in _datasets(names, all_) for s in splits_of(dataset)]
-    data_home = config.existing_home("DATA_HOME", "make the datasets with 'bin/nlbfab-synth' or 'bin/nlbfab-download'")
+    named = " ".join(f"--dataset {name}" for name in dict.fromkeys(s.dataset.name for s in wanted))
+    data_home = config.existing_home("DATA_HOME", f"run 'bin/nlbfab-download {named}' (the NLB data) "
+                                                  f"or 'bin/nlbfab-synth {named}' (synthetic)")
     prepare_splits(wanted, data_home, config.writable_home("PREP_HOME"), config.split_file_names(), force, _report)
 
 

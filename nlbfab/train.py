@@ -88,7 +88,10 @@ def train_epoch(fabric, module, optimizer, data: SplitData, config: TrainConfig,
         fabric.backward(loss)
         # the norm of the synchronised gradients is the same on every rank, so all ranks stop together
         norm = fabric.clip_gradients(module, optimizer, max_norm=config.grad_clip or math.inf, error_if_nonfinite=False)
-        if not torch.isfinite(norm):
+        # under 16-mixed an overflowing gradient is routine: the gradient scaler skips that step
+        # and lowers its scale, so only a non-finite loss stops the run there
+        overflow_is_routine = config.precision == "16-mixed" and torch.isfinite(loss)
+        if not torch.isfinite(norm) and not overflow_is_routine:
             what = f"training loss became {float(loss)}" if not torch.isfinite(loss) else "gradients became non-finite"
             raise NonFiniteLoss(f"{what} at epoch {epoch}: stopped before the update; the best checkpoint "
                                 f"({checkpoints / 'best.ckpt'}) is kept. Try a lower --learning-rate or --grad-clip")
@@ -181,12 +184,15 @@ def create_fabric(config: TrainConfig, run_dir: Path) -> Fabric:
     devices = int(config.devices) if config.devices.isdigit() else config.devices
     logger = TensorBoardLogger(run_dir.parent, name=run_dir.name, version="", default_hp_metric=False)
     try:
-        return Fabric(accelerator=config.accelerator, devices=devices, strategy=config.strategy,
-                      precision=config.precision, loggers=logger)
+        fabric = Fabric(accelerator=config.accelerator, devices=devices, strategy=config.strategy,
+                        precision=config.precision, loggers=logger)
     except (ValueError, RuntimeError, TypeError, MisconfigurationException) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"Fabric cannot run --accelerator {config.accelerator} --devices {config.devices} --strategy "
                         f"{config.strategy} --precision {config.precision}: {reason}") from None
+    if config.precision == "16-mixed" and fabric.device.type == "cpu":  # Fabric would run bf16 and say 16-mixed
+        raise UserError("--precision 16-mixed needs a GPU: CPUs have no float16 autocast; use bf16-mixed or 32-true")
+    return fabric
 
 
 def clear_old_run(run_dir: Path) -> None:

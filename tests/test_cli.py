@@ -134,5 +134,10 @@ def test_a_missing_prep_home_or_data_home_says_what_makes_it(homes, tmp_path, mo
     one_line_error(run_cli(cli.train, "--split", "mc_rtt-20ms-val"), "PREP_HOME=", "the environment",
                    "bin/nlbfab-prep --split mc_rtt-20ms-val")
     monkeypatch.setenv("DATA_HOME", str(tmp_path / "nothing"))
-    one_line_error(run_cli(cli.prep, "--split", "mc_rtt-20ms-val"), "DATA_HOME=", "bin/nlbfab-synth")
+    one_line_error(run_cli(cli.prep, "--split", "mc_rtt-20ms-val"), "DATA_HOME=", "bin/nlbfab-synth --dataset mc_rtt")
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_float16_on_a_cpu_is_refused_rather_than_run_as_bfloat16(prepared):
+    one_line_error(run_cli(cli.train, "--split", "mc_rtt-20ms-val", "--accelerator", "cpu", "--precision", "16-mixed"),
+                   "--precision 16-mixed needs a GPU", "bf16-mixed")
