@@ -1,5 +1,6 @@
 # make demo: set up .venv if needed, then run the main job on the built-in synthetic default.
 # make test: same set-up, then the test suite.
+# make gpu-check: same set-up, then benchmarks/gpu_check.py (see README: Set up).
 # A user with a GPU can install their own torch into .venv first; the set-up keeps it.
 VENV ?= .venv
 PYTHON ?= python3
@@ -13,7 +14,7 @@ TORCH_INDEX ?=
 EXTRAS ?= test,ray
 STAMP := $(VENV)/.nlbfab-installed
 
-.PHONY: setup demo test clean-data
+.PHONY: setup demo test gpu-check clean-data
 
 setup: $(STAMP)
 
@@ -30,6 +31,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# on a GPU machine: the GRU on cuDNN, training in each precision, DDP, nlbfab-all, throughput
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
 
 clean-data:
 	rm -rf data runs
