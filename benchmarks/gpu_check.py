@@ -283,20 +283,20 @@ def ddp_worker(out: Path, cpu: bool) -> None:
     of the SAE on the check's split, saving the rank's initial and final parameters."""
     from lightning_fabric import Fabric
 
-    from nlbfab.config import prep_home, split_file_names
+    from nlbfab.config import homes
     from nlbfab.data import load_split
     from nlbfab.splits import get_split
-    from nlbfab.train import TrainConfig, create_train_state, train_epoch
+    from nlbfab.train import Run, TrainConfig, create_train_state, train_epoch
     devices = 2 if cpu else torch.cuda.device_count()
     fabric = Fabric(accelerator="cpu" if cpu else "cuda", devices=devices, strategy="ddp")
     fabric.launch()
-    data = load_split(get_split(SPLIT), prep_home(), split_file_names()).to(fabric.device)
+    data = load_split(get_split(SPLIT), homes()).to(fabric.device)
     config = TrainConfig(split=SPLIT, batch_size=16, seed=5)
-    module, optimizer, state, batch_rng = create_train_state(fabric, config, data)
-    initial = {k: v.detach().cpu().clone() for k, v in module.params.items()}
-    for epoch in range(3):
-        train_epoch(fabric, module, optimizer, data, config, batch_rng, True, epoch, out)
-    final = {k: v.detach().cpu().clone() for k, v in module.params.items()}
+    state = create_train_state(fabric, config, data)
+    initial = {k: v.detach().cpu().clone() for k, v in state.module.params.items()}
+    for _ in range(3):
+        train_epoch(state, data, Run(config, out, hooks=(), quiet=True))
+    final = {k: v.detach().cpu().clone() for k, v in state.module.params.items()}
     torch.save({"initial": initial, "final": final, "device": str(fabric.device)}, out / f"rank{fabric.global_rank}.pt")
 
 
@@ -333,7 +333,7 @@ def check_sweep(ctx: Context) -> tuple[str, dict]:
     import h5py
     import numpy as np
 
-    from nlbfab.config import split_file_names
+    from nlbfab.layout import Homes
     from nlbfab.splits import ALL_SPLITS
     from nlbfab.submission import REQUIRED, expected_shapes
     run_command(ctx, "synth-sweep", "synth", *[a for d in SWEEP_DATASETS for a in ("--dataset", d)], "--scale", "tiny")
@@ -349,7 +349,7 @@ def check_sweep(ctx: Context) -> tuple[str, dict]:
             if sorted(h5) != sorted(s.group for s in wanted):
                 raise CheckFailed(f"{path.name} holds {sorted(h5)}, expected {sorted(s.group for s in wanted)}")
             for split in wanted:
-                for key, shape in expected_shapes(prep / split.name, split_file_names()).items():
+                for key, shape in expected_shapes(split, Homes(ctx.homes["DATA_HOME"], prep, runs)).items():
                     if key in REQUIRED and (key not in h5[split.group] or h5[split.group][key].shape != shape
                                             or not np.isfinite(h5[split.group][key][()]).all()):
                         raise CheckFailed(f"{path.name}/{split.group}/{key} is missing, not {shape} or not finite")

@@ -26,7 +26,8 @@ from nlbfab.data import load_split  # noqa: E402
 from nlbfab.evaluation import predict  # noqa: E402
 from nlbfab.hooks import evaluation_hook, raster_hook, trajectory_hook  # noqa: E402
 from nlbfab.splits import get_split  # noqa: E402
-from nlbfab.train import TrainConfig, create_train_state, train_epoch  # noqa: E402
+from nlbfab.train import Run, TrainConfig, create_train_state, train_epoch  # noqa: E402
+from nlbfab.train_config import with_batch_size  # noqa: E402
 
 
 def timed(function, repeats: int) -> float:
@@ -46,10 +47,11 @@ def main():
     split = get_split(args.split)
     with tempfile.TemporaryDirectory() as logs:
         fabric = Fabric(accelerator="auto", devices=1, loggers=TensorBoardLogger(logs, name="hooks"))
-        data = load_split(split, config.prep_home(), config.split_file_names()).to(fabric.device)
-        train_config = TrainConfig(split=split.name)
-        module, optimizer, state, rng = create_train_state(fabric, train_config, data)
-        epoch = timed(lambda: train_epoch(fabric, module, optimizer, data, train_config, rng, True, 0, Path(logs)),
+        data = load_split(split, config.homes()).to(fabric.device)
+        train_config = with_batch_size(TrainConfig(split=split.name), data.train_heldin.shape[0])
+        state = create_train_state(fabric, train_config, data)
+        module = state.module
+        epoch = timed(lambda: train_epoch(state, data, Run(train_config, Path(logs), hooks=(), quiet=True)),
                       args.repeats)
         module.eval()
         predictions = predict(lambda x: module(x, data.fwd_steps), data)

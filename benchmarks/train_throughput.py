@@ -35,7 +35,7 @@ from nlb_tools.evaluation import bits_per_spike  # noqa: E402
 
 from nlbfab.data import SplitData  # noqa: E402
 from nlbfab.splits import get_split  # noqa: E402
-from nlbfab.train import TrainConfig, create_train_state, train_epoch, validate  # noqa: E402
+from nlbfab.train import Run, TrainConfig, create_train_state, train_epoch, validate  # noqa: E402
 
 TRAIN, EVAL, HELDIN, HELDOUT, HIDDEN, BATCH = 1721, 574, 137, 45, 64, 64
 
@@ -123,16 +123,17 @@ def conventional_epochs(data: SplitData, epochs: int, precision: str, compiled: 
 
 def nlbfab_epochs(data: SplitData, epochs: int, precision: str, compiled: bool, accelerator: str) -> list[float]:
     """Seconds per epoch of nlbfab's loop: train_epoch + validate (co-bps every epoch)."""
-    config = TrainConfig(split=data.split.name, batch_size=BATCH, hidden_size=HIDDEN, precision=precision)
+    config = TrainConfig(split=data.split.name, batch_size=BATCH, hparams={"hidden_size": HIDDEN}, precision=precision)
     fabric = Fabric(accelerator=accelerator, devices=1, precision=precision)
-    module, optimizer, state, batch_rng = create_train_state(fabric, config, data)
+    state = create_train_state(fabric, config, data)
     if compiled:
-        module = torch.compile(module)
+        state.module = torch.compile(state.module)
+    run = Run(config, Path("."), hooks=(), quiet=True)
     times = []
-    for epoch in range(epochs):
+    for _ in range(epochs):
         started = time.perf_counter()
-        train_epoch(fabric, module, optimizer, data, config, batch_rng, True, epoch, Path("."))
-        validate(module, data)
+        train_epoch(state, data, run)
+        validate(state.module, data)
         times.append(time.perf_counter() - started)
     return times
 

@@ -2,34 +2,48 @@
 (any dataset) and the oracle (the true rates of a synthetic dataset)."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import h5py
 import numpy as np
 
+from nlbfab.errors import UserError
+from nlbfab.layout import Homes
 from nlbfab.oracle import oracle_rates, true_rate_dataset
+from nlbfab.scoring import submit_and_score
 from nlbfab.smoothing import smoothing_rates
 from nlbfab.splits import Split
-from nlbfab.synth_nwb import dataset_dir
+from nlbfab.submission import expected_shapes
 
 
-def _smoothing(split: Split, prep_home: Path, file_names: dict[str, str]) -> dict[str, np.ndarray]:
-    folder = Path(prep_home) / split.name
-    with h5py.File(folder / file_names["train_input"], "r") as train, \
-            h5py.File(folder / file_names["eval_input"], "r") as evaluation:
+def _smoothing(split: Split, homes: Homes) -> dict[str, np.ndarray]:
+    with h5py.File(homes.split_file(split, "train_input"), "r") as train, \
+            h5py.File(homes.split_file(split, "eval_input"), "r") as evaluation:
         return smoothing_rates(train["train_spikes_heldin"][()], train["train_spikes_heldout"][()],
                                evaluation["eval_spikes_heldin"][()], split.bin_ms)
 
 
-def predict_baseline(method: str, splits: list[Split], data_home: Path, prep_home: Path,
-                     file_names: dict[str, str]) -> Iterator[tuple[Split, dict[str, np.ndarray]]]:
+def predict_baseline(method: str, splits: list[Split], homes: Homes) -> Iterator[tuple[Split, dict[str, np.ndarray]]]:
     """``(split, rates)`` for each split; the oracle loads each dataset's truth once."""
     if method == "smoothing":
         for split in splits:
-            yield split, _smoothing(split, prep_home, file_names)
+            yield split, _smoothing(split, homes)
         return
     for dataset in dict.fromkeys(s.dataset for s in splits):
-        rate_dataset = true_rate_dataset(dataset_dir(data_home, dataset))
+        rate_dataset = true_rate_dataset(homes.dataset_dir(dataset))
         for split in [s for s in splits if s.dataset == dataset]:
-            yield split, oracle_rates(data_home, split, rate_dataset)
+            yield split, oracle_rates(homes.data, split, rate_dataset)
+
+
+def run_baseline(method: str, splits: list[Split], homes: Homes, run_tag: str, report: Callable[[str], None]) -> None:
+    """Write a baseline's rates for ``splits`` into ``RUNS_HOME/{run_tag}``'s submission files,
+    scoring the val splits; ``report`` gets a line per split and its metrics."""
+    for split in splits:
+        if not homes.split_dir(split).is_dir():
+            raise UserError(f"{split.name} is not preprocessed: run 'bin/nlbfab-prep --split {split.name}'")
+    for split, rates in predict_baseline(method, splits, homes):
+        result = submit_and_score(split, rates, homes.tag_dir(run_tag), expected_shapes(split, homes),
+                                  homes.split_file(split, "eval_target"))
+        report(f"{split.name}: {method} rates written to {result['submission']} (group {split.group})")
+        if "metrics" in result:
+            report("  " + "  ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))

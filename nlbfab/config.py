@@ -12,6 +12,7 @@ from pathlib import Path
 from dotenv import dotenv_values, find_dotenv
 
 from nlbfab.errors import UserError
+from nlbfab.layout import Homes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = {
@@ -109,3 +110,14 @@ def split_file_names() -> dict[str, str]:
         "eval_input": setting("EVAL_INPUT_FILE"),
         "eval_target": setting("EVAL_TARGET_FILE"),
     }
+
+
+def homes(writable: tuple[str, ...] = (), existing: dict[str, str] | None = None) -> Homes:
+    """The three homes and the split file names as one value, checked first: the homes named in
+    ``writable`` are created if missing and must be writable, those in ``existing`` must be
+    folders already (the value is what makes one, for the error line)."""
+    for name, fix in (existing or {}).items():  # first: a failed check leaves nothing behind
+        existing_home(name, fix)
+    for name in writable:
+        writable_home(name)
+    return Homes(data_home(), prep_home(), runs_home(), **split_file_names())

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from nlbfab.errors import UserError
-# not from nlbfab.prep, which would load pynwb and hdmf into every training run (0.6 s)
-from nlbfab.splits import TRAIN_WINDOW_TARGET, Split
+from nlbfab.layout import Homes
+from nlbfab.splits import Split
 
 
 @dataclass(frozen=True)
@@ -64,32 +64,50 @@ def _read(path: Path, rebuild: str) -> dict:
         raise UserError(f"cannot read {path} ({error}): run '{rebuild}'") from None
 
 
+def _require(arrays: dict, keys: set[str], path: Path, rebuild: str) -> None:
+    """Every key training, the hooks and the scoring will read, checked now rather than found
+    missing after training."""
+    missing = sorted(keys - set(arrays))
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: run '{rebuild}'")
+
+
 def _float_tensor(array) -> torch.Tensor:
     return torch.as_tensor(np.asarray(array, np.float32))
 
 
-def load_split(split: Split, prep_home: Path, file_names: dict[str, str]) -> SplitData:
-    """Read a preprocessed split; a missing, corrupt or inconsistent file fails with a message
-    naming it and the ``nlbfab-prep`` command that rebuilds it."""
-    folder = Path(prep_home) / split.name
+TRAIN_KEYS = {"train_spikes_heldin", "train_spikes_heldout", "train_spikes_heldin_forward",
+              "train_spikes_heldout_forward"}
+# what the loss (forward bins) and nlb_tools' evaluate() (velocity decoding, PSTHs) read
+TARGET_KEYS = {"eval_spikes_heldout", "eval_spikes_heldin_forward", "eval_spikes_heldout_forward",
+               "train_behavior", "eval_behavior"}
+
+
+def load_split(split: Split, homes: Homes) -> SplitData:
+    """Read a preprocessed split; a missing, corrupt or inconsistent file, or one without a key
+    that training, the hooks or the scoring read, fails at once with a message naming it and the
+    ``nlbfab-prep`` command that rebuilds it."""
     rebuild = f"bin/nlbfab-prep --split {split.name} --force"
-    train = _read(folder / file_names["train_input"], rebuild)
-    evaluation = _read(folder / file_names["eval_input"], rebuild)
-    need = {"train_spikes_heldin", "train_spikes_heldout", "train_spikes_heldin_forward", "train_spikes_heldout_forward"}
-    if not need <= set(train) or "eval_spikes_heldin" not in evaluation:
-        raise UserError(f"{folder} lacks {sorted(need - set(train))}: run '{rebuild}'")
+    paths = {kind: homes.split_file(split, kind) for kind in ("train_input", "eval_input", "eval_target")}
+    train = _read(paths["train_input"], rebuild)
+    _require(train, TRAIN_KEYS, paths["train_input"], rebuild)
+    evaluation = _read(paths["eval_input"], rebuild)
+    _require(evaluation, {"eval_spikes_heldin"} | ({"eval_spikes_heldout"} if split.phase == "val" else set()),
+             paths["eval_input"], rebuild)
     observed = np.concatenate([train["train_spikes_heldin"], train["train_spikes_heldout"]], -1)
     forward = np.concatenate([train["train_spikes_heldin_forward"], train["train_spikes_heldout_forward"]], -1)
     heldout, fwd_steps = train["train_spikes_heldout"].shape[2], forward.shape[1]
     target = {}
     eval_heldin = evaluation["eval_spikes_heldin"]
     if split.phase == "val":
-        target = _read(folder / file_names["eval_target"], rebuild).get(split.group)
+        target = _read(paths["eval_target"], rebuild).get(split.group)
         if target is None:
-            raise UserError(f"{folder / file_names['eval_target']} has no group {split.group}: run '{rebuild}'")
+            raise UserError(f"{paths['eval_target']} has no group {split.group}: run '{rebuild}'")
+        _require(target, TARGET_KEYS | ({"eval_cond_idx"} if "psth" in target else set()), paths["eval_target"], rebuild)
         loss_target = target
-        if (folder / TRAIN_WINDOW_TARGET).is_file():  # dmfc_rsg: the NaN-free variant for the loss
-            loss_target = _read(folder / TRAIN_WINDOW_TARGET, rebuild)[split.group]
+        window_target = homes.split_file(split, "eval_target_train_window")
+        if window_target.is_file():  # dmfc_rsg: the NaN-free variant for the loss
+            loss_target = _read(window_target, rebuild)[split.group]
         eval_recon = np.concatenate([
             np.concatenate([eval_heldin, evaluation["eval_spikes_heldout"]], -1),
             np.concatenate([loss_target["eval_spikes_heldin_forward"], loss_target["eval_spikes_heldout_forward"]], -1),
@@ -98,7 +116,7 @@ def load_split(split: Split, prep_home: Path, file_names: dict[str, str]) -> Spl
         eval_recon = eval_heldin
     data = SplitData(split, _float_tensor(train["train_spikes_heldin"]), _float_tensor(np.concatenate([observed, forward], 1)),
                      _float_tensor(eval_heldin), _float_tensor(eval_recon), heldout, fwd_steps, target)
-    _check_shapes(data, folder, rebuild)
+    _check_shapes(data, homes.split_dir(split), rebuild)
     return data
 
 

@@ -4,7 +4,7 @@
 and the split's official target to ``nlb_tools.evaluation.evaluate`` as in-memory dicts, so the
 numbers are EvalAI's own (co-bps, fp-bps, vel R2 or tp corr, psth R2). Only its velocity
 decoder is swapped, for the duration of the call, for ``nlbfab.ridge``'s: the same R2 to
-rounding in a fraction of a second instead of ~10 s per evaluation hook. The final score of a
+rounding in a small fraction of the time (benchmarks/README.md). The final score of a
 run (``nlbfab.scoring.score``) stays on unpatched nlb_tools.
 """
 from __future__ import annotations
@@ -23,8 +23,7 @@ from nlbfab.scoring import split_metrics
 
 def inference_batch(device: torch.device) -> int:
     """Trials per forward pass without gradients. On a CPU, 128 keeps the GRUs' per-step
-    tensors in cache (mc_maze at 5 ms: 574 trials in 0.50 s in chunks of 128, 0.74 s in chunks
-    of 512); a GPU wants wide batches."""
+    tensors in cache (faster than 512: benchmarks/README.md); a GPU wants wide batches."""
     return 128 if device.type == "cpu" else 1024
 
 

@@ -86,8 +86,8 @@ def trajectory_figure(data: SplitData, predictions):
     pcs = (centred @ components[:3].T).reshape(latents.shape[0], latents.shape[1], -1)
     colours = _condition_colours(data, latents.shape[0])
     figure = plt.figure(figsize=(7, 6), constrained_layout=True)
-    # One artist for all lines, one for all starts, one for all ends (three per trial took 3 s to
-    # build and draw on mc_maze), drawn as the per-trial ones were: markers above the lines (no
+    # One artist for all lines, one for all starts, one for all ends (three per trial were slow to
+    # build and draw on mc_maze: benchmarks/README.md), drawn as the per-trial ones were: markers above the lines (no
     # depth sort of the three), ax.plot's capstyle, no depth shading as in a one-point scatter.
     ax = figure.add_subplot(projection="3d", computed_zorder=False)
     ax.add_collection3d(Line3DCollection(pcs, colors=colours, linewidths=0.8, alpha=0.7, capstyle="projecting"))

@@ -19,7 +19,7 @@ from nlbfab.errors import UserError
 from nlbfab.nwb import load_dataset
 from nlbfab.splits import Split
 from nlbfab.synth import Truth
-from nlbfab.synth_nwb import TRUTH_FILE, dataset_dir
+from nlbfab.layout import TRUTH_FILE, dataset_dir
 
 
 def read_truth(path: Path) -> tuple[Truth, dict[str, dict[str, np.ndarray]]]:

@@ -25,28 +25,26 @@ from nlb_tools.make_tensors import (PARAMS, make_eval_input_tensors, make_eval_t
 
 from nlbfab.errors import UserError
 from nlbfab.nwb import load_dataset, reused_by_nlb_tools
-from nlbfab.splits import TRAIN_WINDOW_TARGET, Dataset, Split
-from nlbfab.synth_nwb import dataset_dir
-
-MARKER = "prep.json"
+from nlbfab.layout import PREP_MARKER, Homes
+from nlbfab.splits import Dataset, Split
 
 
-def source_files(data_home: Path, dataset: Dataset) -> list[Path]:
-    return sorted(dataset_dir(data_home, dataset).glob("*.nwb"))
+def source_files(homes: Homes, dataset: Dataset) -> list[Path]:
+    return sorted(homes.dataset_dir(dataset).glob("*.nwb"))
 
 
 def _fingerprint(sources: Iterable[Path]) -> list[dict]:
     return [{"file": p.name, "bytes": p.stat().st_size, "mtime": p.stat().st_mtime} for p in sources]
 
 
-def is_up_to_date(split: Split, data_home: Path, prep_home: Path, file_names: dict[str, str]) -> bool:
+def is_up_to_date(split: Split, homes: Homes) -> bool:
     """True when the split folder is complete and was made from the current NWB files."""
-    marker = prep_home / split.name / MARKER
+    marker = homes.prep_marker(split)
     if not marker.is_file():
         return False
     made = json.loads(marker.read_text())
-    return made.get("sources") == _fingerprint(source_files(data_home, split.dataset)) and \
-        made.get("files") == file_names
+    return made.get("sources") == _fingerprint(source_files(homes, split.dataset)) and \
+        made.get("files") == homes.split_file_names()
 
 
 def missing_data_hint(datasets: list[Dataset]) -> str:
@@ -79,20 +77,18 @@ def split_tensors(binned, split: Split) -> dict[str, dict]:
     return tensors
 
 
-def _write_split(split: Split, tensors: dict[str, dict], prep_home: Path, file_names: dict[str, str],
-                 sources: list[Path]) -> Path:
+def _write_split(split: Split, tensors: dict[str, dict], homes: Homes, sources: list[Path]) -> Path:
     """Write the split's files under a hidden folder, then swap it into place."""
-    final = prep_home / split.name
-    partial = prep_home / f".{split.name}.partial"
+    final = homes.split_dir(split)
+    partial = final.with_name(f".{split.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    names = dict(file_names, eval_target_train_window=TRAIN_WINDOW_TARGET)
     for kind, data in tensors.items():
-        save_to_h5(data, str(partial / names[kind]), overwrite=True)
-    (partial / MARKER).write_text(json.dumps(
-        {"split": split.name, "group": split.group, "files": file_names,
+        save_to_h5(data, str(partial / homes.split_file(split, kind).name), overwrite=True)
+    (partial / PREP_MARKER).write_text(json.dumps(
+        {"split": split.name, "group": split.group, "files": homes.split_file_names(),
          "sources": _fingerprint(sources)}, indent=1))
-    old = prep_home / f".{split.name}.old"
+    old = final.with_name(f".{split.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
@@ -101,26 +97,25 @@ def _write_split(split: Split, tensors: dict[str, dict], prep_home: Path, file_n
     return final
 
 
-def prepare_dataset(dataset: Dataset, splits: list[Split], data_home: Path, prep_home: Path,
-                    file_names: dict[str, str], force: bool = False,
+def prepare_dataset(dataset: Dataset, splits: list[Split], homes: Homes, force: bool = False,
                     report: Callable[[str], None] = print) -> list[Split]:
     """Preprocess ``splits`` (all of ``dataset``) from one load of its NWB files.
 
     Up-to-date splits are skipped unless ``force``. Returns the splits that were written.
     """
-    todo = [s for s in splits if force or not is_up_to_date(s, data_home, prep_home, file_names)]
+    todo = [s for s in splits if force or not is_up_to_date(s, homes)]
     for s in splits:
         if s not in todo:
             report(f"  {s.name}: up to date, skipped (--force to redo)")
     if not todo:
         return []
-    sources = source_files(data_home, dataset)
+    sources = source_files(homes, dataset)
     if not sources:
-        raise UserError(f"no NWB files for {dataset.name} in {dataset_dir(data_home, dataset)}: "
+        raise UserError(f"no NWB files for {dataset.name} in {homes.dataset_dir(dataset)}: "
                         f"{missing_data_hint([dataset])}")
     started = time.perf_counter()
-    report(f"{dataset.name}: loading {len(sources)} NWB files from {dataset_dir(data_home, dataset)}")
-    loaded = load_dataset(dataset_dir(data_home, dataset))
+    report(f"{dataset.name}: loading {len(sources)} NWB files from {homes.dataset_dir(dataset)}")
+    loaded = load_dataset(homes.dataset_dir(dataset))
     report(f"{dataset.name}: loaded in {time.perf_counter() - started:.1f} s")
     with reused_by_nlb_tools(loaded):  # its PSTH step copies `loaded` instead of reading the files again
         for bin_ms in sorted({s.bin_ms for s in todo}):
@@ -129,27 +124,27 @@ def prepare_dataset(dataset: Dataset, splits: list[Split], data_home: Path, prep
             binned.resample(bin_ms)
             for split in [s for s in todo if s.bin_ms == bin_ms]:
                 t0 = time.perf_counter()
-                folder = _write_split(split, split_tensors(binned, split), prep_home, file_names, sources)
+                folder = _write_split(split, split_tensors(binned, split), homes, sources)
                 report(f"  {split.name}: written to {folder} in {time.perf_counter() - t0:.1f} s")
             del binned
     return todo
 
 
-def prepare_splits(splits: list[Split], data_home: Path, prep_home: Path, file_names: dict[str, str],
-                   force: bool = False, report: Callable[[str], None] = print) -> int:
+def prepare_splits(splits: list[Split], homes: Homes, force: bool = False,
+                   report: Callable[[str], None] = print) -> int:
     """Preprocess ``splits`` dataset by dataset (one load each); returns how many were written.
     Every dataset's NWB files are looked for first, so a long run does not stop half-way."""
     splits = list(dict.fromkeys(splits))
     by_dataset = {d: [s for s in splits if s.dataset == d] for d in dict.fromkeys(s.dataset for s in splits)}
-    missing = [d for d in by_dataset if not source_files(data_home, d)]
+    missing = [d for d in by_dataset if not source_files(homes, d)]
     if missing:
-        raise UserError(f"no NWB files for {', '.join(d.name for d in missing)} under {data_home}: "
+        raise UserError(f"no NWB files for {', '.join(d.name for d in missing)} under {homes.data}: "
                         f"{missing_data_hint(missing)}")
     started = time.perf_counter()
     written = 0
     for number, (dataset, group) in enumerate(by_dataset.items(), 1):
         report(f"[{number}/{len(by_dataset)}] {dataset.name}: {', '.join(s.name for s in group)}")
-        written += len(prepare_dataset(dataset, group, data_home, prep_home, file_names, force, report))
+        written += len(prepare_dataset(dataset, group, homes, force, report))
     report(f"done: {written} split(s) written, {len(splits) - written} up to date, "
-           f"in {time.perf_counter() - started:.1f} s under {prep_home}")
+           f"in {time.perf_counter() - started:.1f} s under {homes.prep}")
     return written

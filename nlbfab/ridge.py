@@ -2,8 +2,8 @@
 
 ``nlb_tools.evaluation.fit_and_eval_decoder`` picks ridge's alpha with
 ``GridSearchCV(Ridge(), {"alpha": np.logspace(-4, 0, 9)})``: 5 folds x 9 alphas + 1 refit = 46
-ridge fits, each a pass over (4/5 of) the ~60k x 182 train rows of mc_maze at 20 ms, about 10 s
-per evaluation hook. The fits differ only in which rows and which alpha they use, so here one
+ridge fits, each a pass over (4/5 of) the ~60k x 182 train rows of mc_maze at 20 ms, most of an
+evaluation hook's time. The fits differ only in which rows and which alpha they use, so here one
 pass sums each fold's moments (x'x, x'y, sums), each training set's centred Gram matrix is the
 total minus its fold's, and each alpha is one 182 x 182 solve. The result is sklearn's to
 rounding (tests/test_ridge.py checks it against nlb_tools' own to 1e-9): KFold(5) without

@@ -14,8 +14,9 @@ from nlb_tools.evaluation import evaluate
 from threadpoolctl import threadpool_limits
 
 from nlbfab.errors import UserError
+from nlbfab.layout import Homes, submission_file
 from nlbfab.splits import Split
-from nlbfab.submission import submission_path
+from nlbfab.submission import submit
 
 # evaluate() reports the scaling sets together, each key prefixed with its test-phase trial count
 SCALING_TAGS = {"mc_maze_large": "[500]", "mc_maze_medium": "[250]", "mc_maze_small": "[100]"}
@@ -37,13 +38,14 @@ def scoring_threads() -> int:
     return int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
 
 
-def score(target_path: Path, submission_path: Path, split: Split) -> dict[str, float]:
-    """Score the split's group of a submission file against its target file."""
-    # GridSearchCV's 45 small ridge fits are independent: one thread per core, each fit on a
-    # single BLAS thread, score mc_maze in 3.5 s instead of 9 s on 2 cores, with nlb_tools' numbers
+def score(target: Path | dict, submission_path: Path, split: Split) -> dict[str, float]:
+    """Score the split's group of a submission file against its target: the split's target file,
+    or the target arrays already in memory as ``{group: {name: array}}``."""
+    # GridSearchCV's small ridge fits are independent: one thread per core, each fit on a
+    # single BLAS thread (benchmarks/README.md), with nlb_tools' numbers
     with threadpool_limits(1), joblib.parallel_config(backend="threading", n_jobs=scoring_threads()):
-        # evaluate() opens files only when given str paths
-        results = evaluate(str(target_path), str(submission_path))
+        # evaluate() opens files only when given str paths, and takes mappings as they are
+        results = evaluate(target if isinstance(target, dict) else str(target), str(submission_path))
     metrics = split_metrics(results, split)
     if not metrics:  # evaluate() silently skips a misnamed group
         raise UserError(f"no scores for {split.name} in {submission_path}: it needs a group named "
@@ -51,14 +53,26 @@ def score(target_path: Path, submission_path: Path, split: Split) -> dict[str, f
     return metrics
 
 
-def score_table(split: Split, run_tags: list[str], runs_home: Path, target_path: Path) -> str:
+def submit_and_score(split: Split, rates: dict, run_dir: Path, expected: dict, target: Path | dict) -> dict:
+    """Merge a split's rates into the run's submission file (``nlbfab.submission.submit``) and,
+    on the val phase, score that file as EvalAI would. Returns ``{"submission": path}`` and, on
+    the val phase, ``"metrics"``."""
+    path = submit(split, rates, run_dir, expected)
+    result = {"submission": str(path)}
+    if split.phase == "val":
+        result["metrics"] = score(target, path, split)
+    return result
+
+
+def score_table(split: Split, run_tags: list[str], homes: Homes) -> str:
     """A table of each run's metrics on ``split``; with a run tagged ``oracle``, a column gives
     co-bps as a share of the oracle's."""
-    if not Path(target_path).is_file():
+    target_path = homes.split_file(split, "eval_target")
+    if not target_path.is_file():
         raise UserError(f"missing {target_path}: run 'bin/nlbfab-prep --split {split.name}'")
     rows = {}
     for tag in run_tags:
-        path = submission_path(Path(runs_home) / tag, "val")
+        path = submission_file(homes.tag_dir(tag), "val")
         if not path.is_file():
             raise UserError(f"no submission for run '{tag}' at {path}: train or run a baseline with --run-tag {tag}")
         rows[tag] = score(target_path, path, split)

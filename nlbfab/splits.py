@@ -15,8 +15,6 @@ from nlbfab.errors import UserError
 BIN_WIDTHS_MS = (5, 20)
 PHASES = ("val", "test")
 FORWARD_MS = 200
-# dmfc_rsg's NaN-free eval target, cut with the training window, beside the official one
-TRAIN_WINDOW_TARGET = "eval_target_train_window.h5"
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """The EvalAI submission file: one HDF5 per phase, one group per split (``mc_maze_20``, ...).
 
-Each run first writes its own rates into its split folder (``RUNS_HOME/{tag}/{split}/rates.h5``,
-one group in the submission's layout); ``submission-{phase}.h5`` is merged from these files, so
-it can always be rebuilt (``nlbfab-submit``), and a damaged one is set aside and rebuilt rather
-than blocking the runs that write into it. Many training processes may add their split at once,
+Each run first writes its own rates into its split folder (one group in the submission's
+layout); the phase's submission file is merged from these files, so it can always be rebuilt
+(``nlbfab-submit``), and a damaged one is set aside and rebuilt rather than blocking the runs
+that write into it. Many training processes may add their split at once,
 so a merge takes a lock, copies the file to a new one with the split's group replaced, and
 renames it over the old: readers never see a half-written file, and no other split's group is lost.
 """
@@ -20,11 +20,11 @@ import h5py
 import numpy as np
 from filelock import FileLock
 
+from nlbfab import layout
 from nlbfab.errors import UserError
 
 REQUIRED = ("train_rates_heldin", "train_rates_heldout", "eval_rates_heldin", "eval_rates_heldout")
 OPTIONAL = ("eval_rates_heldin_forward", "eval_rates_heldout_forward")
-RATES_FILE = "rates.h5"
 PHASES = ("val", "test")
 
 
@@ -52,7 +52,7 @@ def write_rates(path: Path, group: str, phase: str, rates: dict[str, np.ndarray]
     atomically (a temporary file, then a rename), tagged with the phase they belong to."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
+    partial = layout.partial(path)
     with h5py.File(partial, "w") as h5:
         h5.attrs["phase"] = phase
         for key, value in rates.items():
@@ -65,7 +65,9 @@ def rates_files(run_dir: Path, phase: str, report: Callable[[str], None] = _stde
     """The readable rates files of ``phase`` in a run's split folders; a damaged one is named
     (with what remakes it) and left out, so that it cannot block the others."""
     found = []
-    for path in sorted(Path(run_dir).glob(f"*/{RATES_FILE}")):
+    for path in sorted(layout.rates_file(folder) for folder in Path(run_dir).iterdir()):
+        if not path.is_file():
+            continue
         try:
             with h5py.File(path, "r") as h5:
                 if h5.attrs.get("phase") == phase:
@@ -86,7 +88,7 @@ def _readable(path: Path) -> bool:
 
 
 def _set_aside(path: Path) -> Path:
-    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside = layout.damaged_submission(path, time.strftime('%Y%m%d-%H%M%S'))
     os.replace(path, aside)
     return aside
 
@@ -99,11 +101,11 @@ def merge_rates(path: Path, sources: list[Path], all_sources: Callable[[], list[
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
-        partial = path.with_name(f".{path.name}.partial")
+        partial = layout.partial(path)
         partial.unlink(missing_ok=True)  # left by a writer that was killed: never build on it
         if path.exists() and not _readable(path):
             aside = _set_aside(path)
-            report(f"warning: {path} was damaged: moved to {aside.name}, rebuilt from the run folders' {RATES_FILE}")
+            report(f"warning: {path} was damaged: moved to {aside.name}, rebuilt from the run folders' rates")
             sources = list(dict.fromkeys([*all_sources(), *sources]))
         try:
             if path.exists():
@@ -122,36 +124,35 @@ def merge_rates(path: Path, sources: list[Path], all_sources: Callable[[], list[
     return path
 
 
-def expected_shapes(split_dir: Path, file_names: dict[str, str]) -> dict[str, tuple[int, ...]]:
-    """The shape each submission array of a split must have, read from its preprocessed files."""
-    with h5py.File(split_dir / file_names["train_input"], "r") as train, \
-            h5py.File(split_dir / file_names["eval_input"], "r") as evaluation:
-        trials_train, bins, heldin = train["train_spikes_heldin"].shape
-        heldout = train["train_spikes_heldout"].shape[2]
-        fwd = train["train_spikes_heldin_forward"].shape[1]
-        trials_eval = evaluation["eval_spikes_heldin"].shape[0]
+def shapes(train_trials: int, eval_trials: int, bins: int, fwd: int, heldin: int, heldout: int) -> dict[str, tuple]:
+    """The shape each submission array of a split must have."""
     return {
-        "train_rates_heldin": (trials_train, bins, heldin), "train_rates_heldout": (trials_train, bins, heldout),
-        "eval_rates_heldin": (trials_eval, bins, heldin), "eval_rates_heldout": (trials_eval, bins, heldout),
-        "eval_rates_heldin_forward": (trials_eval, fwd, heldin),
-        "eval_rates_heldout_forward": (trials_eval, fwd, heldout),
+        "train_rates_heldin": (train_trials, bins, heldin), "train_rates_heldout": (train_trials, bins, heldout),
+        "eval_rates_heldin": (eval_trials, bins, heldin), "eval_rates_heldout": (eval_trials, bins, heldout),
+        "eval_rates_heldin_forward": (eval_trials, fwd, heldin),
+        "eval_rates_heldout_forward": (eval_trials, fwd, heldout),
     }
 
 
-def submission_path(run_dir: Path, phase: str) -> Path:
-    return Path(run_dir) / f"submission-{phase}.h5"
+def expected_shapes(split, homes: layout.Homes) -> dict[str, tuple[int, ...]]:
+    """``shapes`` of a split, read from its preprocessed files."""
+    with h5py.File(homes.split_file(split, "train_input"), "r") as train, \
+            h5py.File(homes.split_file(split, "eval_input"), "r") as evaluation:
+        trials_train, bins, heldin = train["train_spikes_heldin"].shape
+        return shapes(trials_train, evaluation["eval_spikes_heldin"].shape[0], bins,
+                      train["train_spikes_heldin_forward"].shape[1], heldin, train["train_spikes_heldout"].shape[2])
 
 
-def submit(split, rates: dict[str, np.ndarray], run_dir: Path, split_dir: Path,
-           file_names: dict[str, str], report: Callable[[str], None] = _stderr) -> Path:
-    """Validate ``rates`` against the split's tensors, write them to the split's folder of the run
-    (``run_dir/{split}/rates.h5``) and merge them into the run's ``submission-{phase}.h5``.
-    Train-window arrays (``train_rates_*_forward``) are dropped: EvalAI takes only the arrays in
-    ``REQUIRED`` and ``OPTIONAL``."""
+def submit(split, rates: dict[str, np.ndarray], run_dir: Path, expected: dict[str, tuple],
+           report: Callable[[str], None] = _stderr) -> Path:
+    """Validate ``rates`` against ``expected`` (``shapes`` of the split), write them to the
+    split's folder of the run (``run_dir``: ``RUNS_HOME/{run_tag}``) and merge them into the run's
+    submission file of the split's phase. Train-window arrays (``train_rates_*_forward``) are
+    dropped: EvalAI takes only the arrays in ``REQUIRED`` and ``OPTIONAL``."""
     rates = {k: v for k, v in rates.items() if k in REQUIRED + OPTIONAL}
-    check_rates(rates, expected_shapes(split_dir, file_names), split.group)
-    own = write_rates(Path(run_dir) / split.name / RATES_FILE, split.group, split.phase, rates)
-    return merge_rates(submission_path(run_dir, split.phase), [own],
+    check_rates(rates, expected, split.group)
+    own = write_rates(layout.rates_file(Path(run_dir) / split.name), split.group, split.phase, rates)
+    return merge_rates(layout.submission_file(run_dir, split.phase), [own],
                        lambda: rates_files(run_dir, split.phase, report), report)
 
 
@@ -162,9 +163,9 @@ def rebuild(run_dir: Path, report: Callable[[str], None] = _stderr) -> dict[str,
     for phase in PHASES:
         sources = rates_files(run_dir, phase, report)
         if sources:
-            path = merge_rates(submission_path(run_dir, phase), sources, lambda: sources, report)
+            path = merge_rates(layout.submission_file(run_dir, phase), sources, lambda: sources, report)
             with h5py.File(path, "r") as h5:
                 rebuilt[str(path)] = sorted(h5)
     if not rebuilt:
-        raise UserError(f"no run rates in {run_dir}/*/{RATES_FILE}: train a split with this --run-tag first")
+        raise UserError(f"no split of run {run_dir} has its rates: train a split with this --run-tag first")
     return rebuilt

@@ -7,7 +7,6 @@ sooner; a split that crashes is reported and the others go on.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,8 +17,12 @@ from typing import Callable
 
 import h5py
 
-from nlbfab.splits import Split
-from nlbfab.submission import expected_shapes, submission_path
+from nlbfab import layout
+from nlbfab.errors import UserError
+from nlbfab.layout import Homes
+from nlbfab.prep import is_up_to_date, prepare_splits
+from nlbfab.splits import ALL_SPLITS, DATASETS, Split
+from nlbfab.submission import PHASES, expected_shapes
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class Run:
 
     @property
     def log(self) -> Path:
-        return self.run_dir / "train.log"
+        return layout.train_log(self.run_dir)
 
 
 def cost(split: Split) -> int:
@@ -68,13 +71,6 @@ def local_slots(gpus: int, jobs_per_gpu: int, workers: int, cpus: int) -> list[S
     return [Slot(f"cpu{k}", {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}, "cpu") for k in range(workers)]
 
 
-def run_state(run_dir: Path) -> str:
-    """``finished`` (metrics.json written), ``interrupted`` (a last checkpoint) or ``new``."""
-    if (run_dir / "metrics.json").is_file():
-        return "finished"
-    return "interrupted" if (run_dir / "checkpoints" / "last.ckpt").is_file() else "new"
-
-
 def _command(run: Run, run_tag: str, train_args: list[str]) -> list[str]:
     command = [sys.executable, "-m", "nlbfab.cli", "train", "--split", run.split.name, "--run-tag", run_tag,
                "--quiet", "--accelerator", run.slot.accelerator, *train_args]
@@ -84,19 +80,18 @@ def _command(run: Run, run_tag: str, train_args: list[str]) -> list[str]:
 def _start(run: Run, slot: Slot, run_tag: str, train_args: list[str]) -> None:
     run.slot, run.status, run.started = slot, "running", time.perf_counter()
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    (run.run_dir / "progress.json").unlink(missing_ok=True)
+    layout.clear_progress(run.run_dir)
     with open(run.log, "w") as log:
         run.process = subprocess.Popen(_command(run, run_tag, train_args), stdout=log, stderr=subprocess.STDOUT,
                                        env={**os.environ, **slot.env})
 
 
 def _refresh(run: Run) -> None:
-    """Read a run's progress.json; a queued (Ray) run counts as running once it has one."""
-    try:
-        run.progress = json.loads((run.run_dir / "progress.json").read_text())
+    """Read a run's progress; a queued (Ray) run counts as running once it has some."""
+    progress = layout.read_progress(run.run_dir)
+    if progress:
+        run.progress = progress
         run.status = "running" if run.status == "queued" else run.status
-    except (FileNotFoundError, json.JSONDecodeError):
-        pass
     run.seconds = time.perf_counter() - run.started
 
 
@@ -133,11 +128,11 @@ def run_local(runs: list[Run], slots: list[Slot], run_tag: str, train_args: list
     return runs
 
 
-def check_submissions(runs_dir: Path, splits: list[Split], prep_home: Path, file_names: dict[str, str]) -> list[str]:
+def check_submissions(runs_dir: Path, splits: list[Split], homes: Homes) -> list[str]:
     """Problems with the sweep's submission files: a missing group or array, a wrong shape."""
     problems = []
     for phase in sorted({s.phase for s in splits}):
-        path = submission_path(runs_dir, phase)
+        path = layout.submission_file(runs_dir, phase)
         if not path.is_file():
             problems.append(f"{path} is missing")
             continue
@@ -146,7 +141,7 @@ def check_submissions(runs_dir: Path, splits: list[Split], prep_home: Path, file
                 if split.group not in h5:
                     problems.append(f"{path.name}: no group {split.group} ({split.name})")
                     continue
-                for key, shape in expected_shapes(prep_home / split.name, file_names).items():
+                for key, shape in expected_shapes(split, homes).items():
                     if key in h5[split.group] and h5[split.group][key].shape != shape:
                         problems.append(f"{path.name}/{split.group}/{key}: {h5[split.group][key].shape} != {shape}")
                     elif key not in h5[split.group] and "forward" not in key:
@@ -167,15 +162,29 @@ def progress_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def live_table(height: int, stream) -> Callable[[list[Run]], None]:
+    """Redraw the progress table in place on a terminal; elsewhere print it when a status changes."""
+    last = {"text": None}
+
+    def show(runs: list[Run]) -> None:
+        text = progress_table(runs)
+        if stream.isatty():
+            if last["text"] is not None:
+                stream.write(f"\x1b[{height}F\x1b[J")
+            stream.write(text + "\n")
+        elif [line.split()[2] for line in text.splitlines()] != [line.split()[2] for line in (last["text"] or "").splitlines()]:
+            stream.write(text + "\n\n")
+        stream.flush()
+        last["text"] = text
+    return show
+
+
 def summary_table(runs: list[Run]) -> str:
-    """Every split's result: its val metrics (from its metrics.json), or why it has none."""
+    """Every split's result: its val metrics (from its run's summary), or why it has none."""
     names = ["co-bps", "vel R2", "tp corr", "psth R2", "fp-bps"]
     lines = [f"{'split':24s} {'status':8s} {'epochs':>6s} " + "".join(f"{n:>9s}" for n in names)]
     for run in runs:
-        try:
-            summary = json.loads((run.run_dir / "metrics.json").read_text())
-        except FileNotFoundError:
-            summary = {}
+        summary = layout.read_metrics(run.run_dir)
         metrics = summary.get("metrics", {})
         cells = "".join(f"{metrics[n]:9.4f}" if n in metrics else f"{'-':>9s}" for n in names)
         status = run.status if run.status != "done" or summary else "no-result"
@@ -208,7 +217,7 @@ def run_ray(runs: list[Run], address: str | None, gpus_per_run: float | None, ru
         for run in [r for r in runs if r.status == "waiting"]:
             run.slot, run.status, run.started = slot, "queued", time.perf_counter()
             run.run_dir.mkdir(parents=True, exist_ok=True)
-            (run.run_dir / "progress.json").unlink(missing_ok=True)
+            layout.clear_progress(run.run_dir)
             pending[task.remote(_command(run, run_tag, train_args), paths, str(run.log))] = run
         show(runs)
         while pending:
@@ -224,3 +233,97 @@ def run_ray(runs: list[Run], address: str | None, gpus_per_run: float | None, ru
     finally:
         ray.shutdown()
     return runs
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a sweep's runs go: this machine's GPUs or cores, or a Ray cluster."""
+
+    backend: str = "local"  # local or ray
+    jobs_per_gpu: int = 3
+    workers: int | None = None  # CPU runs without GPUs; None: one per core
+    address: str | None = None  # Ray; None starts a local instance
+    gpus_per_run: float | None = None  # Ray; None: 0.3 where the cluster has GPUs
+
+    def __post_init__(self):
+        if self.backend == "ray":
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                raise UserError("--backend ray needs Ray: run 'pip install -e .[ray]'") from None
+
+
+def select_splits(datasets: list[str], bins: list[str], phases: list[str]) -> list[Split]:
+    """The splits of the named datasets, bin widths and phases (comma-separated names allowed;
+    nothing named: all)."""
+    chosen = (_names(datasets, list(DATASETS), "dataset"), _names(bins, ["5", "20"], "bin width"),
+              _names(phases, list(PHASES), "phase"))
+    return [s for s in ALL_SPLITS if s.dataset.name in chosen[0] and str(s.bin_ms) in chosen[1] and s.phase in chosen[2]]
+
+
+def _names(values: list[str], valid: list[str], what: str) -> list[str]:
+    chosen = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in valid]
+    if unknown:
+        raise UserError(f"unknown {what} {', '.join(unknown)}: choose from {', '.join(valid)}")
+    return chosen or list(valid)
+
+
+def prepare_missing(splits: list[Split], homes: Homes, no_prep: bool, report: Callable[[str], None]) -> None:
+    """Preprocess the splits that are not (or say which ``nlbfab-prep`` to run, with ``no_prep``)."""
+    unprepared = [s for s in splits if not is_up_to_date(s, homes)]
+    if unprepared and no_prep:
+        raise UserError(f"{len(unprepared)} split(s) not preprocessed: run 'bin/nlbfab-prep "
+                        + " ".join(f"--split {s.name}" for s in unprepared) + "'")
+    if unprepared:
+        prepare_splits(unprepared, homes, report=report)
+
+
+def plan_runs(splits: list[Split], tag_dir: Path, resume: bool) -> list[Run]:
+    """One run per split, longest first; with ``resume``, finished ones skipped and interrupted
+    ones resumed from their last checkpoint."""
+    runs = [Run(s, tag_dir / s.name) for s in longest_first(splits)]
+    for run in runs:
+        state = layout.run_state(run.run_dir)
+        if resume and state == "finished":
+            run.status = "skipped"
+        run.resume = resume and state == "interrupted"
+    return runs
+
+
+def _placement_slots(placement: Placement) -> list[Slot]:
+    import torch
+    cpus = os.cpu_count() or 1
+    return local_slots(torch.cuda.device_count(), placement.jobs_per_gpu, placement.workers or cpus, cpus)
+
+
+def where(runs: list[Run], placement: Placement, tag_dir: Path) -> str:
+    """The line said as a sweep starts: where its runs go and where their logs are."""
+    logs = f"logs in {layout.train_log(tag_dir / 'SPLIT')}"
+    if placement.backend == "ray":
+        return f"{len(runs)} splits to Ray ({placement.address or 'a local instance'}); {logs}"
+    slots = _placement_slots(placement)
+    return f"{len(runs)} splits on {len(slots)} slots ({', '.join(s.name for s in slots)}); {logs}"
+
+
+def sweep(runs: list[Run], homes: Homes, run_tag: str, train_args: list[str], placement: Placement,
+          show: Callable[[list[Run]], None]) -> None:
+    """Run every waiting run where ``placement`` says, each an ``nlbfab-train`` process with
+    ``train_args``; ``show`` is called as things change."""
+    if placement.backend == "local":
+        run_local(runs, _placement_slots(placement), run_tag, train_args, show)
+        return
+    paths = {"DATA_HOME": str(homes.data), "PREP_HOME": str(homes.prep), "RUNS_HOME": str(homes.runs),
+             "TRAIN_INPUT_FILE": homes.train_input, "EVAL_INPUT_FILE": homes.eval_input,
+             "EVAL_TARGET_FILE": homes.eval_target}
+    run_ray(runs, placement.address, placement.gpus_per_run, run_tag, train_args, paths, show)
+
+
+def outcome(runs: list[Run], splits: list[Split], homes: Homes, tag_dir: Path) -> tuple[list[str], bool]:
+    """The lines that end a sweep (failed runs with their logs, the submission files, their
+    problems) and whether it succeeded."""
+    lines = [f"FAILED {r.split.name} (exit {r.returncode}): see {r.log}" for r in runs if r.status == "failed"]
+    problems = check_submissions(tag_dir, [r.split for r in runs if r.status in ("done", "skipped")], homes)
+    lines += [f"submission: {layout.submission_file(tag_dir, phase)}" for phase in sorted({s.phase for s in splits})]
+    lines += [f"submission problem: {problem}" for problem in problems]
+    return lines, not problems and not any(r.status == "failed" for r in runs)

@@ -19,16 +19,11 @@ from hdmf.common import VectorData, VectorIndex
 from pynwb.file import Subject
 from pynwb.misc import Units
 
+from nlbfab.layout import TRUTH_FILE, dataset_dir
 from nlbfab.splits import Dataset
 from nlbfab.synth import SessionFile, Truth, generate, poisson_spike_times
 
-TRUTH_FILE = "synthetic_truth.h5"
 SPECIES = {"Haydn": "Macaca mulatta", "Han": "Macaca mulatta"}
-
-
-def dataset_dir(data_home: Path, dataset: Dataset) -> Path:
-    """``DATA_HOME/000128/sub-Jenkins``: where DANDI's client puts a dataset's NWB files."""
-    return Path(data_home) / dataset.folder
 
 
 def _add_trials(nwbfile: NWBFile, trials) -> None:

@@ -1,17 +1,17 @@
-"""The hand-written Fabric training loop.
+"""The hand-written Fabric training loop, in the shape of Flax's examples.
 
-One entry point, ``train(config, ...)``: set-up (Fabric, data, parameters, optimizer, all state
-in one dict), then a loop whose sections run in order: train an epoch, validate, lower the
-learning rate on a plateau, checkpoint, early-stop, hooks. At the end the best checkpoint
-predicts the rates that go into the run's ``submission-{phase}.h5``.
+``create_train_state`` builds all state in one value; ``train_step`` takes one optimizer step;
+``after_epoch`` makes the epoch's decisions (best, plateau, stop) as a pure function of what was
+measured; ``train(config, homes, hooks)`` is the single entry point, whose loop reads top to
+bottom in the order things run. At the end the best checkpoint predicts the rates that go into
+the run's submission.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,15 +20,17 @@ from lightning_fabric.loggers import TensorBoardLogger
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from tqdm import tqdm
 
+from nlbfab import layout
 from nlbfab.data import SplitData, batch_indices, load_split
 from nlbfab.errors import UserError
 from nlbfab.evaluation import co_bps, inference_batch, predict
 from nlbfab.hooks import HOOKS
+from nlbfab.layout import Homes
 from nlbfab.loss import poisson_nll
 from nlbfab.models import Sizes, get_model
-from nlbfab.scoring import score
+from nlbfab.scoring import submit_and_score
 from nlbfab.splits import get_split
-from nlbfab.submission import submit
+from nlbfab.submission import shapes
 from nlbfab.train_config import TrainConfig, with_batch_size
 
 
@@ -50,118 +52,78 @@ class ParamsModule(torch.nn.Module):
         return self.apply_fn(dict(self.params), heldin, fwd_steps, dropout=dropout, training=self.training)
 
 
-def _save_atomic(fabric: Fabric, path: Path, state: dict) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    fabric.save(partial, state)
-    if fabric.is_global_zero:
-        os.replace(partial, path)
-    fabric.barrier()
+class RNG:
+    """The run's random streams: the batch order (its own generator), torch's global stream
+    (dropout) and CUDA's. Fabric saves and restores them with the checkpoint, like the model,
+    so a resumed run draws what an uninterrupted one would."""
+
+    def __init__(self, seed: int):
+        self.batches = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return {"batches": self.batches.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches.set_state(state["batches"])
+        torch.set_rng_state(state["torch"])
+        if state["cuda"]:
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _capture_rng(state: dict, batch_rng: torch.Generator) -> None:
-    state["batch_rng"] = batch_rng.get_state()
-    state["torch_rng"] = torch.get_rng_state()
-    state["cuda_rng"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands: epochs done, the best monitored value and its epoch, and the epochs
+    since (which drive both the plateau schedule and early stopping)."""
+
+    epoch: int = 0
+    best: float = -math.inf
+    best_epoch: int = -1
+    stale: int = 0
 
 
-def _restore_rng(state: dict, batch_rng: torch.Generator) -> None:
-    batch_rng.set_state(state["batch_rng"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+@dataclass
+class TrainState:
+    """All state of a run in one value: Fabric, the model (set up by Fabric), its optimizer
+    (whose param groups hold the current learning rate), the RNG streams, the progress and the
+    per-epoch history. ``checkpoint()`` is what a checkpoint holds and ``--resume`` restores."""
+
+    fabric: Fabric
+    module: ParamsModule
+    optimizer: torch.optim.Optimizer
+    rng: RNG
+    progress: Progress
+    history: list[dict]
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def checkpoint(self) -> dict:
+        return {"model": self.module, "optimizer": self.optimizer, "rng": self.rng,
+                "progress": asdict(self.progress), "history": self.history}
 
 
-def train_epoch(fabric, module, optimizer, data: SplitData, config: TrainConfig, batch_rng, quiet: bool,
-                epoch: int, checkpoints: Path) -> float:
-    """One pass over the train trials in seeded random batches; each rank takes its share of
-    every global batch. Returns the mean training loss over ranks."""
-    module.train()
-    batches = batch_indices(data.train_heldin.shape[0], config.batch_size, batch_rng)
-    total = torch.zeros((), device=fabric.device)
-    # a bar within each epoch, on a terminal only (None: tqdm turns itself off when piped)
-    hide = True if quiet or not fabric.is_global_zero else None
-    for index in tqdm(batches, leave=False, disable=hide, unit="batch", desc="epoch"):
-        shard = index[fabric.global_rank::fabric.world_size].to(fabric.device)
-        logrates, _ = module(data.train_heldin[shard], data.fwd_steps, dropout=config.dropout)
-        loss = poisson_nll(logrates, data.train_recon[shard])
-        optimizer.zero_grad(set_to_none=True)
-        fabric.backward(loss)
-        # the norm of the synchronised gradients is the same on every rank, so all ranks stop together
-        norm = fabric.clip_gradients(module, optimizer, max_norm=config.grad_clip or math.inf, error_if_nonfinite=False)
-        # under 16-mixed an overflowing gradient is routine: the gradient scaler skips that step
-        # and lowers its scale, so only a non-finite loss stops the run there
-        overflow_is_routine = config.precision == "16-mixed" and torch.isfinite(loss)
-        if not torch.isfinite(norm) and not overflow_is_routine:
-            what = f"training loss became {float(loss)}" if not torch.isfinite(loss) else "gradients became non-finite"
-            raise NonFiniteLoss(f"{what} at epoch {epoch}: stopped before the update; the best checkpoint "
-                                f"({checkpoints / 'best.ckpt'}) is kept. Try a lower --learning-rate or --grad-clip")
-        optimizer.step()
-        total += loss.detach()
-    return float(fabric.all_reduce(total / len(batches), reduce_op="mean"))
+@dataclass(frozen=True)
+class Run:
+    """What a run was asked to do, fixed for its whole life: its settings (the batch size
+    settled), its folder, its hooks, and whether to print each epoch."""
+
+    config: TrainConfig
+    run_dir: Path
+    hooks: tuple = HOOKS
+    quiet: bool = False
 
 
-def plateau_lr(lr: float, stale: int, config: TrainConfig) -> float:
-    """The learning rate for the next epoch: multiplied by ``lr_decay`` each time the monitored
-    value has gone another ``lr_patience`` epochs without improving (``lr_decay`` 1: constant).
-    At a constant lr the val co-bps keeps jumping around its plateau; smaller steps let the model
-    settle there before the run stops. Counted from the same ``stale`` as early stopping, so the
-    schedule needs no state of its own beyond the optimizer's lr and is the same on every rank."""
-    return lr * config.lr_decay if stale and stale % config.lr_patience == 0 else lr
+@dataclass(frozen=True)
+class Decision:
+    """What ``after_epoch`` decided: the new progress, whether the model improved (a new best
+    checkpoint), the next epoch's learning rate, and why the run stops now (None: it goes on)."""
 
-
-@torch.no_grad()
-def validate(module, data: SplitData) -> tuple[float, float]:
-    """(validation loss, monitored value). The loss covers the eval trials' neurons and forward
-    bins on the val phase, their held-in observed bins on the test phase. The monitored value,
-    higher is better, is the val co-bps, or on the test phase minus the loss."""
-    module.eval()
-    chunks = data.eval_heldin.split(inference_batch(data.eval_heldin.device))
-    logrates = torch.cat([module(chunk, data.fwd_steps)[0] for chunk in chunks]).float()
-    if data.split.phase == "test":
-        loss = float(poisson_nll(logrates[:, :data.bins, :data.heldin], data.eval_recon))
-        return loss, -loss
-    loss = float(poisson_nll(logrates, data.eval_recon))
-    return loss, co_bps(data, logrates[:, :data.bins, data.heldin:].exp().cpu().numpy())
-
-
-def run_hooks(fabric, module, data: SplitData, epoch: int) -> tuple[dict, dict]:
-    """Predict all trials in eval mode and run every hook (on rank 0); returns (metrics, predictions)."""
-    module.eval()
-    predictions = predict(lambda heldin: module(heldin, data.fwd_steps), data)
-    scores = {}
-    if fabric.is_global_zero:
-        for hook in HOOKS:
-            scores |= hook(fabric.logger, data, predictions, epoch) or {}
-    return scores, predictions
-
-
-def write_progress(run_dir: Path, **fields) -> None:
-    """``progress.json``: where a run is, read by ``nlbfab-all``'s live table."""
-    partial = run_dir / ".progress.json.partial"
-    partial.write_text(json.dumps(fields))
-    os.replace(partial, run_dir / "progress.json")
-
-
-def create_train_state(fabric: Fabric, config: TrainConfig, data: SplitData):
-    """All state in one place, what a checkpoint holds and ``--resume`` restores: the model
-    (set up by Fabric), its optimizer (whose state holds the current learning rate), epoch and
-    early-stopping counters, and the RNG states.
-    Returns ``(module, optimizer, state, batch_rng)``."""
-    model = get_model(config.model)
-    fabric.seed_everything(config.seed, verbose=False)
-    sizes = Sizes(data.heldin, data.heldout, data.bins, data.fwd_steps,
-                  mean_counts=data.train_recon[:, :data.bins].mean((0, 1)).cpu())
-    params = model.init(sizes, config.seed, **{k: getattr(config, k) for k in model.hparams})
-    module = ParamsModule(model.apply, params)
-    # fused: one kernel for all parameters (0.13 ms a step on a CPU against 0.58 ms for the default)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
-                                  fused=True)
-    module, optimizer = fabric.setup(module, optimizer)
-    batch_rng = torch.Generator().manual_seed(config.seed)
-    state = {"model": module, "optimizer": optimizer, "epoch": 0, "best": -math.inf, "best_epoch": -1,
-             "stale": 0, "history": []}
-    _capture_rng(state, batch_rng)
-    return module, optimizer, state, batch_rng
+    progress: Progress
+    improved: bool
+    lr: float
+    stop: str | None
 
 
 def available_accelerators() -> list[str]:
@@ -195,86 +157,200 @@ def create_fabric(config: TrainConfig, run_dir: Path) -> Fabric:
     return fabric
 
 
-def clear_old_run(run_dir: Path) -> None:
-    """A new run with the same tag and split replaces the old one: its logs, checkpoints and
-    scores go, so that nothing of it can pass for the new run's."""
-    stale = [*run_dir.glob("events.out.tfevents.*"), run_dir / "hparams.yaml", run_dir / "metrics.json",
-             run_dir / "checkpoints" / "best.ckpt", run_dir / "checkpoints" / "last.ckpt"]
-    for path in stale:
-        path.unlink(missing_ok=True)
+def create_train_state(fabric: Fabric, config: TrainConfig, data: SplitData) -> TrainState:
+    """The model's parameters from its ``init`` (seeded), wrapped for Fabric with a fused AdamW
+    (one kernel for all parameters), fresh RNG streams and progress."""
+    model = get_model(config.model)
+    fabric.seed_everything(config.seed, verbose=False)
+    sizes = Sizes(data.heldin, data.heldout, data.bins, data.fwd_steps,
+                  mean_counts=data.train_recon[:, :data.bins].mean((0, 1)).cpu())
+    params = model.init(sizes, config.seed, **config.hparams)
+    module = ParamsModule(model.apply, params)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  fused=True)
+    module, optimizer = fabric.setup(module, optimizer)
+    return TrainState(fabric, module, optimizer, RNG(config.seed), Progress(), [])
 
 
-def train(config: TrainConfig, prep_home: Path, runs_home: Path, file_names: dict[str, str],
-          resume: bool = False, quiet: bool = False) -> dict:
-    """Train ``config.model`` on ``config.split``; write checkpoints, TensorBoard logs, metrics
-    and the submission under ``runs_home/run_tag/split``. Returns the run's summary."""
-    split = get_split(config.split)
-    get_model(config.model)  # fail on a wrong name before starting Fabric
-    run_dir = Path(runs_home) / config.run_tag / split.name
-    checkpoints = run_dir / "checkpoints"
-    fabric = create_fabric(config, run_dir)
-    fabric.launch()
-    if resume and not (checkpoints / "last.ckpt").is_file():
-        raise UserError(f"nothing to resume: no {checkpoints / 'last.ckpt'}; drop --resume to start afresh")
-    data = load_split(split, prep_home, file_names).to(fabric.device)
-    config = with_batch_size(config, data.train_heldin.shape[0])
+def restore(state: TrainState, path: Path) -> None:
+    """Load a checkpoint into ``state``: weights, optimizer (with its learning rate), RNG
+    streams, progress and history."""
+    saved = state.checkpoint()
+    state.fabric.load(path, saved)
+    state.progress, state.history = Progress(**saved["progress"]), saved["history"]
+
+
+def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor], config: TrainConfig) -> torch.Tensor:
+    """One optimizer step on ``batch = (heldin, target)``; returns the loss. A non-finite loss or
+    gradient stops the run before the update, except a gradient overflow under 16-mixed, which
+    the gradient scaler skips and answers with a lower scale."""
+    heldin, target = batch
+    logrates, _ = state.module(heldin, target.shape[1] - heldin.shape[1], dropout=config.dropout)
+    loss = poisson_nll(logrates, target)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.fabric.backward(loss)
+    # the norm of the synchronised gradients is the same on every rank, so all ranks stop together
+    norm = state.fabric.clip_gradients(state.module, state.optimizer, max_norm=config.grad_clip or math.inf,
+                                       error_if_nonfinite=False)
+    overflow_is_routine = config.precision == "16-mixed" and torch.isfinite(loss)
+    if not torch.isfinite(norm) and not overflow_is_routine:
+        what = f"training loss became {float(loss)}" if not torch.isfinite(loss) else "gradients became non-finite"
+        raise NonFiniteLoss(f"{what} at epoch {state.progress.epoch}: stopped before the update, the best checkpoint "
+                            f"is kept. Try a lower --learning-rate or --grad-clip")
+    state.optimizer.step()
+    return loss.detach()
+
+
+def train_epoch(state: TrainState, data: SplitData, run: Run) -> float:
+    """One pass over the train trials in seeded random batches; each rank takes its share of
+    every global batch. Returns the mean training loss over ranks."""
+    fabric = state.fabric
+    state.module.train()
+    batches = batch_indices(data.train_heldin.shape[0], run.config.batch_size, state.rng.batches)
+    total = torch.zeros((), device=fabric.device)
+    # a bar within each epoch, on a terminal only (None: tqdm turns itself off when piped)
+    hide = True if run.quiet or not fabric.is_global_zero else None
+    for index in tqdm(batches, leave=False, disable=hide, unit="batch", desc="epoch"):
+        shard = index[fabric.global_rank::fabric.world_size].to(fabric.device)
+        total += train_step(state, (data.train_heldin[shard], data.train_recon[shard]), run.config)
+    return float(fabric.all_reduce(total / len(batches), reduce_op="mean"))
+
+
+@torch.no_grad()
+def validate(module, data: SplitData) -> tuple[float, float]:
+    """(validation loss, monitored value). The loss covers the eval trials' neurons and forward
+    bins on the val phase, their held-in observed bins on the test phase. The monitored value,
+    higher is better, is the val co-bps, or on the test phase minus the loss."""
+    module.eval()
+    chunks = data.eval_heldin.split(inference_batch(data.eval_heldin.device))
+    logrates = torch.cat([module(chunk, data.fwd_steps)[0] for chunk in chunks]).float()
+    if data.split.phase == "test":
+        loss = float(poisson_nll(logrates[:, :data.bins, :data.heldin], data.eval_recon))
+        return loss, -loss
+    loss = float(poisson_nll(logrates, data.eval_recon))
+    return loss, co_bps(data, logrates[:, :data.bins, data.heldin:].exp().cpu().numpy())
+
+
+def plateau_lr(lr: float, stale: int, config: TrainConfig) -> float:
+    """The learning rate for the next epoch: multiplied by ``lr_decay`` each time the monitored
+    value has gone another ``lr_patience`` epochs without improving (``lr_decay`` 1: constant).
+    At a constant lr the val co-bps keeps jumping around its plateau; smaller steps let the model
+    settle there before the run stops. Counted from the same ``stale`` as early stopping, so the
+    schedule needs no state of its own beyond the optimizer's lr and is the same on every rank."""
+    return lr * config.lr_decay if stale and stale % config.lr_patience == 0 else lr
+
+
+def after_epoch(progress: Progress, value: float, lr: float, config: TrainConfig) -> Decision:
+    """The epoch's decisions from its monitored ``value`` (higher is better) and learning rate:
+    a new best or one more stale epoch; the plateau schedule (``plateau_lr``); and the stop,
+    after ``patience`` stale epochs, at a plateau whose decay would go below ``min_lr`` (what is
+    left are gains too small to wait for), or at ``max_epochs``."""
+    epoch = progress.epoch
+    improved = value > progress.best
+    if improved:
+        progress = replace(progress, epoch=epoch + 1, best=value, best_epoch=epoch, stale=0)
+    else:
+        progress = replace(progress, epoch=epoch + 1, stale=progress.stale + 1)
+    next_lr = plateau_lr(lr, progress.stale, config)
+    stop = None
+    if progress.stale >= config.patience:
+        stop = f"no improvement for {config.patience} epochs"
+    elif next_lr < lr and next_lr < config.min_lr:
+        stop = f"no improvement for {config.lr_patience} epochs at the lowest learning rate ({lr:.3g})"
+    elif progress.epoch >= config.max_epochs:
+        stop = "max epochs"
+    return Decision(progress, improved, next_lr, stop)
+
+
+def run_hooks(state: TrainState, data: SplitData, hooks, epoch: int) -> tuple[dict, dict]:
+    """Predict all trials in eval mode and run every hook (on rank 0); returns (metrics, predictions)."""
+    state.module.eval()
+    predictions = predict(lambda heldin: state.module(heldin, data.fwd_steps), data)
+    scores = {}
+    if state.fabric.is_global_zero:
+        for hook in hooks:
+            scores |= hook(state.fabric.logger, data, predictions, epoch) or {}
+    return scores, predictions
+
+
+def _save_atomic(fabric: Fabric, path: Path, state: dict) -> None:
+    partial = layout.partial(path)
+    fabric.save(partial, state)
     if fabric.is_global_zero:
-        if not resume:
-            clear_old_run(run_dir)
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=1))
+        os.replace(partial, path)
     fabric.barrier()
 
-    module, optimizer, state, batch_rng = create_train_state(fabric, config, data)
-    if resume:
-        fabric.load(checkpoints / "last.ckpt", state)
-        _restore_rng(state, batch_rng)
-        fabric.print(f"resuming {split.name} at epoch {state['epoch']} (best {state['best']:.4f} at {state['best_epoch']}, "
-                     f"lr {optimizer.param_groups[0]['lr']:.3g})")
 
+def save_checkpoints(state: TrainState, run: Run, improved: bool) -> None:
+    """``last`` every epoch, ``best`` when it improved (both written atomically), and the
+    progress that ``nlbfab-all``'s live table reads."""
+    _save_atomic(state.fabric, layout.checkpoint(run.run_dir, "last"), state.checkpoint())
+    if improved:
+        _save_atomic(state.fabric, layout.checkpoint(run.run_dir, "best"), state.checkpoint())
+    if state.fabric.is_global_zero:
+        p = state.progress
+        layout.write_progress(run.run_dir, p.epoch - 1, p.best, p.best_epoch, run.config.max_epochs, str(state.fabric.device))
+
+
+def print_epoch(state: TrainState, data: SplitData, seconds: float) -> None:
+    record, p = state.history[-1], state.progress
+    name = "val co-bps" if data.split.phase == "val" else "-val loss"
+    state.fabric.print(f"epoch {record['epoch']:4d}  train {record['train_loss']:.5f}  val {record['val_loss']:.5f}  "
+                       f"{name} {record['monitored']:.4f}  best {p.best:.4f} @ {p.best_epoch}  {seconds:6.1f} s")
+
+
+def set_up(config: TrainConfig, homes: Homes, hooks, resume: bool, quiet: bool) -> tuple[TrainState, SplitData, Run]:
+    """Fabric, the split on its device, the run folder and the train state (from the last
+    checkpoint with ``resume``; else a new run replacing an old one's files)."""
+    split = get_split(config.split)
+    get_model(config.model).settle(config.hparams)  # a wrong name or value fails before Fabric starts
+    run_dir = homes.run_dir(config.run_tag, split)
+    fabric = create_fabric(config, run_dir)
+    fabric.launch()
+    last = layout.checkpoint(run_dir, "last")
+    if resume and not last.is_file():
+        raise UserError(f"nothing to resume: no {last}; drop --resume to start afresh")
+    data = load_split(split, homes).to(fabric.device)
+    run = Run(with_batch_size(config, data.train_heldin.shape[0]), run_dir, tuple(hooks), quiet)
+    if fabric.is_global_zero:
+        for old in ([] if resume else layout.old_run_files(run_dir)):
+            old.unlink(missing_ok=True)
+        last.parent.mkdir(parents=True, exist_ok=True)
+        layout.write_json(layout.config_file(run_dir), asdict(run.config))
+    fabric.barrier()
+    state = create_train_state(fabric, run.config, data)
+    if resume:
+        restore(state, last)
+        p = state.progress
+        fabric.print(f"resuming {split.name} at epoch {p.epoch} (best {p.best:.4f} at {p.best_epoch}, lr {state.lr:.3g})")
+    return state, data, run
+
+
+def train(config: TrainConfig, homes: Homes, hooks=HOOKS, resume: bool = False, quiet: bool = False) -> dict:
+    """Train ``config.model`` on ``config.split``; write checkpoints, TensorBoard logs, metrics
+    and the submission under the run's folder. Returns the run's summary."""
+    state, data, run = set_up(config, homes, hooks, resume, quiet)
     started = time.perf_counter()
-    stop_reason = "max epochs"
-    while state["epoch"] < config.max_epochs:
-        epoch = state["epoch"]
-        train_loss = train_epoch(fabric, module, optimizer, data, config, batch_rng, quiet, epoch, checkpoints)
-        val_loss, value = validate(module, data)
-        state["epoch"] = epoch + 1
-        improved = value > state["best"]
-        if improved:
-            state.update(best=value, best_epoch=epoch, stale=0)
-        else:
-            state["stale"] += 1
-        lr = optimizer.param_groups[0]["lr"]
-        next_lr = plateau_lr(lr, state["stale"], config)
-        for group in optimizer.param_groups:  # the optimizer's checkpoint holds the lr, so resume continues it
-            group["lr"] = next_lr
-        state["history"].append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "monitored": value,
-                                 "lr": lr})
-        fabric.log_dict({"loss/train": train_loss, "loss/val": val_loss, "monitored": value, "lr": lr}, step=epoch)
-        _capture_rng(state, batch_rng)
-        _save_atomic(fabric, checkpoints / "last.ckpt", state)
-        if fabric.is_global_zero:  # for nlbfab-all's live table
-            write_progress(run_dir, epoch=epoch, best=state["best"], best_epoch=state["best_epoch"],
-                           max_epochs=config.max_epochs, device=str(fabric.device))
-        if improved:
-            _save_atomic(fabric, checkpoints / "best.ckpt", state)
-        if not quiet:
-            name = "val co-bps" if split.phase == "val" else "-val loss"
-            fabric.print(f"epoch {epoch:4d}  train {train_loss:.5f}  val {val_loss:.5f}  {name} {value:.4f}"
-                         f"  best {state['best']:.4f} @ {state['best_epoch']}  {time.perf_counter() - started:6.1f} s")
-        if (epoch + 1) % config.log_every_n_epochs == 0:
-            scores, _ = run_hooks(fabric, module, data, epoch)
-            if scores and not quiet:
-                fabric.print(f"epoch {epoch:4d}  nlb: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-        if state["stale"] >= config.patience:
-            stop_reason = f"no improvement for {config.patience} epochs"
-            break
-        # a further plateau at the lowest lr: what is left are gains too small to wait for
-        if next_lr < lr and next_lr < config.min_lr:
-            stop_reason = f"no improvement for {config.lr_patience} epochs at the lowest learning rate ({lr:.3g})"
-            break
-    return finish(fabric, module, data, config, run_dir, state, stop_reason, time.perf_counter() - started,
-                  prep_home, file_names)
+    stop = "max epochs" if state.progress.epoch >= run.config.max_epochs else None
+    while stop is None:
+        epoch, lr = state.progress.epoch, state.lr
+        train_loss = train_epoch(state, data, run)
+        val_loss, value = validate(state.module, data)
+        decision = after_epoch(state.progress, value, lr, run.config)
+        state.progress, stop = decision.progress, decision.stop
+        for group in state.optimizer.param_groups:  # the optimizer's checkpoint holds the lr: resume continues it
+            group["lr"] = decision.lr
+        record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "monitored": value, "lr": lr}
+        state.history.append(record)
+        state.fabric.log_dict({"loss/train": train_loss, "loss/val": val_loss, "monitored": value, "lr": lr}, step=epoch)
+        save_checkpoints(state, run, decision.improved)
+        if not run.quiet:
+            print_epoch(state, data, time.perf_counter() - started)
+        if (epoch + 1) % run.config.log_every_n_epochs == 0:
+            scores, _ = run_hooks(state, data, run.hooks, epoch)
+            if scores and not run.quiet:
+                state.fabric.print(f"epoch {epoch:4d}  nlb: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return finish(state, data, run, stop, time.perf_counter() - started)
 
 
 def log_final_metrics(logger, config: TrainConfig, summary: dict) -> None:
@@ -288,24 +364,20 @@ def log_final_metrics(logger, config: TrainConfig, summary: dict) -> None:
     logger.log_hyperparams(asdict(config), metrics=final)
 
 
-def finish(fabric, module, data: SplitData, config: TrainConfig, run_dir: Path, state: dict,
-           stop_reason: str, seconds: float, prep_home: Path, file_names: dict[str, str]) -> dict:
+def finish(state: TrainState, data: SplitData, run: Run, stop_reason: str, seconds: float) -> dict:
     """Reload the best checkpoint, run the hooks on it, merge its rates into the run's
     submission file and, on the val phase, score that file as EvalAI would."""
-    best = run_dir / "checkpoints" / "best.ckpt"
-    fabric.load(best, {"model": module}, strict=False)
-    scores, predictions = run_hooks(fabric, module, data, state["best_epoch"])
-    summary = {"split": data.split.name, "model": config.model, "epochs": state["epoch"],
-               "best_epoch": state["best_epoch"], "best_monitored": state["best"],
-               "stop_reason": stop_reason, "seconds": round(seconds, 2), "hook_metrics": scores,
-               "run_dir": str(run_dir)}
-    if fabric.is_global_zero:
-        prep_dir = Path(prep_home) / data.split.name
-        path = submit(data.split, predictions, run_dir.parent, prep_dir, file_names)
-        summary["submission"] = str(path)
-        if data.split.phase == "val":
-            summary["metrics"] = score(prep_dir / file_names["eval_target"], path, data.split)
-        log_final_metrics(fabric.logger, config, summary)
-        (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
-    fabric.barrier()
+    state.fabric.load(layout.checkpoint(run.run_dir, "best"), {"model": state.module}, strict=False)
+    p = state.progress
+    scores, predictions = run_hooks(state, data, run.hooks, p.best_epoch)
+    summary = {"split": data.split.name, "model": run.config.model, "epochs": p.epoch, "best_epoch": p.best_epoch,
+               "best_monitored": p.best, "stop_reason": stop_reason, "seconds": round(seconds, 2),
+               "hook_metrics": scores, "run_dir": str(run.run_dir)}
+    if state.fabric.is_global_zero:
+        expected = shapes(data.train_heldin.shape[0], data.eval_heldin.shape[0], data.bins, data.fwd_steps,
+                          data.heldin, data.heldout)
+        summary |= submit_and_score(data.split, predictions, run.run_dir.parent, expected, {data.split.group: data.target})
+        log_final_metrics(state.fabric.logger, run.config, summary)
+        layout.write_json(layout.metrics_file(run.run_dir), summary)
+    state.fabric.barrier()
     return summary

@@ -57,6 +57,16 @@ def _number(value) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
+@dataclass(frozen=True)
+class Hyperparameter:
+    """A model's hyperparameter, declared beside its ``init``: default, help and valid values.
+    ``nlbfab-train`` takes it as an option named after it (``hidden_size``: ``--hidden-size``)."""
+
+    default: int | float | str
+    help: str
+    valid: Valid = Valid()
+
+
 def setting(default, help: str, valid: Valid = Valid(), option: bool = True):
     """A ``TrainConfig`` field: its default, its command-line help and its valid values."""
     return field(default=default, metadata={"help": help, "valid": valid, "option": option})
@@ -73,7 +83,6 @@ class TrainConfig:
 
     split: str = field(metadata={"help": "Split to train on, e.g. mc_maze-20ms-val.", "valid": Valid(), "option": False})
     model: str = setting("sae", "Model by name (see nlbfab.models.MODELS).")
-    hidden_size: int = setting(64, "Units in each GRU.", AT_LEAST_ONE)
     batch_size: int | None = setting(
         None, "Trials per optimizer step [default: a fifth of the train trials, between 16 and 64].", AT_LEAST_ONE)
     learning_rate: float = setting(5e-3, "AdamW's initial learning rate.", POSITIVE)
@@ -102,6 +111,8 @@ class TrainConfig:
     devices: str = setting("1", "How many devices (a positive number, or auto), or GPU indices such as 0,2.")
     strategy: str = setting("auto", "Fabric's strategy: auto, ddp, ddp_spawn, ...")
     run_tag: str = setting("default", "Runs go to RUNS_HOME/RUN_TAG/SPLIT.")
+    # the model's own hyperparameters (nlbfab.models), those not given take the model's defaults
+    hparams: dict = field(default_factory=dict, metadata={"help": "", "valid": Valid(), "option": False})
 
     def __post_init__(self):
         check(self)
@@ -111,13 +122,17 @@ def option_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def check_value(name: str, value, valid: Valid) -> None:
+    """One line naming the option, the value and what is valid, if ``valid`` refuses ``value``."""
+    if value is not None and not valid.accepts(value):
+        raise UserError(f"{option_name(name)} {value}: must be {valid.describe()}")
+
+
 def check(config: TrainConfig) -> None:
     """Raise a one-line ``UserError`` for the first setting no run can use, naming its option,
-    the value and what is valid."""
+    the value and what is valid (a model's hyperparameters are checked by the model)."""
     for f in fields(config):
-        value, valid = getattr(config, f.name), f.metadata["valid"]
-        if value is not None and not valid.accepts(value):
-            raise UserError(f"{option_name(f.name)} {value}: must be {valid.describe()}")
+        check_value(f.name, getattr(config, f.name), f.metadata["valid"])
     if config.min_lr >= config.learning_rate:
         raise UserError(f"--min-lr {config.min_lr:g} must be below --learning-rate {config.learning_rate:g}: "
                         f"the run would stop at its first plateau")

@@ -3,12 +3,14 @@ splits once per test session, with DATA_HOME/PREP_HOME/RUNS_HOME pointing into a
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from nlbfab import cli
+from nlbfab import cli, config
+from nlbfab.layout import Homes
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +25,12 @@ def homes(tmp_path_factory) -> dict[str, Path]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def homes_with(**paths) -> Homes:
+    """The session's homes (the environment the ``homes`` fixture set), some replaced, e.g.
+    ``homes_with(prep=tmp_path)``."""
+    return replace(config.homes(), **paths)
 
 
 def run_cli(command, *args):

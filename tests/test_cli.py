@@ -93,6 +93,11 @@ def test_every_training_option_is_checked_before_any_work(homes, option, value, 
     one_line_error(run_cli(cli.train, "--split", "mc_rtt-20ms-val", option, value), option, value, valid)
 
 
+def test_a_misspelt_option_names_the_models_hyperparameters(homes):
+    one_line_error(run_cli(cli.train, "--split", "mc_rtt-20ms-val", "--hidden-sise", "64"),
+                   "no such option --hidden-sise", "model sae's hyperparameters (--hidden-size)")
+
+
 def test_a_min_lr_at_or_above_the_learning_rate_is_refused(homes):
     one_line_error(run_cli(cli.train, "--split", "mc_rtt-20ms-val", "--learning-rate", "1e-3", "--min-lr", "1e-3"),
                    "--min-lr", "below --learning-rate")

@@ -5,14 +5,14 @@ import h5py
 import pytest
 import torch
 
-from nlbfab.config import split_file_names
 from nlbfab.data import batch_indices, load_split
+from tests.conftest import homes_with
 from nlbfab.errors import UserError
 from nlbfab.splits import get_split
 
 
 def test_val_split_holds_inputs_targets_and_the_official_target(prepared):
-    data = load_split(get_split("mc_maze-20ms-val"), prepared, split_file_names())
+    data = load_split(get_split("mc_maze-20ms-val"), homes_with(prep=prepared))
     assert data.train_heldin.shape == (40, 35, 12)
     assert data.train_recon.shape == (40, 45, 16)
     assert data.eval_recon.shape == (16, 45, 16)
@@ -21,12 +21,12 @@ def test_val_split_holds_inputs_targets_and_the_official_target(prepared):
 
 
 def test_test_split_has_no_heldout_target(prepared):
-    data = load_split(get_split("mc_maze-20ms-test"), prepared, split_file_names())
+    data = load_split(get_split("mc_maze-20ms-test"), homes_with(prep=prepared))
     assert data.target == {} and data.eval_recon.shape == (12, 35, 12)
 
 
 def test_dmfc_loss_target_is_nan_free(prepared):
-    data = load_split(get_split("dmfc_rsg-20ms-val"), prepared, split_file_names())
+    data = load_split(get_split("dmfc_rsg-20ms-val"), homes_with(prep=prepared))
     assert not torch.isnan(data.eval_recon).any()
 
 
@@ -39,7 +39,7 @@ def test_a_missing_file_names_it_and_the_command(prepared, tmp_path):
     home = copy_split(prepared, tmp_path, "area2_bump-20ms-val")
     (home / "area2_bump-20ms-val" / "eval_input.h5").unlink()
     with pytest.raises(UserError, match=r"missing .*eval_input.h5: run 'bin/nlbfab-prep --split area2_bump-20ms-val --force'"):
-        load_split(get_split("area2_bump-20ms-val"), home, split_file_names())
+        load_split(get_split("area2_bump-20ms-val"), homes_with(prep=home))
 
 
 def test_a_corrupt_file_names_it_and_the_command(prepared, tmp_path):
@@ -47,7 +47,7 @@ def test_a_corrupt_file_names_it_and_the_command(prepared, tmp_path):
     path = home / "area2_bump-20ms-val" / "train_input.h5"
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(UserError, match=r"cannot read .*train_input.h5.*nlbfab-prep --split area2_bump-20ms-val"):
-        load_split(get_split("area2_bump-20ms-val"), home, split_file_names())
+        load_split(get_split("area2_bump-20ms-val"), homes_with(prep=home))
 
 
 def test_disagreeing_shapes_are_caught(prepared, tmp_path):
@@ -57,7 +57,7 @@ def test_disagreeing_shapes_are_caught(prepared, tmp_path):
         del h5["eval_spikes_heldin"]
         h5["eval_spikes_heldin"] = data[:, :, :5]
     with pytest.raises(UserError, match="disagree"):
-        load_split(get_split("mc_rtt-20ms-test"), home, split_file_names())
+        load_split(get_split("mc_rtt-20ms-test"), homes_with(prep=home))
 
 
 def test_batches_are_a_seeded_permutation():

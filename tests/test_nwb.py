@@ -9,7 +9,7 @@ from pynwb import NWBHDF5IO
 from nlbfab.errors import UserError
 from nlbfab.nwb import load_dataset
 from nlbfab.splits import DATASETS
-from nlbfab.synth_nwb import dataset_dir
+from nlbfab.layout import dataset_dir
 
 
 def test_unsorted_load_loses_the_last_trial_and_ours_does_not(synthetic):

@@ -9,7 +9,7 @@ from nlbfab.scoring import score
 from nlbfab.smoothing import smoothing_rates
 from nlbfab.splits import DATASETS, get_split, splits_of
 from nlbfab.submission import write_rates
-from nlbfab.synth_nwb import dataset_dir
+from nlbfab.layout import dataset_dir
 from tests.conftest import run_cli
 
 

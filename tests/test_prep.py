@@ -9,7 +9,9 @@ import pytest
 
 from nlbfab import cli, prep
 from nlbfab.config import split_file_names
-from nlbfab.splits import ALL_SPLITS, DATASETS, TRAIN_WINDOW_TARGET, get_split
+from nlbfab.layout import PREP_MARKER, TRAIN_WINDOW_TARGET
+from tests.conftest import homes_with
+from nlbfab.splits import ALL_SPLITS, DATASETS, get_split
 from nlbfab.synth import counts
 from tests.conftest import run_cli
 
@@ -77,7 +79,7 @@ def test_dmfc_keeps_the_official_target_and_a_nan_free_one(prepared):
 
 
 def test_up_to_date_splits_are_skipped_and_force_redoes_them(prepared):
-    marker = prepared / "mc_rtt-20ms-val" / prep.MARKER
+    marker = prepared / "mc_rtt-20ms-val" / PREP_MARKER
     before = marker.stat().st_mtime_ns
     result = run_cli(cli.prep, "--split", "mc_rtt-20ms-val")
     assert result.exit_code == 0 and "up to date, skipped" in result.output
@@ -103,35 +105,35 @@ def test_an_interrupted_run_leaves_the_previous_split_intact(prepared, monkeypat
     original = prep.save_to_h5
     monkeypatch.setattr(prep, "save_to_h5", crash_after_one_file)
     with pytest.raises(KeyboardInterrupt):
-        prep.prepare_dataset(split.dataset, [split], synthetic, prepared, split_file_names(), force=True,
+        prep.prepare_dataset(split.dataset, [split], homes_with(data=synthetic, prep=prepared), force=True,
                              report=lambda line: None)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
-    assert prep.is_up_to_date(split, synthetic, prepared, split_file_names())
+    assert prep.is_up_to_date(split, homes_with(data=synthetic, prep=prepared))
 
 
 def test_an_interrupted_first_run_leaves_no_split_that_looks_done(synthetic, tmp_path, monkeypatch):
     split = get_split("mc_maze_small-20ms-test")
     monkeypatch.setattr(prep, "save_to_h5", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        prep.prepare_dataset(split.dataset, [split], synthetic, tmp_path, split_file_names(), report=lambda line: None)
+        prep.prepare_dataset(split.dataset, [split], homes_with(data=synthetic, prep=tmp_path), report=lambda line: None)
     assert not (tmp_path / split.name).exists()
-    assert not prep.is_up_to_date(split, synthetic, tmp_path, split_file_names())
+    assert not prep.is_up_to_date(split, homes_with(data=synthetic, prep=tmp_path))
 
 
 def test_changed_nwb_files_make_a_split_stale(prepared, synthetic):
     split = get_split("mc_maze_medium-05ms-test")
-    assert prep.is_up_to_date(split, synthetic, prepared, split_file_names())
-    marker = prepared / split.name / prep.MARKER
+    assert prep.is_up_to_date(split, homes_with(data=synthetic, prep=prepared))
+    marker = prepared / split.name / PREP_MARKER
     made = json.loads(marker.read_text())
     made["sources"][0]["bytes"] += 1
     marker.write_text(json.dumps(made))
-    assert not prep.is_up_to_date(split, synthetic, prepared, split_file_names())
+    assert not prep.is_up_to_date(split, homes_with(data=synthetic, prep=prepared))
 
 
 def test_the_last_trials_behaviour_is_present_and_right(prepared, synthetic):
     """Trial-only behaviour: the last train trial's hand velocity matches the truth readout."""
     from nlbfab.oracle import read_truth
-    from nlbfab.synth_nwb import TRUTH_FILE, dataset_dir
+    from nlbfab.layout import TRUTH_FILE, dataset_dir
     split = get_split("mc_maze-20ms-test")  # trains on train+val: its last trial is the file's last
     behavior = read_h5(prepared / split.name / "train_input.h5")["train_behavior"]
     assert not np.isnan(behavior[-1]).any()

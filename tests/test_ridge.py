@@ -8,8 +8,8 @@ from sklearn.linear_model import Ridge
 from sklearn.model_selection import GridSearchCV
 
 from nlbfab import ridge
-from nlbfab.config import split_file_names
 from nlbfab.data import load_split
+from tests.conftest import homes_with
 from nlbfab.evaluation import metrics
 from nlbfab.ridge import ALPHAS, fit_and_eval_decoder
 from nlbfab.scoring import split_metrics
@@ -107,7 +107,7 @@ def smoothed_rates(data) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("name, decoders", [("mc_maze-20ms-val", 1), ("area2_bump-20ms-val", 2)])
 def test_hook_metrics_are_those_of_unpatched_nlb_tools(prepared, monkeypatch, name, decoders):
     split = get_split(name)
-    data = load_split(split, prepared, split_file_names())
+    data = load_split(split, homes_with(prep=prepared))
     rates = smoothed_rates(data)
     expected = split_metrics(evaluate({split.group: data.target}, {split.group: rates}), split)
     assert {"co-bps", "vel R2", "psth R2", "fp-bps"} <= set(expected)
@@ -124,7 +124,7 @@ def test_hook_metrics_are_those_of_unpatched_nlb_tools(prepared, monkeypatch, na
 
 
 def test_nlb_tools_decoder_is_restored_when_evaluation_fails(prepared):
-    data = load_split(get_split("mc_maze-20ms-val"), prepared, split_file_names())
+    data = load_split(get_split("mc_maze-20ms-val"), homes_with(prep=prepared))
     rates = smoothed_rates(data)
     rates["train_rates_heldin"][0, 0, 0] = np.nan  # fails in the decoder, after co-bps
     with pytest.raises(AssertionError, match="NaNs found in rate predictions"):

@@ -5,12 +5,11 @@ import h5py
 import numpy as np
 import pytest
 
-from nlbfab.config import split_file_names
 from nlbfab.errors import UserError
 from nlbfab.splits import get_split
 from nlbfab import cli
 from nlbfab.submission import check_rates, expected_shapes, merge_rates, rates_files, submit, write_rates
-from tests.conftest import run_cli
+from tests.conftest import homes_with, run_cli
 
 SHAPES = {"train_rates_heldin": (3, 5, 2), "train_rates_heldout": (3, 5, 1),
           "eval_rates_heldin": (2, 5, 2), "eval_rates_heldout": (2, 5, 1)}
@@ -67,20 +66,20 @@ def test_submit_checks_against_the_splits_tensors_and_keeps_the_file_intact(prep
     split = get_split("mc_rtt-20ms-val")
     good = {"train_rates_heldin": np.ones((40, 30, 12)), "train_rates_heldout": np.ones((40, 30, 4)),
             "eval_rates_heldin": np.ones((16, 30, 12)), "eval_rates_heldout": np.ones((16, 30, 4))}
-    path = submit(split, good, tmp_path, prepared / split.name, split_file_names())
+    expected = expected_shapes(split, homes_with(prep=prepared))
+    path = submit(split, good, tmp_path, expected)
     before = path.read_bytes()
     with pytest.raises(UserError, match="eval_rates_heldout has shape"):
-        submit(split, {**good, "eval_rates_heldout": np.ones((16, 29, 4))}, tmp_path, prepared / split.name,
-               split_file_names())
+        submit(split, {**good, "eval_rates_heldout": np.ones((16, 29, 4))}, tmp_path, expected)
     assert path.read_bytes() == before
 
 
 def submit_tiny(prepared, run_dir, name, value, lines=None):
     """Rates of ``value`` everywhere, in the shapes of the prepared split ``name``."""
     split = get_split(name)
-    shapes = expected_shapes(prepared / split.name, split_file_names())
-    return submit(split, {k: np.full(shape, value) for k, shape in shapes.items()}, run_dir, prepared / split.name,
-                  split_file_names(), report=(lines.append if lines is not None else print))
+    shapes = expected_shapes(split, homes_with(prep=prepared))
+    return submit(split, {k: np.full(shape, value) for k, shape in shapes.items()}, run_dir, shapes,
+                  report=(lines.append if lines is not None else print))
 
 
 def test_a_damaged_submission_is_set_aside_and_rebuilt_with_every_runs_group(prepared, tmp_path):

@@ -6,7 +6,8 @@ import h5py
 
 from nlbfab import cli
 from nlbfab.splits import get_split
-from nlbfab.sweep import local_slots, longest_first, run_state
+from nlbfab.layout import run_state
+from nlbfab.sweep import local_slots, longest_first
 from tests.conftest import run_cli
 
 QUICK = ["--max-epochs", "2", "--hidden-size", "8", "--log-every-n-epochs", "100", "--workers", "2"]
@@ -57,7 +58,7 @@ def test_a_crashing_split_is_reported_and_the_others_go_on(prepared, homes, tmp_
 
 def test_training_options_are_checked_before_anything_runs(prepared, homes):
     result = run_cli(cli.sweep, "--datasets", "mc_rtt", "--max-epoch", "2")
-    assert result.exit_code == 2 and "No such option" in result.output
+    assert result.exit_code == 2 and "no such option --max-epoch (did you mean --max-epochs?)" in result.output
     result = run_cli(cli.sweep, "--datasets", "mc_rt")
     assert result.exit_code == 2 and "unknown dataset mc_rt" in result.output
 

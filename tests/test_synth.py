@@ -8,7 +8,7 @@ from pynwb import NWBHDF5IO
 
 from nlbfab.splits import DATASETS
 from nlbfab.synth import counts, generate
-from nlbfab.synth_nwb import TRUTH_FILE, dataset_dir
+from nlbfab.layout import TRUTH_FILE, dataset_dir
 
 
 def read(path):

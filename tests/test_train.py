@@ -17,19 +17,19 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nlbfab import train as loop
-from nlbfab.config import split_file_names
 from nlbfab.errors import UserError
 from nlbfab.scoring import score
 from nlbfab.train import TrainConfig, train
 from nlbfab.train_config import auto_batch_size, with_batch_size
+from tests.conftest import homes_with
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = dict(hidden_size=16, batch_size=16, accelerator="cpu", log_every_n_epochs=3)
+FAST = dict(hparams={"hidden_size": 16}, batch_size=16, accelerator="cpu", log_every_n_epochs=3)
 
 
 def run(homes, prepared, **options):
     config = TrainConfig(**{**FAST, **options})
-    return train(config, prepared, homes["RUNS_HOME"], split_file_names(), quiet=True)
+    return train(config, homes_with(), quiet=True)
 
 
 def test_a_run_writes_checkpoints_logs_and_a_scored_submission(homes, prepared):
@@ -71,6 +71,27 @@ def test_the_lr_decays_after_every_lr_patience_epochs_without_improvement():
     assert {loop.plateau_lr(1.0, stale, constant) for stale in range(8)} == {1.0}
 
 
+def test_after_epoch_keeps_the_best_counts_stale_epochs_and_says_when_to_stop():
+    config = TrainConfig(split="mc_rtt-20ms-val", patience=5, lr_patience=2, lr_decay=0.5, min_lr=0.1,
+                         learning_rate=1.0, max_epochs=100)
+    progress, lr, decisions = loop.Progress(), 1.0, []
+    for value in (0.1, 0.3, 0.2, 0.25, 0.3, 0.29, 0.4):
+        decision = loop.after_epoch(progress, value, lr, config)
+        decisions.append(decision)
+        progress, lr = decision.progress, decision.lr
+    assert [d.improved for d in decisions] == [True, True, False, False, False, False, True]
+    assert [d.progress.stale for d in decisions] == [0, 0, 1, 2, 3, 4, 0]
+    assert [d.lr for d in decisions] == [1.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25]  # halved each 2 stale epochs
+    assert progress == loop.Progress(epoch=7, best=0.4, best_epoch=6, stale=0) and not any(d.stop for d in decisions)
+    stale = loop.Progress(epoch=7, best=0.4, best_epoch=6, stale=4)
+    assert loop.after_epoch(stale, 0.1, 0.25, config).stop == "no improvement for 5 epochs"
+    floor = dataclasses.replace(config, min_lr=0.2, patience=50)
+    assert loop.after_epoch(loop.Progress(epoch=3, best=1, stale=1), 0.5, 0.25, floor).stop.startswith(
+        "no improvement for 2 epochs at the lowest learning rate (0.25)")
+    assert loop.after_epoch(loop.Progress(epoch=99, best=1.0), 0.5, 1.0, config).stop == "max epochs"
+    assert loop.after_epoch(loop.Progress(), float("nan"), 1.0, config).improved is False
+
+
 def test_a_run_halves_its_lr_on_each_plateau_and_stops_at_the_floor(homes, prepared):
     summary = run(homes, prepared, split="mc_rtt-20ms-test", run_tag="plateau", max_epochs=300, patience=100,
                   learning_rate=0.05, lr_decay=0.5, lr_patience=2, min_lr=0.01)
@@ -108,13 +129,13 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_best(homes, prepare
         return loss * float("nan") if len(calls) > 3 * 3 else loss  # 40 trials: 3 batches an epoch
 
     monkeypatch.setattr(loop, "poisson_nll", nan_from_the_fourth_epoch)
-    with pytest.raises(UserError, match=r"training loss became nan at epoch 3: stopped before the update; the best checkpoint .* is kept"):
+    with pytest.raises(UserError, match=r"training loss became nan at epoch 3: stopped before the update, the best checkpoint is kept"):
         run(homes, prepared, split="area2_bump-20ms-val", run_tag="nan", max_epochs=10)
     checkpoints = homes["RUNS_HOME"] / "nan" / "area2_bump-20ms-val" / "checkpoints"
     for name in ("best.ckpt", "last.ckpt"):
         state = torch.load(checkpoints / name, weights_only=False)
         assert all(torch.isfinite(v).all() for v in state["model"].values())
-        assert state["epoch"] <= 3
+        assert state["progress"]["epoch"] <= 3
 
 
 def test_a_second_model_trains_through_the_same_loop(homes, prepared):
@@ -126,8 +147,7 @@ def test_a_second_model_trains_through_the_same_loop(homes, prepared):
 
 def test_resume_without_a_checkpoint_says_so(homes, prepared):
     with pytest.raises(UserError, match="nothing to resume"):
-        train(TrainConfig(split="mc_rtt-20ms-val", run_tag="fresh", **FAST), prepared, homes["RUNS_HOME"],
-              split_file_names(), resume=True, quiet=True)
+        train(TrainConfig(split="mc_rtt-20ms-val", run_tag="fresh", **FAST), homes_with(), resume=True, quiet=True)
 
 
 def cli_train(homes, *args):
@@ -140,7 +160,7 @@ def cli_train(homes, *args):
 
 def last_epoch(path: Path) -> int:
     try:
-        return torch.load(path, weights_only=False)["epoch"]
+        return torch.load(path, weights_only=False)["progress"]["epoch"]
     except (FileNotFoundError, RuntimeError, EOFError):
         return 0
 
@@ -166,7 +186,7 @@ def test_a_killed_run_resumed_ends_with_the_same_weights(homes, prepared):
     def checkpoint(tag):
         return torch.load(homes["RUNS_HOME"] / tag / "dmfc_rsg-20ms-val" / "checkpoints" / "last.ckpt", weights_only=False)
     a, b = checkpoint("whole"), checkpoint("killed")
-    assert a["epoch"] == b["epoch"] == 12
+    assert a["progress"]["epoch"] == b["progress"]["epoch"] == 12
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     lrs = [epoch["lr"] for epoch in a["history"]]
     assert lrs == [epoch["lr"] for epoch in b["history"]]
@@ -184,3 +204,54 @@ def test_mixed_precision_runs_and_learns(homes, prepared, precision):
     losses = [h["train_loss"] for h in state["history"]]
     assert losses[-1] < losses[0]
     assert all(v.dtype == torch.float32 for v in state["model"].values())  # mixed, not half weights
+
+
+def constant_init(sizes, seed, scale):
+    return {"log_rate": torch.log(sizes.mean_counts.clamp_min(1e-4)) * scale}
+
+
+def constant_apply(params, heldin, fwd_steps, *, dropout=0.0, training=False):
+    """Every trial and bin at one learned rate per neuron; latents: the rates."""
+    shape = (heldin.shape[0], heldin.shape[1] + fwd_steps, params["log_rate"].shape[0])
+    logrates = params["log_rate"].expand(shape)
+    return logrates, logrates.exp()
+
+
+def test_a_model_with_a_hyperparameter_of_its_own_trains_from_the_command_line(prepared, monkeypatch):
+    from types import SimpleNamespace
+
+    from nlbfab import cli, models
+    from nlbfab.train_config import Hyperparameter, Valid
+    from tests.conftest import run_cli
+    module = SimpleNamespace(init=constant_init, apply=constant_apply,
+                             HPARAMS={"scale": Hyperparameter(1.0, "Start at this multiple of the log mean rate.",
+                                                              Valid(low=0, low_open=True))})
+    monkeypatch.setitem(models.MODELS, "constant", models.Model("constant", module))
+    args = ["--split", "mc_rtt-20ms-val", "--model", "constant", "--accelerator", "cpu", "--max-epochs", "2",
+            "--run-tag", "own-hparam", "--quiet"]
+    result = run_cli(cli.train, *args, "--scale", "0.5")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((homes_with().run_dir("own-hparam", loop.get_split("mc_rtt-20ms-val")) / "config.json").read_text())
+    assert saved["model"] == "constant" and saved["hparams"] == {"scale": 0.5}
+    bad = run_cli(cli.train, *args, "--scale", "0")
+    assert bad.exit_code == 2 and bad.output.startswith("error: --scale 0.0: must be > 0")
+    other = run_cli(cli.train, *args, "--hidden-size", "8")
+    assert other.exit_code == 2 and other.output.startswith("error: no such option --hidden-size")
+    assert "model constant's hyperparameters (--scale)" in other.output
+
+
+def test_a_model_from_the_users_own_package_trains_by_its_module_name(prepared, tmp_path, monkeypatch):
+    package = tmp_path / "my_lab"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "flat.py").write_text(
+        "from nlbfab.train_config import Hyperparameter, Valid\n"
+        "from tests.test_train import constant_apply as apply, constant_init\n"
+        "HPARAMS = {'scale': Hyperparameter(1.0, 'a multiple of the log mean rate', Valid(low=0, low_open=True))}\n"
+        "def init(sizes, seed, scale):\n    return constant_init(sizes, seed, scale)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    summary = run(None, prepared, split="mc_rtt-20ms-val", run_tag="own-package", model="my_lab.flat",
+                  hparams={"scale": 0.9}, max_epochs=2)
+    assert summary["model"] == "my_lab.flat" and "co-bps" in summary["metrics"]
+    with pytest.raises(UserError, match="unknown model 'my_lab.nothing'"):
+        run(None, prepared, split="mc_rtt-20ms-val", run_tag="own-package", model="my_lab.nothing")

@@ -1,21 +1,25 @@
-"""Models as pairs of pure functions, selected by name on the command line.
+"""Models as pure functions with their hyperparameters, selected by name on the command line.
 
-A model is ``init(sizes, seed, **hparams) -> params`` (a plain dict of tensors) and
-``apply(params, heldin, fwd_steps, *, dropout, training) -> (logrates, latents)`` with
-``heldin: (trials, bins, heldin)``, ``logrates: (trials, bins + fwd_steps, heldin + heldout)``
-and ``latents: (trials, bins + fwd_steps, latent_dim)``. The loop, the hooks, the checkpoints
-and the submission need nothing else. Add one by writing the two functions and registering
-them in ``MODELS``.
+A model is a module (or any object) with ``init(sizes, seed, **hparams) -> params`` (a plain
+dict of tensors), ``apply(params, heldin, fwd_steps, *, dropout, training) -> (logrates,
+latents)`` with ``heldin: (trials, bins, heldin)``, ``logrates: (trials, bins + fwd_steps,
+heldin + heldout)`` and ``latents: (trials, bins + fwd_steps, latent_dim)``, and ``HPARAMS``:
+its hyperparameters (``nlbfab.train_config.Hyperparameter``: default, help, valid values), which
+``nlbfab-train`` takes as options. The loop, the hooks, the checkpoints and the submission need
+nothing else. Register one in ``MODELS``, or name an importable module with ``--model
+my_package.my_model``.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import torch
 
 from nlbfab.errors import UserError
 from nlbfab.models import gru_readout, sae
+from nlbfab.train_config import Hyperparameter, check_value, option_name
 
 
 @dataclass(frozen=True)
@@ -31,19 +35,47 @@ class Sizes:
 
 @dataclass(frozen=True)
 class Model:
+    """A model by name: its module's ``init`` and ``apply``, and its ``HPARAMS``."""
+
     name: str
-    init: Callable[..., dict[str, torch.Tensor]]
-    apply: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    hparams: tuple[str, ...]  # the keyword arguments of ``init`` it takes from the command line
+    module: Any
+
+    @property
+    def hparams(self) -> dict[str, Hyperparameter]:
+        return getattr(self.module, "HPARAMS", {})
+
+    @property
+    def apply(self):
+        return self.module.apply
+
+    def settle(self, given: dict) -> dict:
+        """The model's hyperparameters: its defaults, overridden by ``given``; an unknown name or
+        a value out of range fails in one line."""
+        unknown = sorted(set(given) - set(self.hparams))
+        if unknown:
+            known = ", ".join(option_name(n) for n in self.hparams) or "none"
+            raise UserError(f"model {self.name} has no {', '.join(option_name(n) for n in unknown)} (its hyperparameters: {known})")
+        for name, value in given.items():
+            check_value(name, value, self.hparams[name].valid)
+        return {name: given.get(name, h.default) for name, h in self.hparams.items()}
+
+    def init(self, sizes: Sizes, seed: int, **hparams) -> dict[str, torch.Tensor]:
+        return self.module.init(sizes, seed, **self.settle(hparams))
 
 
-MODELS = {
-    "sae": Model("sae", sae.init, sae.apply, ("hidden_size",)),
-    "gru_readout": Model("gru_readout", gru_readout.init, gru_readout.apply, ("hidden_size",)),
-}
+MODELS = {"sae": Model("sae", sae), "gru_readout": Model("gru_readout", gru_readout)}
 
 
 def get_model(name: str) -> Model:
-    if name not in MODELS:
-        raise UserError(f"unknown model '{name}': choose one of {', '.join(MODELS)}")
-    return MODELS[name]
+    """A registered model, or one from the importable module ``name`` (``my_package.my_model``)."""
+    if name in MODELS:
+        return MODELS[name]
+    try:
+        module = importlib.import_module(name)
+    except ImportError as error:
+        raise UserError(f"unknown model '{name}': choose one of {', '.join(MODELS)}, or name an importable module "
+                        f"that defines init, apply and HPARAMS ({error})") from None
+    missing = [attr for attr in ("init", "apply") if not callable(getattr(module, attr, None))]
+    if missing:
+        raise UserError(f"model module {name} lacks {' and '.join(missing)}: see nlbfab/models/__init__.py")
+    return Model(name, module)

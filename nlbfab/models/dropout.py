@@ -8,8 +8,8 @@ import torch.nn.functional as F
 def spike_dropout(spikes: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """``F.dropout(spikes, p, training)`` in distribution: each count is zeroed with probability
     ``p`` and the rest scaled by ``1 / (1 - p)``. A zero count stays zero whatever its mask, and
-    most bins are empty (95% at 5 ms), so on a CPU only the nonzero counts draw a random number:
-    3.5 ms instead of 9.9 ms for a batch of mc_maze at 5 ms. On a GPU, where ``nonzero`` waits
+    most bins are empty (95% at 5 ms), so on a CPU only the nonzero counts draw a random number
+    (benchmarks/README.md). On a GPU, where ``nonzero`` waits
     for the device, it is ``F.dropout``. ``spikes`` needs no gradient (it is data)."""
     if not training or p == 0 or spikes.is_cuda:
         return F.dropout(spikes, p, training)

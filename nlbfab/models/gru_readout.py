@@ -10,9 +10,12 @@ import torch.nn.functional as F
 
 from nlbfab.models.dropout import spike_dropout
 from nlbfab.models.sae import _gru, _gru_params, _uniform
+from nlbfab.train_config import Hyperparameter, Valid
+
+HPARAMS = {"hidden_size": Hyperparameter(64, "Units in the GRU.", Valid(low=1))}
 
 
-def init(sizes, seed: int = 0, hidden_size: int = 32) -> dict[str, torch.Tensor]:
+def init(sizes, seed: int, hidden_size: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     params = _gru_params("rnn", sizes.heldin, hidden_size, g)
     params["readout_w"] = _uniform(g, (sizes.heldin + sizes.heldout, hidden_size), 1 / math.sqrt(hidden_size))

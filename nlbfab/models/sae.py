@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 from nlbfab.models.dropout import spike_dropout
 from nlbfab.models.gru import gru
+from nlbfab.train_config import Hyperparameter, Valid
 
+HPARAMS = {"hidden_size": Hyperparameter(64, "Units in each GRU (encoder directions and decoder).", Valid(low=1))}
 GRU_WEIGHTS = ("w_ih", "w_hh", "b_ih", "b_hh")
 
 
@@ -30,7 +32,7 @@ def _gru_params(prefix: str, inputs: int, hidden: int, generator) -> dict[str, t
     return {f"{prefix}_{name}": _uniform(generator, shape, bound) for name, shape in shapes.items()}
 
 
-def init(sizes, seed: int = 0, hidden_size: int = 64) -> dict[str, torch.Tensor]:
+def init(sizes, seed: int, hidden_size: int) -> dict[str, torch.Tensor]:
     """Parameters for ``sizes`` (``nlbfab.models.Sizes``). The readout bias starts at the log of
     each neuron's mean count per bin, so the first steps fit structure, not the mean rate
     (at 5 ms, rates are small and a zero bias starts far off)."""

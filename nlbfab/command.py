@@ -1,0 +1,124 @@
+"""Click plumbing shared by every command: one ``error:`` line for any bad input, and
+``nlbfab-train``'s options generated from ``TrainConfig``'s fields."""
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+import sys
+import typing
+import warnings
+from dataclasses import fields
+
+import click
+
+from nlbfab.errors import UserError
+from nlbfab.splits import DATASETS, get_dataset
+from nlbfab.train_config import TrainConfig, option_name
+
+
+def _quiet_libraries() -> None:
+    """nlb_tools, pynwb and hdmf warn about things a user cannot act on; keep errors only."""
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("nlb_tools", "hdmf", "pynwb"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class Command(click.Command):
+    """A click command whose own parsing errors (an unknown option, a value of the wrong type)
+    end in one ``error:`` line and exit status 2, like every other bad input."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as error:
+            click.echo(f"error: {error.format_message()} (see {prog_name or self.name} --help)", err=True)
+            sys.exit(2)
+
+
+def train_options(command):
+    """``nlbfab-train``'s options, one per ``TrainConfig`` field: name, type, default, help and
+    valid values come from the field, so a setting is declared in one place."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in reversed([f for f in fields(TrainConfig) if f.metadata["option"]]):
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        valid = f.metadata["valid"]
+        bounds = f" Valid: {valid.describe()}." if valid.low is not None or valid.high is not None else ""
+        command = click.option(option_name(f.name), f.name, default=f.default, show_default=f.default is not None,
+                               type=click.Choice(valid.choices) if valid.choices else kind,
+                               help=f.metadata["help"] + bounds)(command)
+    return command
+
+
+def friendly_errors(command):
+    """Print a ``UserError`` as one line and exit 2; Ctrl-C exits 130 without a traceback."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        _quiet_libraries()
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished files are kept, unfinished ones were never put in place", err=True)
+            sys.exit(130)
+    return run
+
+
+class TrainCommand(Command):
+    """``nlbfab-train``: its own options come from ``TrainConfig``; what is left are the chosen
+    model's hyperparameters (``model_hparams``), which ``--help`` lists for the built-in models."""
+
+    def format_epilog(self, ctx, formatter):
+        from nlbfab.models import MODELS
+        rows = [(f"{option_name(name)} [{model.name}]", f"{h.help} [default: {h.default}]"
+                 + (f" Valid: {h.valid.describe()}." if h.valid.low is not None or h.valid.high is not None else ""))
+                for model in MODELS.values() for name, h in model.hparams.items()]
+        with formatter.section("Model hyperparameters (of the --model chosen; a module's own from its HPARAMS)"):
+            formatter.write_dl(rows)
+
+
+def model_hparams(model_name: str, args: list[str]) -> dict:
+    """The chosen model's hyperparameters from the options that ``nlbfab-train``'s own did not
+    take, checked against the model's declaration (an unknown option fails here, in one line)."""
+    from nlbfab.models import get_model
+    model = get_model(model_name)
+    options = [click.Option([option_name(name)], name, type=type(h.default)) for name, h in model.hparams.items()]
+    try:
+        parsed = click.Command("hparams", params=options).make_context(f"nlbfab-train --model {model.name}", list(args))
+    except click.NoSuchOption as error:
+        known = ", ".join(option_name(n) for n in model.hparams) or "none"
+        everything = [option_name(f.name) for f in fields(TrainConfig) if f.metadata["option"]] + known.split(", ")
+        close = difflib.get_close_matches(error.option_name, everything, n=1)
+        raise UserError(f"no such option {error.option_name}" + (f" (did you mean {close[0]}?)" if close else "")
+                        + f": not one of nlbfab-train's (see --help) nor of model {model.name}'s hyperparameters "
+                        f"({known})") from None
+    given = {k: v for k, v in parsed.params.items() if v is not None}
+    model.settle(given)
+    return given
+
+
+def train_config(split: str, options: dict, extra_args: list[str]) -> TrainConfig:
+    """A checked ``TrainConfig`` from ``nlbfab-train``'s parsed options and the model's own."""
+    return TrainConfig(split=split, hparams=model_hparams(options["model"], extra_args), **options)
+
+
+def check_pass_through(train_command: click.Command, args: list[str]) -> None:
+    """``nlbfab-all``'s options for every ``nlbfab-train`` run, checked before any split is
+    prepared or trained."""
+    if any(a in ("--split", "--run-tag", "--resume") for a in args):
+        raise UserError("--split, --run-tag and --resume are nlbfab-all's own: use --datasets/--bins/--phases")
+    context = train_command.make_context("nlbfab-train", ["--split", "mc_maze-20ms-val", *args])
+    options = {k: v for k, v in context.params.items() if k not in ("split_name", "resume", "quiet")}
+    train_config("mc_maze-20ms-val", options, context.args)
+
+
+def chosen_datasets(names: tuple[str, ...], all_: bool) -> list:
+    """The datasets named by ``--dataset`` (repeatable), or all of them with ``--all``."""
+    if all_:
+        return list(DATASETS.values())
+    if not names:
+        raise UserError(f"name at least one --dataset ({', '.join(DATASETS)}) or use --all")
+    return [get_dataset(n) for n in names]
