@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from nlbfab.data import batch_indices, load_split
-from tests.conftest import homes_with
 from nlbfab.errors import UserError
 from nlbfab.splits import get_split
+from tests.conftest import homes_with
 
 
 def test_val_split_holds_inputs_targets_and_the_official_target(prepared):
@@ -58,6 +58,18 @@ def test_disagreeing_shapes_are_caught(prepared, tmp_path):
         h5["eval_spikes_heldin"] = data[:, :, :5]
     with pytest.raises(UserError, match="disagree"):
         load_split(get_split("mc_rtt-20ms-test"), homes_with(prep=home))
+
+
+@pytest.mark.parametrize("file, group, key", [("eval_target.h5", "area2_bump_20", "train_behavior"),
+                                              ("eval_target.h5", "area2_bump_20", "eval_cond_idx"),
+                                              ("train_input.h5", None, "train_spikes_heldout_forward")])
+def test_a_file_without_a_key_the_run_reads_fails_before_training(prepared, tmp_path, file, group, key):
+    """Caught at load time, not by the evaluation hook after training."""
+    home = copy_split(prepared, tmp_path, "area2_bump-20ms-val")
+    with h5py.File(home / "area2_bump-20ms-val" / file, "a") as h5:
+        del h5[f"{group}/{key}" if group else key]
+    with pytest.raises(UserError, match=rf"{file} lacks {key}: run 'bin/nlbfab-prep --split area2_bump-20ms-val --force'"):
+        load_split(get_split("area2_bump-20ms-val"), homes_with(prep=home))
 
 
 def test_batches_are_a_seeded_permutation():

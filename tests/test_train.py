@@ -138,6 +138,19 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_best(homes, prepare
         assert state["progress"]["epoch"] <= 3
 
 
+def test_a_caller_passes_its_own_hooks(homes, prepared):
+    seen = []
+
+    def count_trials(logger, data, predictions, epoch):
+        seen.append((epoch, predictions["eval_rates_heldout"].shape[0]))
+        return {"my metric": 1.5}
+
+    summary = train(TrainConfig(split="mc_rtt-20ms-test", run_tag="hooks", max_epochs=4, **{**FAST, "log_every_n_epochs": 2}),
+                    homes_with(), hooks=(count_trials,), quiet=True)
+    assert seen == [(1, 12), (3, 12), (summary["best_epoch"], 12)]  # every 2 epochs, then on the best model
+    assert summary["hook_metrics"] == {"my metric": 1.5}
+
+
 def test_a_second_model_trains_through_the_same_loop(homes, prepared):
     summary = run(homes, prepared, split="mc_maze-20ms-val", run_tag="byom", model="gru_readout", max_epochs=4)
     assert summary["model"] == "gru_readout" and "co-bps" in summary["metrics"]
