@@ -27,7 +27,7 @@ from nlbfab.evaluation import co_bps, inference_batch, predict
 from nlbfab.hooks import HOOKS
 from nlbfab.layout import Homes
 from nlbfab.loss import poisson_nll
-from nlbfab.models import Sizes, get_model
+from nlbfab.models import Model, Sizes, get_model
 from nlbfab.scoring import submit_and_score
 from nlbfab.splits import get_split
 from nlbfab.submission import shapes
@@ -40,16 +40,30 @@ class NonFiniteLoss(UserError):
 
 class ParamsModule(torch.nn.Module):
     """The thin object layer Fabric needs: holds a model's parameter dict so that ``setup`` can
-    wrap it (DDP synchronises gradients through the module's forward), and calls the pure
-    ``apply`` with them."""
+    wrap it (DDP synchronises gradients through the module's forward), and calls the model's
+    pure functions with it. Entries the model names ``FIXED`` are buffers, not parameters."""
 
-    def __init__(self, apply, params: dict[str, torch.Tensor]):
+    def __init__(self, model: Model, params: dict[str, torch.Tensor]):
         super().__init__()
-        self.apply_fn = apply
-        self.params = torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in params.items()})
+        self.model = model
+        self.params = torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in params.items()
+                                              if k not in model.fixed})
+        for name in model.fixed:
+            self.register_buffer(f"fixed_{name}", params[name])
 
-    def forward(self, heldin, fwd_steps: int, dropout: float = 0.0):
-        return self.apply_fn(dict(self.params), heldin, fwd_steps, dropout=dropout, training=self.training)
+    def all_params(self) -> dict[str, torch.Tensor]:
+        return dict(self.params) | {name: getattr(self, f"fixed_{name}") for name in self.model.fixed}
+
+    def forward(self, heldin, fwd_steps: int, dropout: float = 0.0, target=None, epoch: int = 0):
+        """``apply``'s ``(logrates, latents)``; given a ``target``, the training objective
+        ``(loss, terms)`` instead: the model's ``training_loss``, or the Poisson loss."""
+        params = self.all_params()
+        if target is None:
+            return self.model.apply(params, heldin, fwd_steps, dropout=dropout, training=self.training)
+        if self.model.training_loss:
+            return self.model.training_loss(params, heldin, target, dropout=dropout, epoch=epoch)
+        logrates, _ = self.model.apply(params, heldin, fwd_steps, dropout=dropout, training=True)
+        return poisson_nll(logrates, target), {}
 
 
 class RNG:
@@ -165,7 +179,7 @@ def create_train_state(fabric: Fabric, config: TrainConfig, data: SplitData) -> 
     sizes = Sizes(data.heldin, data.heldout, data.bins, data.fwd_steps,
                   mean_counts=data.train_recon[:, :data.bins].mean((0, 1)).cpu())
     params = model.init(sizes, config.seed, **config.hparams)
-    module = ParamsModule(model.apply, params)
+    module = ParamsModule(model, params)
     optimizer = torch.optim.AdamW(module.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   fused=True)
     module, optimizer = fabric.setup(module, optimizer)
@@ -180,13 +194,13 @@ def restore(state: TrainState, path: Path) -> None:
     state.progress, state.history = Progress(**saved["progress"]), saved["history"]
 
 
-def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor], config: TrainConfig) -> torch.Tensor:
-    """One optimizer step on ``batch = (heldin, target)``; returns the loss. A non-finite loss or
-    gradient stops the run before the update, except a gradient overflow under 16-mixed, which
-    the gradient scaler skips and answers with a lower scale."""
+def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor], config: TrainConfig):
+    """One optimizer step on ``batch = (heldin, target)``; returns the loss and the model's loss
+    terms. A non-finite loss or gradient stops the run before the update, except a gradient
+    overflow under 16-mixed, which the gradient scaler skips and answers with a lower scale."""
     heldin, target = batch
-    logrates, _ = state.module(heldin, target.shape[1] - heldin.shape[1], dropout=config.dropout)
-    loss = poisson_nll(logrates, target)
+    loss, terms = state.module(heldin, target.shape[1] - heldin.shape[1], dropout=config.dropout, target=target,
+                               epoch=state.progress.epoch)
     state.optimizer.zero_grad(set_to_none=True)
     state.fabric.backward(loss)
     # the norm of the synchronised gradients is the same on every rank, so all ranks stop together
@@ -198,22 +212,27 @@ def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor], conf
         raise NonFiniteLoss(f"{what} at epoch {state.progress.epoch}: stopped before the update, the best checkpoint "
                             f"is kept. Try a lower --learning-rate or --grad-clip")
     state.optimizer.step()
-    return loss.detach()
+    return loss.detach(), terms
 
 
-def train_epoch(state: TrainState, data: SplitData, run: Run) -> float:
+def train_epoch(state: TrainState, data: SplitData, run: Run) -> tuple[float, dict[str, float]]:
     """One pass over the train trials in seeded random batches; each rank takes its share of
-    every global batch. Returns the mean training loss over ranks."""
+    every global batch. Returns the mean training loss over ranks, and the mean of each of the
+    model's loss terms (on rank 0)."""
     fabric = state.fabric
     state.module.train()
     batches = batch_indices(data.train_heldin.shape[0], run.config.batch_size, state.rng.batches)
-    total = torch.zeros((), device=fabric.device)
+    total, term_totals = torch.zeros((), device=fabric.device), {}
     # a bar within each epoch, on a terminal only (None: tqdm turns itself off when piped)
     hide = True if run.quiet or not fabric.is_global_zero else None
     for index in tqdm(batches, leave=False, disable=hide, unit="batch", desc="epoch"):
         shard = index[fabric.global_rank::fabric.world_size].to(fabric.device)
-        total += train_step(state, (data.train_heldin[shard], data.train_recon[shard]), run.config)
-    return float(fabric.all_reduce(total / len(batches), reduce_op="mean"))
+        loss, terms = train_step(state, (data.train_heldin[shard], data.train_recon[shard]), run.config)
+        total += loss
+        for name, value in terms.items():
+            term_totals[name] = term_totals.get(name, 0) + value
+    terms = {name: float(value) / len(batches) for name, value in term_totals.items()}
+    return float(fabric.all_reduce(total / len(batches), reduce_op="mean")), terms
 
 
 @torch.no_grad()
@@ -334,7 +353,7 @@ def train(config: TrainConfig, homes: Homes, hooks=HOOKS, resume: bool = False, 
     stop = "max epochs" if state.progress.epoch >= run.config.max_epochs else None
     while stop is None:
         epoch, lr = state.progress.epoch, state.lr
-        train_loss = train_epoch(state, data, run)
+        train_loss, terms = train_epoch(state, data, run)
         val_loss, value = validate(state.module, data)
         decision = after_epoch(state.progress, value, lr, run.config)
         state.progress, stop = decision.progress, decision.stop
@@ -342,7 +361,8 @@ def train(config: TrainConfig, homes: Homes, hooks=HOOKS, resume: bool = False, 
             group["lr"] = decision.lr
         record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "monitored": value, "lr": lr}
         state.history.append(record)
-        state.fabric.log_dict({"loss/train": train_loss, "loss/val": val_loss, "monitored": value, "lr": lr}, step=epoch)
+        state.fabric.log_dict({"loss/train": train_loss, "loss/val": val_loss, "monitored": value, "lr": lr,
+                               **{f"loss/{name}": term for name, term in terms.items()}}, step=epoch)
         save_checkpoints(state, run, decision.improved)
         if not run.quiet:
             print_epoch(state, data, time.perf_counter() - started)

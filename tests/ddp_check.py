@@ -1,12 +1,13 @@
 """Run by test_ddp.py as a script: train a few epochs with Fabric on DEVICES CPU processes
-(DDP over gloo when more than one) and save each rank's final parameters."""
+(DDP over gloo when more than one) and save each rank's final parameters.
+Usage: ddp_check.py PREP_HOME DEVICES OUT [MODEL [HPARAMS_JSON]]"""
+import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from lightning_fabric import Fabric
-
-from dataclasses import replace
 
 from nlbfab.config import homes
 from nlbfab.data import load_split
@@ -14,7 +15,9 @@ from nlbfab.splits import get_split
 from nlbfab.train import Run, TrainConfig, create_train_state, train_epoch
 
 prep_home, devices, out = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
-config = TrainConfig(split="mc_maze-20ms-val", hparams={"hidden_size": 16}, batch_size=8, dropout=0.0, seed=5)
+model = sys.argv[4] if len(sys.argv) > 4 else "sae"
+hparams = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {"hidden_size": 16}
+config = TrainConfig(split="mc_maze-20ms-val", model=model, hparams=hparams, batch_size=8, dropout=0.0, seed=5)
 fabric = Fabric(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto")
 fabric.launch()
 data = load_split(get_split(config.split), replace(homes(), prep=prep_home))

@@ -160,8 +160,8 @@ def test_poisson_loss_and_its_gradient_equal_torchs():
 
 
 def test_an_unknown_model_lists_the_known_ones():
-    with pytest.raises(UserError, match="choose one of sae, gru_readout"):
-        get_model("lfads")
+    with pytest.raises(UserError, match="choose one of sae, gru_readout, lfads"):
+        get_model("ndt")
 
 
 def test_spike_dropout_zeroes_counts_with_probability_p_and_rescales_the_rest():

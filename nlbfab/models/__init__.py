@@ -8,6 +8,13 @@ its hyperparameters (``nlbfab.train_config.Hyperparameter``: default, help, vali
 ``nlbfab-train`` takes as options. The loop, the hooks, the checkpoints and the submission need
 nothing else. Register one in ``MODELS``, or name an importable module with ``--model
 my_package.my_model``.
+
+Two optional parts let a model train in its own way (the SAE and ``gru_readout`` have neither):
+``training_loss(params, heldin, target, *, dropout, epoch) -> (loss, terms)`` replaces the
+Poisson loss of ``apply``'s training-mode rates: it may transform the batch (LFADS's coordinated
+dropout), add loss terms (KL, L2; ``terms``, a dict of scalars, is logged as ``loss/{name}``)
+and use the epoch for warm-ups; and ``FIXED``, the names of entries of ``params`` that are not
+trained (settings and fixed priors, kept with the weights so that ``apply`` needs nothing else).
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ from typing import Any
 import torch
 
 from nlbfab.errors import UserError
-from nlbfab.models import gru_readout, sae
+from nlbfab.models import gru_readout, lfads, sae
 from nlbfab.train_config import Hyperparameter, check_value, option_name
 
 
@@ -48,6 +55,15 @@ class Model:
     def apply(self):
         return self.module.apply
 
+    @property
+    def training_loss(self):
+        """The model's own training objective, or None for the Poisson loss of ``apply``."""
+        return getattr(self.module, "training_loss", None)
+
+    @property
+    def fixed(self) -> tuple[str, ...]:
+        return tuple(getattr(self.module, "FIXED", ()))
+
     def settle(self, given: dict) -> dict:
         """The model's hyperparameters: its defaults, overridden by ``given``; an unknown name or
         a value out of range fails in one line."""
@@ -63,7 +79,7 @@ class Model:
         return self.module.init(sizes, seed, **self.settle(hparams))
 
 
-MODELS = {"sae": Model("sae", sae), "gru_readout": Model("gru_readout", gru_readout)}
+MODELS = {"sae": Model("sae", sae), "gru_readout": Model("gru_readout", gru_readout), "lfads": Model("lfads", lfads)}
 
 
 def get_model(name: str) -> Model:

@@ -1,0 +1,273 @@
+"""LFADS (Pandarinath et al. 2018) as pure functions, after lfads-torch's model.
+
+Two bidirectional GRU encoders read the held-in spikes: one gives the posterior of the
+initial condition (a Gaussian, with a Gaussian prior), the other, lagged, the controller's
+input at every bin. Step by step, a controller GRU (fed that input and the last factors)
+emits the posterior of an inferred input (with an AR(1) prior), and a generator GRU driven by
+the inferred input, started from the initial condition, gives the factors and through a linear
+readout the log-rates of all neurons, over the observed and the forward bins. Training samples
+both posteriors and adds their KL terms, warmed up over epochs, and an L2 penalty on the
+recurrent weights; coordinated dropout hides a share of the held-in inputs and lets the loss
+of those entries alone train the model, so that it cannot learn to copy its input to its output.
+Inference uses the posterior means.
+
+Differences from lfads-torch, for speed on the CPU: the GRUs are PyTorch's (the reset gate
+after the recurrent matmul, as ``torch.nn.GRU``), the encoders run on nlbfab's GRU kernel, and
+the state clipping of the encoders acts on their initial states, which bounds every later state
+as well (a GRU state is a convex combination of the last state and a tanh).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from nlbfab.loss import poisson_nll
+from nlbfab.models.gru import gru
+from nlbfab.train_config import Hyperparameter, Valid
+
+POSITIVE, AT_LEAST_ONE, NON_NEGATIVE = Valid(low=0, low_open=True), Valid(low=1), Valid(low=0)
+# defaults: lfads-torch's configs/model/nlb_mc_maze.yaml
+HPARAMS = {
+    "ic_enc_dim": Hyperparameter(64, "Units of each direction of the initial-condition encoder.", AT_LEAST_ONE),
+    "ci_enc_dim": Hyperparameter(64, "Units of each direction of the controller-input encoder.", AT_LEAST_ONE),
+    "ci_lag": Hyperparameter(1, "Bins by which the controller's input lags the data.", NON_NEGATIVE),
+    "con_dim": Hyperparameter(64, "Units of the controller.", AT_LEAST_ONE),
+    "co_dim": Hyperparameter(4, "Inferred inputs.", AT_LEAST_ONE),
+    "ic_dim": Hyperparameter(64, "Dimensions of the initial condition.", AT_LEAST_ONE),
+    "gen_dim": Hyperparameter(200, "Units of the generator.", AT_LEAST_ONE),
+    "fac_dim": Hyperparameter(100, "Factors.", AT_LEAST_ONE),
+    "cd_rate": Hyperparameter(0.3, "Coordinated dropout: share of held-in inputs hidden in training.",
+                              Valid(low=0, high=1, high_open=True)),
+    "cell_clip": Hyperparameter(5.0, "Bound on the GRU states.", Valid(low=1)),
+    "ic_post_var_min": Hyperparameter(1e-4, "Floor of the initial condition's posterior variance.", POSITIVE),
+    "ic_prior_var": Hyperparameter(0.1, "Variance of the initial condition's prior.", POSITIVE),
+    "co_prior_tau": Hyperparameter(10.0, "Initial time constant (bins) of the inferred inputs' AR(1) prior.", POSITIVE),
+    "co_prior_nvar": Hyperparameter(0.1, "Initial noise variance of the inferred inputs' AR(1) prior.", POSITIVE),
+    "kl_ic_scale": Hyperparameter(1e-7, "Weight of the initial condition's KL term.", NON_NEGATIVE),
+    "kl_co_scale": Hyperparameter(1e-7, "Weight of the inferred inputs' KL term.", NON_NEGATIVE),
+    "l2_scale": Hyperparameter(0.0, "Weight of the L2 penalty on the recurrent weights.", NON_NEGATIVE),
+    "kl_start_epoch": Hyperparameter(0, "Epoch at which the KL weights start to rise.", NON_NEGATIVE),
+    "kl_increase_epoch": Hyperparameter(80, "Epochs over which the KL weights rise to their full value.", NON_NEGATIVE),
+    "l2_start_epoch": Hyperparameter(0, "Epoch at which the L2 weight starts to rise.", NON_NEGATIVE),
+    "l2_increase_epoch": Hyperparameter(80, "Epochs over which the L2 weight rises to its full value.", NON_NEGATIVE),
+}
+# what init stores besides tensors: read back by apply and training_loss from the params dict
+SETTINGS = ("ci_lag", "cell_clip", "ic_post_var_min", "cd_rate", "kl_ic_scale", "kl_co_scale", "l2_scale",
+            "kl_start_epoch", "kl_increase_epoch", "l2_start_epoch", "l2_increase_epoch")
+ENCODERS = ("ic_enc_fwd", "ic_enc_bwd", "ci_enc_fwd", "ci_enc_bwd")
+
+
+def _normal(generator, shape, fan_in):
+    """lfads-torch's variance scaling: N(0, 1 / fan_in)."""
+    return torch.randn(shape, generator=generator) / math.sqrt(fan_in)
+
+
+def _gru_weights(generator, inputs: int, hidden: int, fan: int | None = None) -> dict[str, torch.Tensor]:
+    """A GRU's weights in PyTorch's (reset, update, new) order; biases as lfads-torch's: the
+    reset and update gates' input bias at 1, the rest 0. Encoders scale both matrices by
+    ``inputs + hidden`` (``fan``)."""
+    b_ih = torch.cat([torch.ones(2 * hidden), torch.zeros(hidden)])
+    return {"w_ih": _normal(generator, (3 * hidden, inputs), fan or inputs),
+            "w_hh": _normal(generator, (3 * hidden, hidden), fan or hidden), "b_ih": b_ih}
+
+
+def init(sizes, seed: int, ic_enc_dim: int, ci_enc_dim: int, ci_lag: int, con_dim: int, co_dim: int,
+         ic_dim: int, gen_dim: int, fac_dim: int, **settings) -> dict[str, torch.Tensor]:
+    """Parameters for ``sizes`` (``nlbfab.models.Sizes``); the scalar ``settings`` (clip,
+    KL and L2 weights and warm-ups, coordinated dropout) ride along as 0-d buffers of the
+    params dict, so that ``apply`` and ``training_loss`` stay functions of ``params`` alone."""
+    g = torch.Generator().manual_seed(seed)
+    n_in, neurons = sizes.heldin, sizes.heldin + sizes.heldout
+    params = {}
+    for name, hidden in (("ic_enc_fwd", ic_enc_dim), ("ic_enc_bwd", ic_enc_dim),
+                         ("ci_enc_fwd", ci_enc_dim), ("ci_enc_bwd", ci_enc_dim)):
+        params |= {f"{name}_{k}": v for k, v in _gru_weights(g, n_in, hidden, n_in + hidden).items()}
+        params[f"{name}_h0"] = torch.zeros(hidden)
+    params["ic_w"], params["ic_b"] = _normal(g, (2 * ic_dim, 2 * ic_enc_dim), 2 * ic_enc_dim), torch.zeros(2 * ic_dim)
+    params["g0_w"], params["g0_b"] = _normal(g, (gen_dim, ic_dim), ic_dim), torch.zeros(gen_dim)
+    params |= {f"con_{k}": v for k, v in _gru_weights(g, 2 * ci_enc_dim + fac_dim, con_dim).items()}
+    params["con_h0"] = torch.zeros(con_dim)
+    params["co_w"], params["co_b"] = _normal(g, (2 * co_dim, con_dim), con_dim), torch.zeros(2 * co_dim)
+    params |= {f"gen_{k}": v for k, v in _gru_weights(g, co_dim, gen_dim).items()}
+    params["fac_w"] = _normal(g, (fac_dim, gen_dim), gen_dim)
+    params["readout_w"] = _normal(g, (neurons, fac_dim), fac_dim)
+    params["readout_b"] = torch.log(sizes.mean_counts.clamp_min(1e-4)).float()
+    params["ic_prior_mean"] = torch.zeros(ic_dim)
+    params["co_prior_logtau"] = torch.full((co_dim,), math.log(settings.pop("co_prior_tau")))
+    params["co_prior_lognvar"] = torch.full((co_dim,), math.log(settings.pop("co_prior_nvar")))
+    params["ic_prior_logvar"] = torch.full((ic_dim,), math.log(settings.pop("ic_prior_var")))
+    params |= {name: torch.tensor(float(value)) for name, value in {"ci_lag": ci_lag, **settings}.items()}
+    return params
+
+
+FIXED = ("ic_prior_logvar", *SETTINGS)  # not trained: lfads-torch keeps the IC prior's variance fixed
+
+
+def _encode(params, heldin, dropout: float, training: bool):
+    """Posterior of the initial condition ``(mean, std)``, both ``(trials, ic_dim)``, and the
+    controller's input ``(trials, bins, 2 ci_enc_dim)``, lagged by ``ci_lag`` bins."""
+    x = F.dropout(heldin, dropout, training)
+    clip, lag = float(params["cell_clip"]), int(params["ci_lag"])
+    same = params["ic_enc_fwd_w_hh"].shape == params["ci_enc_fwd_w_hh"].shape
+    groups = [ENCODERS] if same else [ENCODERS[:2], ENCODERS[2:]]  # equal sizes: all four in one kernel call
+    outputs, finals = [], []
+    for names in groups:
+        weights = [{k: params[f"{n}_{k}"] for k in ("w_ih", "w_hh", "b_ih")} for n in names]
+        for w in weights:
+            w["b_hh"] = torch.zeros_like(w["b_ih"])
+        h0 = torch.stack([params[f"{n}_h0"].clamp(-clip, clip).expand(x.shape[0], -1) for n in names])
+        out, h_n = gru(x, h0, weights, tuple(n.endswith("bwd") for n in names))
+        outputs += list(out)
+        finals += list(h_n)
+    ic_params = F.linear(F.dropout(torch.cat(finals[:2], -1), dropout, training), params["ic_w"], params["ic_b"])
+    ic_mean, ic_logvar = ic_params.chunk(2, -1)
+    ic_std = torch.sqrt(ic_logvar.exp() + params["ic_post_var_min"])
+    ci_fwd, ci_bwd = outputs[2], outputs[3]
+    if lag:
+        ci_fwd = F.pad(ci_fwd, (0, 0, lag, 0))[:, :-lag]
+        ci_bwd = F.pad(ci_bwd, (0, 0, 0, lag))[:, lag:]
+    return ic_mean, ic_std, torch.cat([ci_fwd, ci_bwd], -1)
+
+
+def _cell(gates_x, h, w_hh, clip):
+    """One GRU step from the input's gate pre-activations ``gates_x`` (bias included)."""
+    gates_h = F.linear(h, w_hh)
+    hidden = h.shape[-1]
+    reset_update = torch.sigmoid(gates_x[:, :2 * hidden] + gates_h[:, :2 * hidden])
+    reset, update = reset_update[:, :hidden], reset_update[:, hidden:]
+    new = torch.tanh(gates_x[:, 2 * hidden:] + reset * gates_h[:, 2 * hidden:])
+    return torch.lerp(new, h.to(new.dtype), update).clamp(-clip, clip)  # under autocast h may be float32
+
+
+def _keep_masks(shape, p: float, training: bool, like: torch.Tensor):
+    """Inverted-dropout masks (0, or ``1 / (1 - p)``) of ``shape``, or None outside training."""
+    if not training or not p:
+        return None
+    return (torch.rand(shape, device=like.device) >= p).to(like.dtype) / (1 - p)
+
+
+def _decode(params, ic, ci, fwd_steps: int, dropout: float, training: bool, sample: bool):
+    """Unroll controller and generator over ``bins + fwd_steps``. Returns the factors
+    ``(trials, steps, fac_dim)`` and the inferred inputs' posterior means, standard deviations
+    and the inputs used (samples or means), each ``(trials, steps, co_dim)``."""
+    trials, bins, _ = ci.shape
+    clip = float(params["cell_clip"])
+    fac_w = F.normalize(params["fac_w"], dim=1)  # lfads-torch's kernel-normalised factor map
+    ci = F.dropout(F.pad(ci, (0, 0, 0, fwd_steps)), dropout, training)
+    ci_width = ci.shape[-1]
+    # the controller's input projection of every step at once; the factors' part waits for them
+    con_x = F.linear(ci, params["con_w_ih"][:, :ci_width], params["con_b_ih"])
+    con_w_factors = params["con_w_ih"][:, ci_width:]
+    gen = F.linear(ic, params["g0_w"], params["g0_b"])
+    steps = bins + fwd_steps
+    # every step's dropout masks drawn at once: a draw per step is most of the decoder's time on a CPU
+    keep_gen = _keep_masks((steps + 1, trials, gen.shape[1]), dropout, training, gen)
+    keep_factor = _keep_masks((steps, trials, fac_w.shape[0]), dropout, training, gen)
+    factor = F.linear(gen * keep_gen[-1] if training and dropout else gen, fac_w)
+    gen = gen.clamp(-clip, clip)
+    con = params["con_h0"].clamp(-clip, clip).expand(trials, -1)
+    noise = torch.randn(steps, trials, params["co_b"].shape[0] // 2, device=ci.device, dtype=con_x.dtype) if sample else None
+    factors, means, stds, inputs = [], [], [], []
+    for t in range(steps):
+        factor_in = factor * keep_factor[t] if training and dropout else factor
+        con = _cell(con_x[:, t] + F.linear(factor_in, con_w_factors), con, params["con_w_hh"], clip)
+        mean, logvar = F.linear(con, params["co_w"], params["co_b"]).chunk(2, -1)
+        std = torch.exp(0.5 * logvar)
+        u = mean + std * noise[t] if sample else mean
+        gen = _cell(F.linear(u, params["gen_w_ih"], params["gen_b_ih"]), gen, params["gen_w_hh"], clip)
+        factor = F.linear(gen * keep_gen[t] if training and dropout else gen, fac_w)
+        factors.append(factor)
+        means.append(mean)
+        stds.append(std)
+        inputs.append(u)
+    return tuple(torch.stack(x, 1) for x in (factors, means, stds, inputs))
+
+
+def _forward(params, heldin, fwd_steps, dropout, training, sample):
+    ic_mean, ic_std, ci = _encode(params, heldin, dropout, training)
+    ic = ic_mean + ic_std * torch.randn_like(ic_std) if sample else ic_mean
+    factors, co_mean, co_std, co = _decode(params, ic, ci, fwd_steps, dropout, training, sample)
+    logrates = F.linear(factors, params["readout_w"], params["readout_b"])
+    return logrates, factors, (ic_mean, ic_std), (co_mean, co_std, co)
+
+
+def apply(params, heldin, fwd_steps: int, *, dropout: float = 0.0, training: bool = False):
+    """``heldin: (trials, bins, heldin)`` -> ``(logrates, factors)`` over ``bins + fwd_steps``
+    bins. Posterior means (deterministic) unless ``training``, which samples both posteriors."""
+    logrates, factors, _, _ = _forward(params, heldin, fwd_steps, dropout, training, sample=training)
+    return logrates, factors
+
+
+def kl_normal(mean, std, prior_mean, prior_logvar) -> torch.Tensor:
+    """KL(N(mean, std^2) || N(prior_mean, exp(prior_logvar))), summed over the last axis and
+    averaged over trials: the initial condition's KL term."""
+    prior_var = prior_logvar.exp()
+    kl = 0.5 * (prior_logvar - 2 * std.log() + (std ** 2 + (mean - prior_mean) ** 2) / prior_var - 1)
+    return kl.sum(-1).mean()
+
+
+def ar1_log_prob(u, logtau, lognvar) -> torch.Tensor:
+    """Log-density of ``u: (trials, steps, dims)`` under independent AR(1) processes per dim
+    with time constant ``exp(logtau)`` bins and noise variance ``exp(lognvar)``, started from
+    their stationary distribution; summed over steps and dims, per trial."""
+    alpha = torch.exp(-1 / logtau.exp())
+    nvar = lognvar.exp()
+    first = torch.distributions.Normal(0.0, torch.sqrt(nvar / (1 - alpha ** 2))).log_prob(u[:, 0])
+    rest = torch.distributions.Normal(alpha * u[:, :-1], nvar.sqrt()).log_prob(u[:, 1:])
+    return first.sum(-1) + rest.sum((-1, -2))
+
+
+def kl_ar1(u, mean, std, logtau, lognvar) -> torch.Tensor:
+    """A one-sample estimate of KL(posterior || AR(1) prior) of the inferred inputs at the
+    sample ``u`` drawn from ``N(mean, std^2)``, averaged over trials (lfads-torch's estimate)."""
+    log_q = torch.distributions.Normal(mean, std).log_prob(u).sum((-1, -2))
+    return (log_q - ar1_log_prob(u, logtau, lognvar)).mean()
+
+
+def ramp(epoch: int, start: float, increase: float) -> float:
+    """lfads-torch's warm-up: 0 before ``start``, then up to 1 over ``increase`` epochs."""
+    return min(max((epoch + 1 - start) / (increase + 1), 0.0), 1.0)
+
+
+def coordinated_dropout(heldin, rate: float, generator=None):
+    """Hide each held-in entry with probability ``rate`` (the rest scaled by ``1 / (1 - rate)``).
+    Returns ``(masked input, hidden)``; the loss trains the model on the hidden entries only."""
+    hidden = torch.rand(heldin.shape, device=heldin.device, generator=generator) < rate
+    return heldin.masked_fill(hidden, 0) / (1 - rate), hidden
+
+
+def coordinated_dropout_loss(logrates, target, hidden) -> torch.Tensor:
+    """The Poisson loss of ``logrates`` over every entry of ``target``, whose gradient comes only
+    from the held-in entries that ``hidden: (trials, bins, heldin)`` hid from the input, and
+    from all held-out neurons and forward bins: lfads-torch's coordinated dropout."""
+    trains = torch.ones_like(logrates, dtype=torch.bool)
+    trains[:, :hidden.shape[1], :hidden.shape[2]] = hidden
+    return poisson_nll(torch.where(trains, logrates, logrates.detach()), target)
+
+
+def l2_recurrent(params) -> torch.Tensor:
+    """lfads-torch's penalty: half the squared norm of every recurrent matrix, per entry."""
+    matrices = [params[f"{n}_w_hh"] for n in (*ENCODERS, "con", "gen")]
+    return 0.5 * sum(w.pow(2).sum() for w in matrices) / sum(w.numel() for w in matrices)
+
+
+def training_loss(params, heldin, target, *, dropout: float, epoch: int):
+    """The training objective of one batch: the Poisson loss of the rates under coordinated
+    dropout (its value over every entry, its gradient from the hidden held-in entries, all
+    held-out neurons and all forward bins), plus the warmed-up KL terms and L2 penalty.
+    ``target: (trials, bins + fwd, heldin + heldout)``. Returns ``(loss, terms)``."""
+    bins = heldin.shape[1]
+    masked, hidden = coordinated_dropout(heldin, float(params["cd_rate"]))
+    logrates, _, (ic_mean, ic_std), (co_mean, co_std, co) = _forward(
+        params, masked, target.shape[1] - bins, dropout, training=True, sample=True)
+    recon = coordinated_dropout_loss(logrates, target, hidden)
+    kl_ic = kl_normal(ic_mean.float(), ic_std.float(), params["ic_prior_mean"], params["ic_prior_logvar"])
+    kl_co = kl_ar1(co.float(), co_mean.float(), co_std.float(), params["co_prior_logtau"], params["co_prior_lognvar"])
+    l2 = l2_recurrent(params)
+    kl_weight = ramp(epoch, float(params["kl_start_epoch"]), float(params["kl_increase_epoch"]))
+    l2_weight = ramp(epoch, float(params["l2_start_epoch"]), float(params["l2_increase_epoch"]))
+    loss = recon + kl_weight * (params["kl_ic_scale"] * kl_ic + params["kl_co_scale"] * kl_co) \
+        + l2_weight * params["l2_scale"] * l2
+    return loss, {"recon": recon.detach(), "kl_ic": kl_ic.detach(), "kl_co": kl_co.detach(), "l2": l2.detach()}

@@ -1,0 +1,137 @@
+"""LFADS: its KL terms, prior and coordinated dropout against hand computations, deterministic
+inference, and training through the loop (loss terms logged, resume, DDP)."""
+import math
+
+import pytest
+import torch
+from torch.distributions import Independent, Normal, kl_divergence
+
+from nlbfab.loss import poisson_nll
+from nlbfab.models import MODELS, Sizes, lfads
+
+SIZES = Sizes(heldin=6, heldout=3, bins=12, fwd_steps=4, mean_counts=torch.full((9,), 0.3))
+SMALL = dict(ic_enc_dim=8, ci_enc_dim=8, con_dim=8, co_dim=2, ic_dim=8, gen_dim=16, fac_dim=4)
+
+
+def test_the_initial_conditions_kl_is_the_closed_form_gaussian_kl():
+    torch.manual_seed(0)
+    mean, std = torch.randn(5, 3), torch.rand(5, 3) + 0.1
+    prior_mean, prior_logvar = torch.randn(3), torch.randn(3)
+    expected = kl_divergence(Independent(Normal(mean, std), 1),
+                             Independent(Normal(prior_mean, (0.5 * prior_logvar).exp()), 1)).mean()
+    assert torch.allclose(lfads.kl_normal(mean, std, prior_mean, prior_logvar), expected, atol=1e-6)
+
+
+def test_the_ar1_prior_by_hand():
+    u = torch.tensor([[[0.5], [-0.2], [0.1]]])  # one trial, three steps, one input
+    tau, nvar = 2.0, 0.3
+    alpha = math.exp(-1 / tau)
+    def log_normal(x, mean, var):
+        return -0.5 * math.log(2 * math.pi * var) - (x - mean) ** 2 / (2 * var)
+    expected = (log_normal(0.5, 0, nvar / (1 - alpha ** 2)) + log_normal(-0.2, alpha * 0.5, nvar)
+                + log_normal(0.1, alpha * -0.2, nvar))
+    got = lfads.ar1_log_prob(u, torch.tensor([math.log(tau)]), torch.tensor([math.log(nvar)]))
+    assert got.shape == (1,) and abs(float(got) - expected) < 1e-5
+    mean, std = torch.full_like(u, 0.1), torch.full_like(u, 0.5)
+    log_q = sum(log_normal(float(x), 0.1, 0.25) for x in u.flatten())
+    kl = lfads.kl_ar1(u, mean, std, torch.tensor([math.log(tau)]), torch.tensor([math.log(nvar)]))
+    assert abs(float(kl) - (log_q - expected)) < 1e-5
+
+
+def test_the_warm_up_ramps_from_zero_to_one():
+    assert [lfads.ramp(e, 0, 3) for e in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert [lfads.ramp(e, 2, 1) for e in range(4)] == [0.0, 0.0, 0.5, 1.0]
+
+
+def test_coordinated_dropout_hides_entries_and_trains_only_on_them():
+    torch.manual_seed(0)
+    heldin = torch.poisson(torch.full((200, 12, 6), 1.0))
+    masked, hidden = lfads.coordinated_dropout(heldin, 0.3)
+    assert abs(hidden.float().mean().item() - 0.3) < 0.02
+    assert torch.equal(masked[hidden], torch.zeros(int(hidden.sum())))
+    assert torch.allclose(masked[~hidden], heldin[~hidden] / 0.7)
+    logrates = torch.randn(200, 16, 9, requires_grad=True)
+    target = torch.poisson(torch.full((200, 16, 9), 1.0))
+    loss = lfads.coordinated_dropout_loss(logrates, target, hidden)
+    assert torch.allclose(loss, poisson_nll(logrates, target))  # the value covers every entry
+    (grad,) = torch.autograd.grad(loss, logrates)
+    (full,) = torch.autograd.grad(poisson_nll(logrates, target), logrates)
+    visible = torch.zeros_like(grad, dtype=torch.bool)
+    visible[:, :12, :6] = ~hidden
+    assert torch.all(grad[visible] == 0)  # no gradient from what the input showed
+    assert torch.allclose(grad[~visible], full[~visible])
+
+
+def test_inference_uses_the_posterior_means_and_is_deterministic():
+    model = MODELS["lfads"]
+    params = model.init(SIZES, 0, **SMALL)
+    heldin = torch.poisson(torch.full((4, 12, 6), 0.5))
+    first, factors = model.apply(params, heldin, 4)
+    again, _ = model.apply(params, heldin, 4, dropout=0.3)
+    assert torch.equal(first, again) and first.shape == (4, 16, 9) and factors.shape == (4, 16, 4)
+    sampled, _ = model.apply(params, heldin, 4, training=True)
+    assert not torch.equal(first, sampled)
+
+
+def test_the_training_loss_adds_warmed_up_kl_and_l2_terms():
+    model = MODELS["lfads"]
+    params = model.init(SIZES, 0, **SMALL, l2_scale=1.0, kl_ic_scale=1.0, kl_co_scale=1.0, kl_increase_epoch=1,
+                        l2_increase_epoch=1)
+    heldin, target = torch.poisson(torch.full((4, 12, 6), 0.5)), torch.poisson(torch.full((4, 16, 9), 0.5))
+    torch.manual_seed(1)
+    loss, terms = model.training_loss(params, heldin, target, dropout=0.0, epoch=1)  # ramps at 1
+    assert set(terms) == {"recon", "kl_ic", "kl_co", "l2"}
+    assert torch.allclose(loss, terms["recon"] + terms["kl_ic"] + terms["kl_co"] + terms["l2"], rtol=1e-5)
+    torch.manual_seed(1)
+    first_epoch, same_terms = model.training_loss(params, heldin, target, dropout=0.0, epoch=0)  # ramps at 0.5
+    half = terms["recon"] + 0.5 * (terms["kl_ic"] + terms["kl_co"] + terms["l2"])
+    assert torch.allclose(first_epoch, half, rtol=1e-5) and torch.allclose(same_terms["kl_co"], terms["kl_co"])
+    assert torch.allclose(terms["l2"], lfads.l2_recurrent(params))
+
+
+def lfads_run(tag, max_epochs, resume=False, **options):
+    from nlbfab.train import TrainConfig, train
+    from tests.conftest import homes_with
+    config = TrainConfig(split="mc_rtt-20ms-val", model="lfads", hparams=SMALL, batch_size=16, accelerator="cpu",
+                         max_epochs=max_epochs, log_every_n_epochs=2, run_tag=tag, **options)
+    return train(config, homes_with(), resume=resume, quiet=True)
+
+
+def test_lfads_trains_through_the_loop_and_logs_its_loss_terms(prepared, homes):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    summary = lfads_run("lfads-loop", 3)
+    assert summary["model"] == "lfads" and math.isfinite(summary["metrics"]["co-bps"])
+    events = EventAccumulator(summary["run_dir"]).Reload()
+    assert {"loss/recon", "loss/kl_ic", "loss/kl_co", "loss/l2", "nlb/co-bps"} <= set(events.Tags()["scalars"])
+    checkpoint = torch.load(f"{summary['run_dir']}/checkpoints/best.ckpt", weights_only=False)
+    assert "fixed_cell_clip" in checkpoint["model"] and "cell_clip" not in [k.split(".")[-1] for k in checkpoint["model"]
+                                                                           if k.startswith("params.")]
+
+
+def test_a_resumed_lfads_run_ends_with_the_same_weights(prepared, homes):
+    whole = lfads_run("lfads-whole", 4)
+    lfads_run("lfads-parts", 2)
+    parts = lfads_run("lfads-parts", 4, resume=True)
+    a, b = (torch.load(f"{s['run_dir']}/checkpoints/last.ckpt", weights_only=False)["model"] for s in (whole, parts))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # sampling and dropout resumed too
+
+
+def test_lfads_trains_in_bfloat16(prepared, homes):
+    summary = lfads_run("lfads-bf16", 2, precision="bf16-mixed")
+    assert math.isfinite(summary["best_monitored"])
+
+
+def test_lfads_ranks_agree_under_ddp(prepared, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).with_name("ddp_check.py")
+    env = {**os.environ, "PYTHONPATH": str(script.parent.parent), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), str(prepared), "2", str(tmp_path), "lfads", json.dumps(SMALL)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}-of-2.pt") for r in (0, 1))
+    assert not torch.equal(rank0["final"]["gen_w_hh"], rank0["initial"]["gen_w_hh"])  # it trained
+    assert all(torch.equal(rank0["final"][k], rank1["final"][k]) for k in rank0["final"])
