@@ -330,7 +330,10 @@ def set_up(config: TrainConfig, homes: Homes, hooks, resume: bool, quiet: bool) 
     if resume and not last.is_file():
         raise UserError(f"nothing to resume: no {last}; drop --resume to start afresh")
     data = load_split(split, homes).to(fabric.device)
-    run = Run(with_batch_size(config, data.train_heldin.shape[0]), run_dir, tuple(hooks), quiet)
+    # every setting the run uses is in its config.json: the batch size and the model's hyperparameters settled
+    config = replace(with_batch_size(config, data.train_heldin.shape[0]),
+                     hparams=get_model(config.model).settle(config.hparams, split.dataset.name))
+    run = Run(config, run_dir, tuple(hooks), quiet)
     if fabric.is_global_zero:
         for old in ([] if resume else layout.old_run_files(run_dir)):
             old.unlink(missing_ok=True)

@@ -135,3 +135,12 @@ def test_lfads_ranks_agree_under_ddp(prepared, tmp_path):
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}-of-2.pt") for r in (0, 1))
     assert not torch.equal(rank0["final"]["gen_w_hh"], rank0["initial"]["gen_w_hh"])  # it trained
     assert all(torch.equal(rank0["final"][k], rank1["final"][k]) for k in rank0["final"])
+
+
+def test_each_dataset_gets_lfads_torchs_sizes_and_options_override_them():
+    model = MODELS["lfads"]
+    assert model.settle({})["gen_dim"] == 200 and model.settle({}, "mc_maze")["fac_dim"] == 100
+    small = model.settle({}, "mc_maze_small")
+    assert (small["gen_dim"], small["fac_dim"], small["ci_enc_dim"]) == (100, 40, 80)
+    assert model.settle({"gen_dim": 50}, "dmfc_rsg")["gen_dim"] == 50
+    assert model.settle({}, "dmfc_rsg")["l2_scale"] > 0

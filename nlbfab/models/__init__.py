@@ -64,18 +64,22 @@ class Model:
     def fixed(self) -> tuple[str, ...]:
         return tuple(getattr(self.module, "FIXED", ()))
 
-    def settle(self, given: dict) -> dict:
-        """The model's hyperparameters: its defaults, overridden by ``given``; an unknown name or
-        a value out of range fails in one line."""
+    def settle(self, given: dict, dataset: str | None = None) -> dict:
+        """The model's hyperparameters: its defaults (for ``dataset``, where the model declares
+        some in ``DATASET_DEFAULTS``), overridden by ``given``; an unknown name or a value out of
+        range fails in one line."""
         unknown = sorted(set(given) - set(self.hparams))
         if unknown:
             known = ", ".join(option_name(n) for n in self.hparams) or "none"
             raise UserError(f"model {self.name} has no {', '.join(option_name(n) for n in unknown)} (its hyperparameters: {known})")
         for name, value in given.items():
             check_value(name, value, self.hparams[name].valid)
-        return {name: given.get(name, h.default) for name, h in self.hparams.items()}
+        defaults = {name: h.default for name, h in self.hparams.items()}
+        defaults |= getattr(self.module, "DATASET_DEFAULTS", {}).get(dataset, {})
+        return defaults | given
 
     def init(self, sizes: Sizes, seed: int, **hparams) -> dict[str, torch.Tensor]:
+        """``init`` with every hyperparameter: those not in ``hparams`` take the defaults."""
         return self.module.init(sizes, seed, **self.settle(hparams))
 
 

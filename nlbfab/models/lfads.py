@@ -53,6 +53,14 @@ HPARAMS = {
     "l2_start_epoch": Hyperparameter(0, "Epoch at which the L2 weight starts to rise.", NON_NEGATIVE),
     "l2_increase_epoch": Hyperparameter(80, "Epochs over which the L2 weight rises to its full value.", NON_NEGATIVE),
 }
+# lfads-torch's sizes for the other datasets (its configs/model/nlb_*.yaml, found by population-based
+# training on the 5 ms splits); mc_maze keeps the defaults above
+_FIVE_MS_SIZES = {"ic_enc_dim": 100, "ci_enc_dim": 80, "con_dim": 80, "ic_dim": 100, "gen_dim": 100, "fac_dim": 40}
+DATASET_DEFAULTS = {
+    **{name: _FIVE_MS_SIZES for name in ("mc_maze_large", "mc_maze_medium", "mc_maze_small", "mc_rtt", "area2_bump")},
+    "dmfc_rsg": {**_FIVE_MS_SIZES, "ci_enc_dim": 64, "con_dim": 64, "kl_ic_scale": 3e-7, "kl_co_scale": 3e-7,
+                 "l2_scale": 1e-3},
+}
 # what init stores besides tensors: read back by apply and training_loss from the params dict
 SETTINGS = ("ci_lag", "cell_clip", "ic_post_var_min", "cd_rate", "kl_ic_scale", "kl_co_scale", "l2_scale",
             "kl_start_epoch", "kl_increase_epoch", "l2_start_epoch", "l2_increase_epoch")

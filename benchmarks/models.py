@@ -1,0 +1,92 @@
+"""Models side by side: the SAE, gru_readout and LFADS against spike smoothing and the oracle
+(the true rates) on synthetic data, with all of a split's NLB metrics, epochs and wall time.
+
+Each dataset is synthesized (``--variability``, ``--scale``) and its val splits preprocessed in
+a working folder; every model then trains with ``nlbfab-train``'s defaults (or
+``--max-epochs``) one after another, each with ``--threads`` torch threads, and is scored on
+its submission as EvalAI would. Prints one table and saves it under ``benchmarks/results/``.
+
+    .venv/bin/python benchmarks/models.py --datasets mc_maze --bins 20 --variability realistic
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import device_description, save, table  # noqa: E402
+
+MODELS = ("sae", "gru_readout", "lfads")
+METRICS = ("co-bps", "vel R2", "tp corr", "psth R2", "fp-bps")
+
+
+def nlbfab(env: dict, *args: str) -> str:
+    """Run an nlbfab command; its output, or exit with its last lines on a failure."""
+    done = subprocess.run([sys.executable, "-m", "nlbfab.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(args[:3])} failed:\n" + "\n".join((done.stdout + done.stderr).splitlines()[-15:]))
+    return done.stdout + done.stderr
+
+
+def submission_scores(homes, tag: str, split_name: str) -> dict[str, float]:
+    """A run's val submission scored on ``split_name`` as EvalAI would."""
+    from nlbfab.layout import submission_file
+    from nlbfab.scoring import score
+    from nlbfab.splits import get_split
+    split = get_split(split_name)
+    return score(homes.split_file(split, "eval_target"), submission_file(homes.tag_dir(tag), "val"), split)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default="mc_maze", help="comma-separated (default mc_maze)")
+    parser.add_argument("--bins", default="20", help="comma-separated bin widths: 5, 20 (default 20)")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default {','.join(MODELS)})")
+    parser.add_argument("--variability", default="realistic", choices=["low", "realistic"])
+    parser.add_argument("--scale", default="small", choices=["tiny", "small", "full"])
+    parser.add_argument("--max-epochs", type=int, help="cap on every run's epochs (default: nlbfab-train's)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of each run")
+    parser.add_argument("--workdir", type=Path, help="data and runs here (default: a temporary folder)")
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="nlbfab-models-"))
+    from nlbfab.layout import Homes, metrics_file
+    homes = Homes(workdir / "dandi", workdir / "prep", workdir / "runs")
+    env = {**os.environ, "DATA_HOME": str(homes.data), "PREP_HOME": str(homes.prep), "RUNS_HOME": str(homes.runs),
+           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
+    rows = []
+    for dataset in args.datasets.split(","):
+        nlbfab(env, "synth", "--dataset", dataset, "--scale", args.scale, "--variability", args.variability)
+        for bin_ms in args.bins.split(","):
+            split = f"{dataset}-{int(bin_ms):02d}ms-val"
+            nlbfab(env, "prep", "--split", split)
+            for method in ("oracle", "smoothing"):
+                nlbfab(env, "baseline", "--split", split, "--method", method, "--run-tag", method)
+                rows.append({"split": split, "run": method, **submission_scores(homes, method, split)})
+            oracle = rows[-2]
+            for model in args.models.split(","):
+                started = time.perf_counter()
+                cap = ["--max-epochs", str(args.max_epochs)] if args.max_epochs else []
+                nlbfab(env, "train", "--split", split, "--model", model, "--run-tag", model, "--quiet", *cap)
+                summary = json.loads(metrics_file(homes.tag_dir(model) / split).read_text())
+                rows.append({"split": split, "run": model, **summary["metrics"], "epochs": summary["epochs"],
+                             "seconds": time.perf_counter() - started})
+            for row in rows[-2 - len(args.models.split(",")):]:
+                row["of oracle"] = f"{100 * row['co-bps'] / oracle['co-bps']:.0f}%"
+            print(table(rows[-2 - len(args.models.split(",")):],
+                        ["split", "run", *[m for m in METRICS if m in oracle], "of oracle", "epochs", "seconds"]),
+                  flush=True)
+    print(f"\ndevice: {device_description()}, {args.threads} threads a run; {args.variability} variability, "
+          f"--scale {args.scale}; data and runs in {workdir}")
+    print(table(rows, ["split", "run", *METRICS, "of oracle", "epochs", "seconds"]))
+    print(f"saved {save(f'models-{args.variability}', {'device': device_description(), 'args': vars(args) | {'workdir': str(workdir)}, 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
