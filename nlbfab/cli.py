@@ -29,21 +29,25 @@ def _report(line: str) -> None:
                    "tiny: a few units and trials (tests).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2 ** 32 - 1),
               help="Random seed; the same seed gives the same files.")
-@click.option("--force", is_flag=True, help="Rewrite datasets that already exist with this scale and seed.")
+@click.option("--variability", type=click.Choice(["low", "realistic"]), default="low", show_default=True,
+              help="low: trials of a condition differ only by timing and Poisson noise; realistic: plus "
+                   "single-trial latent noise (in more dimensions than the task) and input pulses at random times.")
+@click.option("--force", is_flag=True,
+              help="Rewrite datasets that already exist with this scale, seed and variability.")
 @friendly_errors
-def synth(names, all_, scale, seed, force):
+def synth(names, all_, scale, seed, variability, force):
     """Write synthetic NLB datasets (NWB files in DANDI's layout, with ground truth) to DATA_HOME."""
     from nlbfab.synth_nwb import existing_synthesis, synthesize
     datasets = chosen_datasets(names, all_)
     data_home = config.writable_home("DATA_HOME")
     for dataset in datasets:
-        if not force and existing_synthesis(data_home, dataset) == (scale, seed):
-            _report(f"{dataset.name}: already synthesized ({scale}, seed {seed}) in "
+        if not force and existing_synthesis(data_home, dataset) == (scale, seed, variability):
+            _report(f"{dataset.name}: already synthesized ({scale}, seed {seed}, {variability} variability) in "
                     f"{layout.dataset_dir(data_home, dataset)}; --force to redo")
             continue
         started = time.perf_counter()
-        _report(f"{dataset.name}: synthesizing ({scale}, seed {seed}) ...")
-        folder = synthesize(dataset, data_home, scale, seed)
+        _report(f"{dataset.name}: synthesizing ({scale}, seed {seed}, {variability} variability) ...")
+        folder = synthesize(dataset, data_home, scale, seed, variability)
         _report(f"{dataset.name}: wrote {folder} in {time.perf_counter() - started:.1f} s")
 
 

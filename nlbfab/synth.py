@@ -9,6 +9,11 @@ held-in/held-out units. Spikes are Poisson draws at 1 ms from
 where ``latents(t)`` follows low-dimensional, condition-dependent dynamics and behaviour is a
 noisy linear readout of the latents ``lag`` ms earlier: ``behavior(t) = latents(t - lag) @
 readout``. The latents are kept, so the true rates of any trial can be rebuilt exactly.
+
+With ``variability="low"`` the trials of one condition differ only by their timing and the
+Poisson draws. ``"realistic"`` adds single-trial variability (see ``Variability``): slow noise and
+input pulses in the task's latents (so in the rates and the behaviour), and noise-only
+background latents that every unit loads on (so in the rates only).
 """
 from __future__ import annotations
 
@@ -17,17 +22,53 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from scipy.ndimage import gaussian_filter1d
+from scipy.signal import lfilter
 
 from nlbfab.errors import UserError
 from nlbfab.splits import Dataset
 
-LATENT_DIM = 8
+LATENT_DIM = 8  # the task's latents; realistic variability appends noise-only latents
+LOADING_SD = 0.55  # s.d. of a unit's loading on one latent
 SCALES = ("tiny", "small", "full")
 LAGS_MS = {"mc_maze": 100, "mc_rtt": 140, "area2_bump": -20, "dmfc_rsg": 0,
            "mc_maze_large": 120, "mc_maze_medium": 120, "mc_maze_small": 120}
 # Behaviour is written only inside trials for these (as on DANDI for some sessions): the
 # realistic case that trips nlb_tools on pandas >= 1.4 unless the loaded data is time-sorted.
 TRIAL_ONLY_BEHAVIOR = ("mc_maze", "area2_bump", "mc_maze_large", "mc_maze_medium", "mc_maze_small")
+
+
+@dataclass(frozen=True)
+class Variability:
+    """Single-trial variability, every size relative to the RMS of one dimension of the task's
+    latents within the train file's trials, every process running through trials and gaps alike.
+
+    - slow noise: an Ornstein-Uhlenbeck process (time constant ``slow_ms``) added to the task's
+      latents;
+    - input pulses: at Poisson times (``pulse_hz``), each a kick in a random direction of the
+      task's latents whose damped response peaks ``pulse_ms`` later (an alpha kernel): the brief
+      perturbations of the dynamics that LFADS's inferred inputs model;
+    - background: ``noise_dims`` more latents carrying only an Ornstein-Uhlenbeck process
+      (``noise_ms``), loaded on by every unit like the task's latents and read by no behaviour.
+      Shared variability in cortex spans more dimensions than the task; without it, smoothing
+      recovers 8 latents from the spikes too well (about 65-70% of the oracle's co-bps).
+    """
+
+    slow: float  # RMS of the slow noise in each task latent / RMS of the signal
+    slow_ms: float
+    pulse: float  # peak norm of a pulse's response / RMS norm of the signal (8 latents)
+    pulse_hz: float
+    pulse_ms: float
+    noise_dims: int
+    noise: float  # RMS of each background latent / RMS of the signal
+    noise_ms: float
+
+
+# low: today's data (none added, bit for bit); realistic: calibrated on mc_maze (README)
+VARIABILITIES: dict[str, Variability | None] = {
+    "low": None,
+    "realistic": Variability(slow=0.4, slow_ms=200.0, pulse=1.5, pulse_hz=2.0, pulse_ms=20.0,
+                             noise_dims=24, noise=0.7, noise_ms=50.0),
+}
 
 
 @dataclass(frozen=True)
@@ -61,7 +102,7 @@ class SessionFile:
     """The content of one NWB file: trials (times in s) and 1 ms latents from t = 0."""
 
     trials: pd.DataFrame
-    latents: np.ndarray  # (ms, LATENT_DIM) float32
+    latents: np.ndarray  # (ms, latents) float32: LATENT_DIM, + noise_dims if realistic
     behavior: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = field(default_factory=dict)
     # name -> (timestamps in s, data (samples, channels), channel names)
 
@@ -70,14 +111,14 @@ class SessionFile:
 class Truth:
     """What generated the spikes: all units' loadings, bias and held-out flags."""
 
-    loadings: np.ndarray  # (LATENT_DIM, units)
+    loadings: np.ndarray  # (latents, units)
     bias: np.ndarray  # (units,) log spikes per ms
     heldout: np.ndarray  # (units,) bool
-    readout: np.ndarray  # (LATENT_DIM, 2) latents -> behaviour
+    readout: np.ndarray  # (latents, 2) latents -> behaviour
     lag_ms: int
 
     def rates(self, latents: np.ndarray) -> np.ndarray:
-        """Expected spikes per ms, ``(ms, units)``, for latents ``(ms, LATENT_DIM)``."""
+        """Expected spikes per ms, ``(ms, units)``, for latents ``(ms, latents)``."""
         return np.exp(latents @ self.loadings + self.bias).astype(np.float32)
 
 
@@ -294,6 +335,36 @@ def _fill_latents(name, placed, length, cv, rng) -> np.ndarray:
     return latents
 
 
+def _ornstein_uhlenbeck(rng, length: int, dims: int, tau_ms: float) -> np.ndarray:
+    """``(length, dims)`` unit-variance OU process at 1 ms (AR(1)), started from its stationary law."""
+    a = np.exp(-1 / tau_ms)
+    noise = rng.standard_normal((length, dims))
+    rest, _ = lfilter([np.sqrt(1 - a * a)], [1, -a], noise[1:], axis=0, zi=a * noise[:1])
+    return np.concatenate([noise[:1], rest])
+
+
+def _fluctuations(length: int, signal_rms: float, v: Variability, rng) -> np.ndarray:
+    """``(length, LATENT_DIM + v.noise_dims)`` float32: slow noise plus pulse responses in the
+    first ``LATENT_DIM`` columns (to add to the task's latents), the background latents after."""
+    out = np.empty((length, LATENT_DIM + v.noise_dims), np.float32)
+    task = _ornstein_uhlenbeck(rng, length, LATENT_DIM, v.slow_ms) * (v.slow * signal_rms)
+    kicks = np.zeros((length, LATENT_DIM))
+    times = rng.integers(0, length, rng.poisson(v.pulse_hz * length / 1000))
+    np.add.at(kicks, times, _condition_vectors(rng, len(times), LATENT_DIM, v.pulse * signal_rms * np.sqrt(LATENT_DIM)))
+    r = np.exp(-1 / v.pulse_ms)  # alpha kernel (t / tau) exp(1 - t / tau): a double pole at exp(-1 / tau)
+    out[:, :LATENT_DIM] = task + lfilter([0, np.e / v.pulse_ms * r], [1, -2 * r, r * r], kicks, axis=0)
+    out[:, LATENT_DIM:] = _ornstein_uhlenbeck(rng, length, v.noise_dims, v.noise_ms) * (v.noise * signal_rms)
+    return out
+
+
+def _in_trials(placed: pd.DataFrame, length: int) -> np.ndarray:
+    """``(length,)`` bool: the ms inside a trial."""
+    inside = np.zeros(length, bool)
+    for start, stop in zip(placed["start"].astype(int), np.ceil(placed["stop"]).astype(int)):
+        inside[start:stop] = True
+    return inside
+
+
 def assign_splits(rng, conditions: np.ndarray, n_train: int, n_val: int) -> np.ndarray:
     """'train'/'val'/'none' labels; val takes two trials of every condition group where it can
     (nlb_tools' dmfc_rsg targets need >= 2 val trials per group), the rest at random."""
@@ -315,23 +386,34 @@ def assign_splits(rng, conditions: np.ndarray, n_train: int, n_val: int) -> np.n
     return labels
 
 
-def generate(dataset: Dataset, scale: str = "tiny", seed: int = 0) -> tuple[dict[str, SessionFile], Truth]:
+def generate(dataset: Dataset, scale: str = "tiny", seed: int = 0,
+             variability: str = "low") -> tuple[dict[str, SessionFile], Truth]:
     """Synthesize the train and test files of ``dataset``; deterministic in ``seed``.
+    ``variability``: a key of ``VARIABILITIES``. Its fluctuations draw from a random stream of
+    their own, so ``"realistic"`` keeps the trials, units, conditions and loadings of ``"low"``.
 
     Returns ``({"train": SessionFile, "test": SessionFile}, Truth)``.
     """
+    if variability not in VARIABILITIES:
+        raise UserError(f"unknown variability '{variability}': use one of {', '.join(VARIABILITIES)}")
     n = counts(dataset, scale)
     rng = np.random.default_rng([seed, sum(map(ord, dataset.name))])
+    fluctuation_rng = np.random.default_rng([seed, sum(map(ord, dataset.name)), 2])
     units = n.heldin + n.heldout
     mean_hz = np.exp(rng.normal(np.log(8.0), 0.6, units))
     truth = Truth(
-        loadings=(rng.standard_normal((LATENT_DIM, units)) * 0.55).astype(np.float32),
+        loadings=(rng.standard_normal((LATENT_DIM, units)) * LOADING_SD).astype(np.float32),
         bias=np.log(mean_hz / 1000).astype(np.float32),
         heldout=np.arange(units) >= n.heldin,
         readout=_readout(dataset.name, rng),
         lag_ms=LAGS_MS[dataset.name],
     )
     cv = {"prep": _condition_vectors(rng, 200, 4, 1.2), "move": _condition_vectors(rng, 200, 4, 1.8)}
+    v = VARIABILITIES[variability]
+    if v is not None:  # background latents: every unit loads on them, no behaviour reads them
+        background = fluctuation_rng.standard_normal((v.noise_dims, units)) * LOADING_SD
+        truth.loadings = np.concatenate([truth.loadings, background.astype(np.float32)])
+        truth.readout = np.concatenate([truth.readout, np.zeros((v.noise_dims, 2), np.float32)])
     make_trials, gap = _task(dataset, scale)
 
     files = {}
@@ -346,6 +428,12 @@ def generate(dataset: Dataset, scale: str = "tiny", seed: int = 0) -> tuple[dict
         tail = 0 if dataset.name in TRIAL_ONLY_BEHAVIOR else 1500
         placed, length = _layout(trials, gap, tail_ms=tail)
         latents = _fill_latents(dataset.name, placed, length, cv, rng)
+        if v is not None:
+            if which == "train":  # sizes set once, by the train file: one law for both files
+                signal_rms = np.sqrt(np.mean(latents[_in_trials(placed, length)] ** 2))
+            fluctuations = _fluctuations(length, signal_rms, v, fluctuation_rng)
+            fluctuations[:, :LATENT_DIM] += latents
+            latents = fluctuations
         if which == "test":  # the hidden test file carries only timing fields
             keep = ["start", "stop", "split"] + [c for c in placed if c.endswith("_time")]
             placed = placed[keep]

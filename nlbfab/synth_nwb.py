@@ -7,8 +7,10 @@ dataset's fields and ``split``, and behaviour TimeSeries in ``/processing/behavi
 """
 from __future__ import annotations
 
+import json
 import os
 import uuid
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from pynwb.misc import Units
 
 from nlbfab.layout import TRUTH_FILE, dataset_dir
 from nlbfab.splits import Dataset
-from nlbfab.synth import SessionFile, Truth, generate, poisson_spike_times
+from nlbfab.synth import VARIABILITIES, SessionFile, Truth, generate, poisson_spike_times
 
 SPECIES = {"Haydn": "Macaca mulatta", "Han": "Macaca mulatta"}
 
@@ -88,12 +90,16 @@ def write_nwb(path: Path, dataset: Dataset, which: str, session: SessionFile, tr
     os.replace(partial, path)
 
 
-def write_truth(path: Path, files: dict[str, SessionFile], truth: Truth, scale: str, seed: int) -> None:
+def write_truth(path: Path, files: dict[str, SessionFile], truth: Truth, scale: str, seed: int,
+                variability: str = "low") -> None:
     """The ground truth beside the NWB files: per file its 1 ms latents and trial starts, and the
-    loadings that turn latents into every unit's rate (see ``nlbfab.oracle``)."""
+    loadings that turn latents into every unit's rate (see ``nlbfab.oracle``); its attributes say
+    how it was made (scale, seed, variability and the variability's parameters)."""
     partial = path.with_name(path.name + ".partial")
     with h5py.File(partial, "w") as h5:
-        h5.attrs.update(scale=scale, seed=seed, lag_ms=truth.lag_ms)
+        h5.attrs.update(scale=scale, seed=seed, variability=variability, lag_ms=truth.lag_ms)
+        if VARIABILITIES[variability] is not None:
+            h5.attrs["variability_params"] = json.dumps(asdict(VARIABILITIES[variability]))
         for name in ("loadings", "bias", "heldout", "readout"):
             h5[name] = getattr(truth, name)
         for which, session in files.items():
@@ -103,26 +109,29 @@ def write_truth(path: Path, files: dict[str, SessionFile], truth: Truth, scale: 
     os.replace(partial, path)
 
 
-def existing_synthesis(data_home: Path, dataset: Dataset) -> tuple[str, int] | None:
-    """(scale, seed) of a complete synthetic dataset already in ``data_home``, else None."""
+def existing_synthesis(data_home: Path, dataset: Dataset) -> tuple[str, int, str] | None:
+    """(scale, seed, variability) of a complete synthetic dataset already in ``data_home``, else
+    None. Truth files written before ``variability`` existed hold low-variability data."""
     folder = dataset_dir(data_home, dataset)
     complete = all((folder / dataset.file_name(w)).is_file() for w in ("train", "test"))
     if not complete or not (folder / TRUTH_FILE).is_file():
         return None
     with h5py.File(folder / TRUTH_FILE, "r") as h5:
-        return str(h5.attrs["scale"]), int(h5.attrs["seed"])
+        return str(h5.attrs["scale"]), int(h5.attrs["seed"]), str(h5.attrs.get("variability", "low"))
 
 
-def synthesize(dataset: Dataset, data_home: Path, scale: str = "tiny", seed: int = 0) -> Path:
+def synthesize(dataset: Dataset, data_home: Path, scale: str = "tiny", seed: int = 0,
+               variability: str = "low") -> Path:
     """Write ``dataset``'s train and test NWB files and its truth under ``data_home``.
+    ``variability``: ``low`` or ``realistic`` (see ``nlbfab.synth.Variability``).
 
     Returns the dataset folder. Files appear only when complete (temporary name, then rename).
     """
     folder = dataset_dir(data_home, dataset)
     folder.mkdir(parents=True, exist_ok=True)
-    files, truth = generate(dataset, scale, seed)
+    files, truth = generate(dataset, scale, seed, variability)
     rng = np.random.default_rng([seed, sum(map(ord, dataset.name)), 1])
     for which, session in files.items():
         write_nwb(folder / dataset.file_name(which), dataset, which, session, truth, rng)
-    write_truth(folder / TRUTH_FILE, files, truth, scale, seed)
+    write_truth(folder / TRUTH_FILE, files, truth, scale, seed, variability)
     return folder

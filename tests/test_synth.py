@@ -6,9 +6,13 @@ import numpy as np
 import pytest
 from pynwb import NWBHDF5IO
 
+from nlbfab import cli
+from nlbfab.oracle import read_truth
 from nlbfab.splits import DATASETS
-from nlbfab.synth import counts, generate
+from nlbfab.synth import LATENT_DIM, VARIABILITIES, counts, generate
+from nlbfab.synth_nwb import existing_synthesis, synthesize
 from nlbfab.layout import TRUTH_FILE, dataset_dir
+from tests.conftest import run_cli
 
 
 def read(path):
@@ -118,3 +122,183 @@ def test_truth_reproduces_the_spike_rates(synthetic):
         observed = np.array([len(t) for t in nwb.units.to_dataframe()["spike_times"]])
     assert np.allclose(observed, expected, rtol=0.25)
     assert np.corrcoef(observed, expected)[0, 1] > 0.95
+
+
+# Fingerprints of the low-variability data as nlbfab made it before --variability existed
+# (--scale tiny, seed 0): (sum, sum of |x|, sum of x weighted by a ramp) of each array, the
+# spike counts of the train and test files, and the sum of the trial starts (ms). Sums, not
+# hashes, so that the last bits of exp/sin on another CPU do not matter; a new numpy whose
+# random streams differ would change the data, and this test says so.
+LOW_TINY_SEED_0 = {
+    "mc_maze": {
+        "truth": (-49.4365324, 217.984702, -15.8947554),
+        "train": (50280.3151, 190345.756, -802.993676),
+        "test": (11191.2172, 38984.2905, -2414.9299),
+        "behavior": (6804006.69, 8209574.41, -2420269.18),
+        "spikes": (20101, 3114),
+        "starts": 3052438,
+    },
+    "area2_bump": {
+        "truth": (-10.227007, 197.259999, -1.94710047),
+        "train": (9582.29607, 125533.24, -2886.07906),
+        "test": (-2014.07776, 22196.5819, 1571.22271),
+        "behavior": (-3555962.33, 13543071.6, -32568.1479),
+        "spikes": (24875, 3911),
+        "starts": 2605111,
+    },
+    "dmfc_rsg": {
+        "truth": (-51.27142, 423.903783, -26.6993273),
+        "train": (72959.0972, 507299.512, -15532.2112),
+        "test": (34456.2253, 97134.5069, -11224.4405),
+        "spikes": (27442, 4198),
+        "starts": 6148012,
+    },
+    "mc_rtt": {
+        "truth": (-152.504154, 442.158086, -115.64276),
+        "train": (2655.43344, 180130.111, -1662.28588),
+        "test": (-743.278239, 42346.9541, 2112.76004),
+        "behavior": (-13683420.7, 16537836.8, 6026327.05),
+        "spikes": (10248, 1737),
+        "starts": 1565888,
+    },
+}
+
+
+def fingerprint(x) -> np.ndarray:
+    x = np.asarray(x, np.float64).ravel()
+    return np.array([x.sum(), np.abs(x).sum(), x @ np.linspace(-1, 1, x.size)])
+
+
+def spike_count(path) -> int:
+    io, nwb = read(path)
+    with io:
+        return len(nwb.units.spike_times[:])
+
+
+@pytest.mark.parametrize("name", list(LOW_TINY_SEED_0))
+def test_low_variability_is_the_data_made_before_variability_existed(synthetic, name):
+    expected = LOW_TINY_SEED_0[name]
+    dataset = DATASETS[name]
+    files, truth = generate(dataset, "tiny", seed=0, variability="low")
+    arrays = {"truth": np.concatenate([truth.loadings.ravel(), truth.bias, truth.readout.ravel()]),
+              "train": files["train"].latents, "test": files["test"].latents}
+    if dataset.behavior:
+        behavior = files["train"].behavior
+        arrays["behavior"] = np.concatenate([behavior[k][1].ravel() for k in sorted(behavior)])
+    for key, x in arrays.items():
+        assert np.allclose(fingerprint(x), expected[key], rtol=1e-6, atol=1e-6 * expected[key][1]), key
+    assert int(files["train"].trials["start"].sum()) == expected["starts"]
+    assert truth.loadings.shape[0] == LATENT_DIM
+    # the session fixture ran plain 'nlbfab-synth --all --scale tiny': low is the default
+    folder = dataset_dir(synthetic, dataset)
+    assert tuple(spike_count(folder / dataset.file_name(w)) for w in ("train", "test")) == expected["spikes"]
+    assert existing_synthesis(synthetic, dataset) == ("tiny", 0, "low")
+
+
+@pytest.mark.parametrize("name", ["mc_maze", "area2_bump", "dmfc_rsg", "mc_rtt"])
+def test_realistic_generation_is_deterministic_in_the_seed(name):
+    dataset = DATASETS[name]
+    first, truth = generate(dataset, "tiny", seed=3, variability="realistic")
+    again, truth_again = generate(dataset, "tiny", seed=3, variability="realistic")
+    other, _ = generate(dataset, "tiny", seed=4, variability="realistic")
+    low, low_truth = generate(dataset, "tiny", seed=3, variability="low")
+    for which in ("train", "test"):
+        assert np.array_equal(first[which].latents, again[which].latents)
+        assert not np.array_equal(first[which].latents, other[which].latents)
+        # its own random stream: the same trials and units as low, plus noise-only latents
+        assert first[which].trials.drop(columns=["target_pos", "barrier_pos"], errors="ignore").equals(
+            low[which].trials.drop(columns=["target_pos", "barrier_pos"], errors="ignore"))
+        assert first[which].latents.shape[1] == LATENT_DIM + VARIABILITIES["realistic"].noise_dims
+    assert np.array_equal(truth.loadings, truth_again.loadings)
+    assert np.array_equal(truth.loadings[:LATENT_DIM], low_truth.loadings)
+    assert not truth.readout[LATENT_DIM:].any()  # behaviour reads the task's (noisy) latents only
+
+
+@pytest.fixture(scope="module")
+def realistic_homes(tmp_path_factory):
+    """mc_maze made twice with --variability realistic and seed 3, once with seed 4."""
+    root = tmp_path_factory.mktemp("realistic")
+    for home, seed in (("a", 3), ("b", 3), ("c", 4)):
+        synthesize(DATASETS["mc_maze"], root / home, "tiny", seed, "realistic")
+    return root
+
+
+def test_realistic_files_and_truth_are_deterministic_in_the_seed(realistic_homes):
+    dataset = DATASETS["mc_maze"]
+    folders = {home: dataset_dir(realistic_homes / home, dataset) for home in "abc"}
+
+    def content(folder):
+        io, nwb = read(folder / dataset.file_name("train"))
+        with io:
+            spikes = nwb.units.spike_times[:]
+            velocity = nwb.processing["behavior"]["hand_vel"].data[()]
+        with h5py.File(folder / TRUTH_FILE) as h5:
+            return spikes, velocity, h5["train/latents"][()], h5["loadings"][()], dict(h5.attrs)
+
+    a, b, c = (content(folders[home]) for home in "abc")
+    for x, y, z in zip(a[:4], b[:4], c[:4]):
+        assert np.array_equal(x, y)
+        assert x.shape != z.shape or not np.array_equal(x, z)
+    assert a[4]["variability"] == "realistic" and a[4]["seed"] == 3
+    assert existing_synthesis(realistic_homes / "a", dataset) == ("tiny", 3, "realistic")
+
+
+def test_realistic_truth_holds_the_rates_that_made_the_spikes(realistic_homes):
+    """The oracle reads the truth through ``read_truth``: its rates must be the realistic ones."""
+    dataset = DATASETS["mc_maze"]
+    folder = dataset_dir(realistic_homes / "a", dataset)
+    truth, files = read_truth(folder / TRUTH_FILE)
+    expected = truth.rates(files["train"]["latents"]).sum(axis=0)
+    io, nwb = read(folder / dataset.file_name("train"))
+    with io:
+        observed = np.array([len(t) for t in nwb.units.to_dataframe()["spike_times"]])
+    assert np.allclose(observed, expected, rtol=0.15)
+    assert np.corrcoef(observed, expected)[0, 1] > 0.99
+
+
+EVENTS = {"mc_maze": ("move_onset_time", -250, 450), "area2_bump": ("move_onset_time", -100, 500),
+          "dmfc_rsg": ("set_time", -500, 500)}
+
+
+def within_condition_variance(files, truth, name) -> float:
+    """Across-trial variance of the true log-rates within a condition, aligned to the task's
+    event, averaged over time, units and conditions."""
+    event, start, stop = EVENTS[name]
+    trials = files["train"].trials
+    ms = trials[event].to_numpy().astype(int)[:, None] + np.arange(start, stop)
+    log_rates = files["train"].latents[ms] @ truth.loadings  # (trials, ms, units)
+    cond = trials["_cond"].to_numpy()
+    return float(np.mean([log_rates[cond == c].var(axis=0).mean() for c in np.unique(cond) if (cond == c).sum() > 1]))
+
+
+@pytest.mark.parametrize("name", list(EVENTS))
+def test_realistic_trials_of_a_condition_differ_far_more_than_low_ones(name):
+    low = within_condition_variance(*generate(DATASETS[name], "tiny", 0, "low"), name)
+    realistic = within_condition_variance(*generate(DATASETS[name], "tiny", 0, "realistic"), name)
+    assert low < 0.01 and realistic > 0.2 and realistic > 50 * low
+
+
+def test_synth_skips_only_a_dataset_made_with_the_same_variability(homes, tmp_path, monkeypatch):
+    monkeypatch.setenv("DATA_HOME", str(tmp_path))
+    dataset = DATASETS["mc_rtt"]
+
+    def synth(*variability):
+        result = run_cli(cli.synth, "--dataset", "mc_rtt", "--scale", "tiny", *variability)
+        assert result.exit_code == 0, result.output
+        return "already synthesized" in result.output
+
+    assert not synth()
+    assert synth() and synth("--variability", "low")
+    assert not synth("--variability", "realistic")
+    assert existing_synthesis(tmp_path, dataset) == ("tiny", 0, "realistic")
+    assert synth("--variability", "realistic")
+    assert not synth()
+    assert existing_synthesis(tmp_path, dataset) == ("tiny", 0, "low")
+    with h5py.File(dataset_dir(tmp_path, dataset) / TRUTH_FILE, "a") as h5:
+        del h5.attrs["variability"]  # a truth file written before variability existed: low
+    assert synth()
+
+
+def test_the_command_offers_every_variability():
+    option = next(p for p in cli.synth.params if p.name == "variability")
+    assert list(option.type.choices) == list(VARIABILITIES) and option.default == "low"
