@@ -1,5 +1,6 @@
 """LFADS: its KL terms, prior and coordinated dropout against hand computations, deterministic
-inference, and training through the loop (loss terms logged, resume, DDP)."""
+inference, the decoder's autograd Function against gradcheck and the step-by-step autograd loop,
+and training through the loop (loss terms logged, resume, DDP)."""
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from torch.distributions import Independent, Normal, kl_divergence
 
 from nlbfab.loss import poisson_nll
-from nlbfab.models import MODELS, Sizes, lfads
+from nlbfab.models import MODELS, Sizes, lfads, lfads_decoder
 
 SIZES = Sizes(heldin=6, heldout=3, bins=12, fwd_steps=4, mean_counts=torch.full((9,), 0.3))
 SMALL = dict(ic_enc_dim=8, ci_enc_dim=8, con_dim=8, co_dim=2, ic_dim=8, gen_dim=16, fac_dim=4)
@@ -87,6 +88,96 @@ def test_the_training_loss_adds_warmed_up_kl_and_l2_terms():
     half = terms["recon"] + 0.5 * (terms["kl_ic"] + terms["kl_co"] + terms["l2"])
     assert torch.allclose(first_epoch, half, rtol=1e-5) and torch.allclose(same_terms["kl_co"], terms["kl_co"])
     assert torch.allclose(terms["l2"], lfads.l2_recurrent(params))
+
+
+def decoder_inputs(dtype=torch.float64, sample=True, dropout=True, clip=0.5, seed=0):
+    """``lfads_decoder.decode``'s arguments at tiny sizes (5 steps, 3 trials), the tensors to
+    differentiate first. Initial states within the clip, as ``lfads._decode`` clamps them; with
+    a clip below 1 the clamp acts on some later states."""
+    steps, trials, con, gen, fac, co = 5, 3, 4, 5, 3, 2
+    g = torch.Generator().manual_seed(seed)
+    def leaf(*shape, bound=None):
+        x = torch.randn(*shape, generator=g, dtype=dtype)
+        return (x.clamp(-bound, bound) if bound else x).requires_grad_()
+    def keep(*shape):
+        return (torch.rand(*shape, generator=g) >= 0.3).to(dtype) / 0.7 if dropout else None
+    bound = min(clip, 1)
+    differentiable = [leaf(steps, trials, 3 * con), leaf(trials, con, bound=bound), leaf(trials, gen, bound=bound),
+                      leaf(trials, fac), leaf(3 * con, fac), leaf(3 * con, con), leaf(2 * co, con), leaf(2 * co),
+                      leaf(3 * gen, co), leaf(3 * gen), leaf(3 * gen, gen), leaf(fac, gen)]
+    noise = torch.randn(steps, trials, co, generator=g, dtype=dtype) if sample else None
+    return differentiable, [keep(steps, trials, fac), keep(steps, trials, gen), noise, clip]
+
+
+def weighed(outputs, seed=1):
+    """A loss that weighs every output entry differently."""
+    g = torch.Generator().manual_seed(seed)
+    return sum((x * torch.randn(x.shape, generator=g, dtype=x.dtype)).sum() for x in outputs)
+
+
+CASES = [(True, True, 0.5), (False, False, 0.5), (True, False, 5.0), (False, True, 5.0)]
+
+
+@pytest.mark.parametrize("sample, dropout, clip", CASES)
+def test_the_decoder_recurrence_passes_gradcheck(sample, dropout, clip):
+    differentiable, rest = decoder_inputs(sample=sample, dropout=dropout, clip=clip)
+    if clip < 1:  # the clamp acts
+        unclamped = lfads._unroll(*differentiable, *rest[:-1], math.inf)
+        assert not torch.allclose(lfads._unroll(*differentiable, *rest)[0], unclamped[0])
+    assert torch.autograd.gradcheck(lambda *x: lfads_decoder.ControllerGenerator.apply(*x, *rest), differentiable)
+
+
+@pytest.mark.parametrize("sample, dropout, clip", CASES)
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, dict(rtol=0, atol=1e-10)),
+                                              (torch.float32, dict(rtol=1e-4, atol=1e-5))])
+def test_the_decoder_function_computes_the_autograd_loops_values_and_gradients(sample, dropout, clip, dtype, tolerance):
+    differentiable, rest = decoder_inputs(dtype, sample, dropout, clip)
+    ours, reference = lfads_decoder.decode(*differentiable, *rest), lfads._unroll(*differentiable, *rest)
+    for name, x, y in zip(("factors", "means", "stds", "inputs"), ours, reference):
+        torch.testing.assert_close(x, y, **tolerance, msg=name)
+    for x, y in zip(torch.autograd.grad(weighed(ours), differentiable),
+                    torch.autograd.grad(weighed(reference), differentiable)):
+        torch.testing.assert_close(x, y, **tolerance)
+
+
+def test_the_training_loss_and_its_gradient_are_those_of_the_step_by_step_decoder(monkeypatch):
+    model = MODELS["lfads"]
+    params = {k: v.double() for k, v in model.init(SIZES, 0, **SMALL, kl_ic_scale=1.0, kl_co_scale=1.0).items()}
+    trained = [k for k in params if k not in lfads.FIXED]
+    heldin, target = torch.poisson(torch.full((4, 12, 6), 0.5)).double(), torch.poisson(torch.full((4, 16, 9), 0.5))
+    def loss_and_grads(autograd_devices):
+        monkeypatch.setattr(lfads, "AUTOGRAD_DEVICES", autograd_devices)
+        weights = {k: v.clone().requires_grad_(k in trained) for k, v in params.items()}
+        torch.manual_seed(2)
+        loss, terms = model.training_loss(weights, heldin, target, dropout=0.3, epoch=0)
+        return loss, terms, torch.autograd.grad(loss, [weights[k] for k in trained])
+    ours, reference = loss_and_grads(()), loss_and_grads(("cpu",))
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-10, atol=0)
+    assert all(torch.allclose(ours[1][k], reference[1][k], rtol=1e-10, atol=0) for k in ours[1])
+    for name, x, y in zip(trained, ours[2], reference[2]):
+        torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_the_decoder_runs_in_bfloat16_under_autocast_and_returns_float32_gradients():
+    differentiable, rest = decoder_inputs(torch.float32, clip=5.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = lfads_decoder.decode(*differentiable, *rest)
+    assert all(x.dtype == torch.bfloat16 for x in outputs)
+    grads = torch.autograd.grad(weighed(x.float() for x in outputs), differentiable)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    exact = lfads_decoder.decode(*differentiable, *rest)
+    assert all(torch.allclose(x.float(), y, atol=0.1, rtol=0.05) for x, y in zip(outputs, exact))
+
+
+def test_inference_without_gradients_runs_the_decoder_forward_alone():
+    model = MODELS["lfads"]
+    params = {k: v.requires_grad_(k not in lfads.FIXED) for k, v in model.init(SIZES, 0, **SMALL).items()}
+    heldin = torch.poisson(torch.full((4, 12, 6), 0.5))
+    recorded, _ = model.apply(params, heldin, 4)
+    with torch.no_grad():
+        plain, factors = model.apply(params, heldin, 4)
+    assert recorded.grad_fn is not None and plain.grad_fn is None and factors.grad_fn is None
+    assert torch.equal(recorded, plain)
 
 
 def lfads_run(tag, max_epochs, resume=False, **options):

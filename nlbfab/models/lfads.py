@@ -14,7 +14,9 @@ Inference uses the posterior means.
 Differences from lfads-torch, for speed on the CPU: the GRUs are PyTorch's (the reset gate
 after the recurrent matmul, as ``torch.nn.GRU``), the encoders run on nlbfab's GRU kernel, and
 the state clipping of the encoders acts on their initial states, which bounds every later state
-as well (a GRU state is a convex combination of the last state and a tanh).
+as well (a GRU state is a convex combination of the last state and a tanh). The controller and
+generator run as one autograd Function with a hand-written backward through time
+(``nlbfab.models.lfads_decoder``), except on ``AUTOGRAD_DEVICES``.
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from nlbfab.loss import poisson_nll
+from nlbfab.models.dropout import spike_dropout
 from nlbfab.models.gru import gru
+from nlbfab.models.lfads_decoder import decode
 from nlbfab.train_config import Hyperparameter, Valid
 
 POSITIVE, AT_LEAST_ONE, NON_NEGATIVE = Valid(low=0, low_open=True), Valid(low=1), Valid(low=0)
@@ -65,6 +69,9 @@ DATASET_DEFAULTS = {
 SETTINGS = ("ci_lag", "cell_clip", "ic_post_var_min", "cd_rate", "kl_ic_scale", "kl_co_scale", "l2_scale",
             "kl_start_epoch", "kl_increase_epoch", "l2_start_epoch", "l2_increase_epoch")
 ENCODERS = ("ic_enc_fwd", "ic_enc_bwd", "ci_enc_fwd", "ci_enc_bwd")
+# devices whose decoder is the step-by-step loop recorded by autograd (``_unroll``): on a GPU each
+# step is a few kernel launches either way, and lfads_decoder's Function has not been tested there
+AUTOGRAD_DEVICES = ("cuda",)
 
 
 def _normal(generator, shape, fan_in):
@@ -116,7 +123,7 @@ FIXED = ("ic_prior_logvar", *SETTINGS)  # not trained: lfads-torch keeps the IC 
 def _encode(params, heldin, dropout: float, training: bool):
     """Posterior of the initial condition ``(mean, std)``, both ``(trials, ic_dim)``, and the
     controller's input ``(trials, bins, 2 ci_enc_dim)``, lagged by ``ci_lag`` bins."""
-    x = F.dropout(heldin, dropout, training)
+    x = spike_dropout(heldin, dropout, training)  # draws only for nonzero counts on a CPU
     clip, lag = float(params["cell_clip"]), int(params["ci_lag"])
     same = params["ic_enc_fwd_w_hh"].shape == params["ci_enc_fwd_w_hh"].shape
     groups = [ENCODERS] if same else [ENCODERS[:2], ENCODERS[2:]]  # equal sizes: all four in one kernel call
@@ -153,7 +160,8 @@ def _keep_masks(shape, p: float, training: bool, like: torch.Tensor):
     """Inverted-dropout masks (0, or ``1 / (1 - p)``) of ``shape``, or None outside training."""
     if not training or not p:
         return None
-    return (torch.rand(shape, device=like.device) >= p).to(like.dtype) / (1 - p)
+    # the comparison in place keeps the draws' dtype: converting a bool tensor is slow on a CPU
+    return torch.rand(shape, device=like.device).ge_(p).to(like.dtype).div_(1 - p)
 
 
 def _decode(params, ic, ci, fwd_steps: int, dropout: float, training: bool, sample: bool):
@@ -163,34 +171,47 @@ def _decode(params, ic, ci, fwd_steps: int, dropout: float, training: bool, samp
     trials, bins, _ = ci.shape
     clip = float(params["cell_clip"])
     fac_w = F.normalize(params["fac_w"], dim=1)  # lfads-torch's kernel-normalised factor map
-    ci = F.dropout(F.pad(ci, (0, 0, 0, fwd_steps)), dropout, training)
+    ci = F.pad(ci, (0, 0, 0, fwd_steps))
+    keep_ci = _keep_masks(ci.shape, dropout, training, ci)
+    ci = ci * keep_ci if keep_ci is not None else ci
     ci_width = ci.shape[-1]
-    # the controller's input projection of every step at once; the factors' part waits for them
-    con_x = F.linear(ci, params["con_w_ih"][:, :ci_width], params["con_b_ih"])
-    con_w_factors = params["con_w_ih"][:, ci_width:]
+    # the controller's input projection of every step at once, time-major; the factors' part waits for them
+    con_x = F.linear(ci.transpose(0, 1), params["con_w_ih"][:, :ci_width], params["con_b_ih"])
     gen = F.linear(ic, params["g0_w"], params["g0_b"])
     steps = bins + fwd_steps
-    # every step's dropout masks drawn at once: a draw per step is most of the decoder's time on a CPU
+    # every step's dropout masks and noise drawn at once: a draw per step is most of a step's time on a CPU
     keep_gen = _keep_masks((steps + 1, trials, gen.shape[1]), dropout, training, gen)
     keep_factor = _keep_masks((steps, trials, fac_w.shape[0]), dropout, training, gen)
-    factor = F.linear(gen * keep_gen[-1] if training and dropout else gen, fac_w)
+    factor = F.linear(gen * keep_gen[-1] if keep_gen is not None else gen, fac_w)
     gen = gen.clamp(-clip, clip)
     con = params["con_h0"].clamp(-clip, clip).expand(trials, -1)
     noise = torch.randn(steps, trials, params["co_b"].shape[0] // 2, device=ci.device, dtype=con_x.dtype) if sample else None
+    recurrence = _unroll if ci.device.type in AUTOGRAD_DEVICES else decode
+    outputs = recurrence(con_x, con, gen, factor, params["con_w_ih"][:, ci_width:], params["con_w_hh"],
+                         params["co_w"], params["co_b"], params["gen_w_ih"], params["gen_b_ih"], params["gen_w_hh"],
+                         fac_w, keep_factor, None if keep_gen is None else keep_gen[:-1], noise, clip)
+    return tuple(x.transpose(0, 1) for x in outputs)
+
+
+def _unroll(con_x, con0, gen0, factor0, con_w_factors, con_w_hh, co_w, co_b, gen_w_ih, gen_b_ih, gen_w_hh, fac_w,
+            keep_factor, keep_gen, noise, clip: float):
+    """``nlbfab.models.lfads_decoder.decode`` (same arguments and outputs, time-major) step by step,
+    recorded by autograd: the decoder on ``AUTOGRAD_DEVICES``, and its reference in the tests."""
+    con, gen, factor = con0, gen0, factor0
     factors, means, stds, inputs = [], [], [], []
-    for t in range(steps):
-        factor_in = factor * keep_factor[t] if training and dropout else factor
-        con = _cell(con_x[:, t] + F.linear(factor_in, con_w_factors), con, params["con_w_hh"], clip)
-        mean, logvar = F.linear(con, params["co_w"], params["co_b"]).chunk(2, -1)
+    for t in range(con_x.shape[0]):
+        factor_in = factor * keep_factor[t] if keep_factor is not None else factor
+        con = _cell(con_x[t] + F.linear(factor_in, con_w_factors), con, con_w_hh, clip)
+        mean, logvar = F.linear(con, co_w, co_b).chunk(2, -1)
         std = torch.exp(0.5 * logvar)
-        u = mean + std * noise[t] if sample else mean
-        gen = _cell(F.linear(u, params["gen_w_ih"], params["gen_b_ih"]), gen, params["gen_w_hh"], clip)
-        factor = F.linear(gen * keep_gen[t] if training and dropout else gen, fac_w)
+        u = mean + std * noise[t] if noise is not None else mean
+        gen = _cell(F.linear(u, gen_w_ih, gen_b_ih), gen, gen_w_hh, clip)
+        factor = F.linear(gen * keep_gen[t] if keep_gen is not None else gen, fac_w)
         factors.append(factor)
         means.append(mean)
         stds.append(std)
         inputs.append(u)
-    return tuple(torch.stack(x, 1) for x in (factors, means, stds, inputs))
+    return tuple(torch.stack(x) for x in (factors, means, stds, inputs))
 
 
 def _forward(params, heldin, fwd_steps, dropout, training, sample):
