@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -190,8 +191,13 @@ def restore(state: TrainState, path: Path) -> None:
     """Load a checkpoint into ``state``: weights, optimizer (with its learning rate), RNG
     streams, progress and history."""
     saved = state.checkpoint()
-    state.fabric.load(path, saved)
-    state.progress, state.history = Progress(**saved["progress"]), saved["history"]
+    try:
+        state.fabric.load(path, saved)
+        state.progress, state.history = Progress(**saved["progress"]), saved["history"]
+    except (KeyError, RuntimeError, EOFError, TypeError, pickle.UnpicklingError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot resume from {path}: it is damaged or from another model or nlbfab version "
+                        f"({reason}); drop --resume to start afresh") from None
 
 
 def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor], config: TrainConfig):

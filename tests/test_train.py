@@ -163,6 +163,19 @@ def test_resume_without_a_checkpoint_says_so(homes, prepared):
         train(TrainConfig(split="mc_rtt-20ms-val", run_tag="fresh", **FAST), homes_with(), resume=True, quiet=True)
 
 
+def test_resuming_from_a_damaged_checkpoint_is_one_line(homes, prepared):
+    run(homes, prepared, split="mc_rtt-20ms-test", run_tag="damaged-ckpt", max_epochs=1)
+    last = homes_with().run_dir("damaged-ckpt", loop.get_split("mc_rtt-20ms-test")) / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    resumed = TrainConfig(**{**FAST, "split": "mc_rtt-20ms-test", "run_tag": "damaged-ckpt", "max_epochs": 2})
+    with pytest.raises(UserError, match=r"cannot resume from .*last.ckpt: it is damaged .*drop --resume"):
+        train(resumed, homes_with(), resume=True, quiet=True)
+    other = dataclasses.replace(resumed, model="gru_readout")
+    run(homes, prepared, split="mc_rtt-20ms-test", run_tag="damaged-ckpt", max_epochs=1)
+    with pytest.raises(UserError, match="cannot resume from .*from another model"):
+        train(other, homes_with(), resume=True, quiet=True)
+
+
 def cli_train(homes, *args):
     env = {**os.environ, **{k: str(v) for k, v in homes.items()}, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([str(ROOT / "bin" / "nlbfab-train"), "--split", "dmfc_rsg-20ms-val", "--quiet",
