@@ -173,3 +173,28 @@ def test_spike_dropout_zeroes_counts_with_probability_p_and_rescales_the_rest():
     assert torch.allclose(dropped[spikes > 0][kept], spikes[spikes > 0][kept] / 0.75)
     assert (dropped[spikes == 0] == 0).all()
     assert torch.equal(spike_dropout(spikes, 0.25, training=False), spikes)
+
+
+@pytest.mark.parametrize("path", ["kernel", "fused"])
+def test_gru_with_inputs_of_their_own_equals_each_gru_run_alone(path):
+    """An ensemble's members read the same batch through their own dropout masks."""
+    _, weights = _torch_gru_and_weights(4, 6, True)
+    x = torch.randn(2, 5, 9, 4, dtype=torch.float64, requires_grad=True)  # (D, batch, time, features)
+    h0 = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    run = gru if path == "kernel" else (lambda *a: _fused_gru(*a, train=True))
+    together, together_h_n = run(x, h0, weights, (False, True))
+    alone = [run(x[d], h0[d:d + 1], weights[d:d + 1], ((False, True)[d],)) for d in range(2)]
+    assert torch.allclose(together, torch.cat([a[0] for a in alone]), atol=1e-12)
+    assert torch.allclose(together_h_n, torch.cat([a[1] for a in alone]), atol=1e-12)
+    wrt = [x, h0, *weights[0].values(), *weights[1].values()]
+    grads = torch.autograd.grad(together.pow(2).sum() + together_h_n.sum(), wrt)
+    expected = torch.autograd.grad(sum(a[0].pow(2).sum() + a[1].sum() for a in alone), wrt)
+    for g, e in zip(grads, expected):
+        assert torch.allclose(g, e, atol=1e-10)
+
+
+def test_the_recurrence_with_inputs_of_their_own_passes_gradcheck():
+    d = lambda *shape: torch.randn(*shape, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    h = 3
+    args = (d(2, 4, 2, 5), d(2, 2, h), d(2, 3 * h, 5), d(2, 3 * h, h), d(2, 3 * h), d(2, 3 * h))
+    assert torch.autograd.gradcheck(lambda *a: GRULayers.apply(*a, (False, True)), args)

@@ -25,9 +25,11 @@ aten_gru = torch.ops.aten.gru.input
 
 def gru(inputs: torch.Tensor, h0: torch.Tensor, weights: list[dict[str, torch.Tensor]],
         reverse: tuple[bool, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``D = len(weights)`` independent one-layer GRUs over the same inputs.
+    """Run ``D = len(weights)`` independent one-layer GRUs over the same inputs, or each over
+    its own (an ensemble's members see the same batch through their own dropout masks).
 
-    ``inputs: (batch, time, features)``; ``h0: (D, batch, hidden)``; each ``weights[d]`` holds
+    ``inputs: (batch, time, features)``, or ``(D, batch, time, features)`` for inputs of their
+    own; ``h0: (D, batch, hidden)``; each ``weights[d]`` holds
     PyTorch's ``w_ih (3h, features)``, ``w_hh (3h, h)``, ``b_ih``, ``b_hh (3h,)`` in its
     (reset, update, new) gate order; GRU ``d`` reads time backwards where ``reverse[d]``.
     Returns ``(outputs (D, batch, time, hidden), h_n (D, batch, hidden))``, outputs in the
@@ -38,7 +40,7 @@ def gru(inputs: torch.Tensor, h0: torch.Tensor, weights: list[dict[str, torch.Te
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else inputs.dtype
     stacked = [torch.stack([w[name] for w in weights]).to(dtype) for name in ("w_ih", "w_hh", "b_ih", "b_hh")]
     with torch.autocast(device, enabled=False):
-        time_major = inputs.to(dtype).transpose(0, 1).contiguous()
+        time_major = inputs.to(dtype).transpose(-3, -2).contiguous()
         states = _gru_layers(time_major, h0.to(dtype), *stacked, tuple(reverse))  # (D, 1 + time, batch, h)
     outputs = [states[d, 1:].flip(0) if rev else states[d, 1:] for d, rev in enumerate(reverse)]
     return torch.stack(outputs).transpose(1, 2), states[:, -1]
@@ -60,8 +62,9 @@ def fused_train_mode(device: torch.device, grad_enabled: bool) -> bool:
 
 def _fused_gru(inputs, h0, weights, reverse, train: bool):
     outputs, finals = [], []
-    for d, (w, rev) in enumerate(zip(weights, reverse)):
-        x = inputs.flip(1) if rev else inputs
+    own = inputs.unbind(0) if inputs.dim() == 4 else [inputs] * len(weights)
+    for d, (w, rev, x) in enumerate(zip(weights, reverse, own)):
+        x = x.flip(1) if rev else x
         # (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
         out, h_n = aten_gru(x, h0[d:d + 1].contiguous(), [w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"]],
                             True, 1, 0.0, train, False, True)
@@ -71,9 +74,10 @@ def _fused_gru(inputs, h0, weights, reverse, train: bool):
 
 
 class GRULayers(torch.autograd.Function):
-    """D stacked one-layer GRUs over the same time-major inputs.
+    """D stacked one-layer GRUs over the same time-major inputs, or each over its own.
 
-    ``inputs: (time, batch, features)``, ``h0: (D, batch, h)``, ``w_ih: (D, 3h, features)``,
+    ``inputs: (time, batch, features)`` or ``(D, time, batch, features)``, ``h0: (D, batch, h)``,
+    ``w_ih: (D, 3h, features)``,
     ``w_hh: (D, 3h, h)``, ``b_ih``, ``b_hh: (D, 3h)``, ``reverse``: per GRU, whether it reads
     time backwards. Returns ``states: (D, 1 + time, batch, h)`` in each GRU's reading order,
     ``states[:, 0]`` being ``h0``. Buffers are GRU-major so that each GRU's weight gradients
@@ -81,9 +85,10 @@ class GRULayers(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, inputs, h0, w_ih, w_hh, b_ih, b_hh, reverse):
-        steps, batch, features = inputs.shape
+        steps, batch, features = inputs.shape[-3:]
         gru_count, three_h, h = w_hh.shape
-        read = [(inputs.flip(0) if rev else inputs).reshape(steps * batch, features) for rev in reverse]
+        own = inputs.unbind(0) if inputs.dim() == 4 else [inputs] * gru_count
+        read = [(x.flip(0) if rev else x).reshape(steps * batch, features) for x, rev in zip(own, reverse)]
         # the reset and update gates' two biases are simply summed; the new gate's recurrent
         # bias sits inside the reset product, so it stays apart
         bias = torch.cat([b_ih[:, :2 * h] + b_hh[:, :2 * h], b_ih[:, 2 * h:]], 1)
@@ -107,7 +112,7 @@ class GRULayers(torch.autograd.Function):
             torch.baddbmm(b_new, previous, w_new, out=hn)
             torch.addcmul(twice_gate_n, reset, hn, value=2, out=n).sigmoid_().mul_(2).sub_(1)
             torch.lerp(n, previous, update, out=state)  # (1 - z) n + z h
-        ctx.reverse = reverse
+        ctx.reverse, ctx.own_inputs = reverse, inputs.dim() == 4
         ctx.save_for_backward(*read, w_ih, w_hh, reset_update, hidden_new, new, states)
         return states
 
@@ -148,5 +153,6 @@ class GRULayers(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             per_gru = [torch.addmm(n @ w[2 * h:], ru, w[:2 * h]).view(steps, batch, -1)
                        for (ru, n), w in zip(input_parts, w_ih)]
-            grad_inputs = sum(g.flip(0) if rev else g for g, rev in zip(per_gru, ctx.reverse))
+            in_order = [g.flip(0) if rev else g for g, rev in zip(per_gru, ctx.reverse)]
+            grad_inputs = torch.stack(in_order) if ctx.own_inputs else sum(in_order)
         return grad_inputs, carry + grad_states[:, 0], grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, None
