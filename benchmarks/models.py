@@ -85,7 +85,8 @@ def main() -> None:
     print(f"\ndevice: {device_description()}, {args.threads} threads a run; {args.variability} variability, "
           f"--scale {args.scale}; data and runs in {workdir}")
     print(table(rows, ["split", "run", *METRICS, "of oracle", "epochs", "seconds"]))
-    print(f"saved {save(f'models-{args.variability}', {'device': device_description(), 'args': vars(args) | {'workdir': str(workdir)}, 'rows': rows})}")
+    name = f"models-{args.variability}-{args.datasets.replace(',', '+')}-{args.bins.replace(',', '+')}ms"
+    print(f"saved {save(name, {'device': device_description(), 'args': vars(args) | {'workdir': str(workdir)}, 'rows': rows})}")
 
 
 if __name__ == "__main__":
