@@ -61,7 +61,7 @@ class Row:
 
     check: str
     name: str
-    status: str = "TODO"  # PASS, FAIL, SKIP
+    status: str = "PENDING"  # PENDING until run, then PASS, FAIL or SKIP
     detail: str = ""
     seconds: float = 0.0
     values: dict = field(default_factory=dict)
@@ -81,7 +81,7 @@ def plan(selected: list[str], cpu: bool, gpus: int) -> list[Row]:
     if "ddp" in selected:
         few = f"needs 2 or more GPUs ({gpus} visible)" if not cpu and gpus == 1 else ""
         rows.append(Row("ddp", "ddp", *_skip(no_gpu or few)))
-    if any(r.check in ("train", "ddp") and r.status == "TODO" for r in rows):  # both train on this split
+    if any(r.check in ("train", "ddp") and r.status == "PENDING" for r in rows):  # both train on this split
         first = next(i for i, r in enumerate(rows) if r.check in ("train", "ddp"))
         rows.insert(first, Row("data", f"synth + prep {SPLIT}"))
     if "all" in selected:
@@ -92,7 +92,7 @@ def plan(selected: list[str], cpu: bool, gpus: int) -> list[Row]:
 
 
 def _skip(reason: str) -> tuple[str, str]:
-    return ("SKIP", reason) if reason else ("TODO", "")
+    return ("SKIP", reason) if reason else ("PENDING", "")
 
 
 @dataclass(frozen=True)
@@ -427,16 +427,16 @@ RUNNERS = {"gru": run_gru, "data": run_data, "train": run_train, "ddp": run_ddp,
 
 
 def run_checks(rows: list[Row], ctx: Context) -> list[Row]:
-    """Run every TODO row, group by group in plan order; a group needing data that failed to
+    """Run every pending row, group by group in plan order; a group needing data that failed to
     prepare fails with that reason."""
     for group in dict.fromkeys(r.check for r in rows):
-        todo = [r for r in rows if r.check == group and r.status == "TODO"]
+        pending = [r for r in rows if r.check == group and r.status == "PENDING"]
         data = [r for r in rows if r.check == "data"]
-        if todo and group in ("train", "ddp") and data and data[0].status == "FAIL":
-            for row in todo:
+        if pending and group in ("train", "ddp") and data and data[0].status == "FAIL":
+            for row in pending:
                 row.status, row.detail = "FAIL", f"no data: {data[0].name} failed"
-        elif todo:
-            RUNNERS[group](ctx, todo)
+        elif pending:
+            RUNNERS[group](ctx, pending)
     return rows
 
 

@@ -62,9 +62,9 @@ def test_without_a_gpu_every_check_is_skipped_as_needing_one(tmp_path):
 def test_the_plan_skips_only_what_the_machine_cannot_run():
     one_gpu = {r.name: (r.status, r.detail) for r in gpu_check.plan(list(gpu_check.CHECKS), cpu=False, gpus=1)}
     assert one_gpu.pop("ddp") == ("SKIP", "needs 2 or more GPUs (1 visible)")
-    assert set(one_gpu.values()) == {("TODO", "")} and "synth + prep mc_maze-20ms-val" in one_gpu
+    assert set(one_gpu.values()) == {("PENDING", "")} and "synth + prep mc_maze-20ms-val" in one_gpu
     two_gpus = gpu_check.plan(list(gpu_check.CHECKS), cpu=False, gpus=2)
-    assert all(r.status == "TODO" for r in two_gpus) and len(two_gpus) == 14
+    assert all(r.status == "PENDING" for r in two_gpus) and len(two_gpus) == 14
     assert [r.name for r in gpu_check.plan(["gru"], cpu=False, gpus=1)] == [
         "gru pair grad", "gru pair no_grad", "gru single grad", "gru single no_grad"]
     assert [r.check for r in gpu_check.plan(["ddp"], cpu=False, gpus=2)] == ["data", "ddp"]  # ddp trains on the split
