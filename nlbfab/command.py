@@ -44,10 +44,9 @@ def train_options(command):
     for f in reversed([f for f in fields(TrainConfig) if f.metadata["option"]]):
         kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
         valid = f.metadata["valid"]
-        bounds = f" Valid: {valid.describe()}." if valid.low is not None or valid.high is not None else ""
         command = click.option(option_name(f.name), f.name, default=f.default, show_default=f.default is not None,
                                type=click.Choice(valid.choices) if valid.choices else kind,
-                               help=f.metadata["help"] + bounds)(command)
+                               help=f.metadata["help"] + valid.help_suffix())(command)
     return command
 
 
@@ -73,8 +72,7 @@ class TrainCommand(Command):
 
     def format_epilog(self, ctx, formatter):
         from nlbfab.models import MODELS
-        rows = [(f"{option_name(name)} [{model.name}]", f"{h.help} [default: {h.default}]"
-                 + (f" Valid: {h.valid.describe()}." if h.valid.low is not None or h.valid.high is not None else ""))
+        rows = [(f"{option_name(name)} [{model.name}]", f"{h.help} [default: {h.default}]{h.valid.help_suffix()}")
                 for model in MODELS.values() for name, h in model.hparams.items()]
         with formatter.section("Model hyperparameters (of the --model chosen; a module's own from its HPARAMS)"):
             formatter.write_dl(rows)

@@ -40,6 +40,10 @@ class Valid:
         below = self.high is None or (value < self.high if self.high_open else value <= self.high)
         return above and below
 
+    def help_suffix(self) -> str:
+        """`` Valid: ...`` for a number range, for an option's help; choices show themselves."""
+        return f" Valid: {self.describe()}." if self.low is not None or self.high is not None else ""
+
     def describe(self) -> str:
         if self.choices:
             return f"one of {', '.join(self.choices)}"
