@@ -293,10 +293,10 @@ def ddp_worker(out: Path, cpu: bool) -> None:
     data = load_split(get_split(SPLIT), homes()).to(fabric.device)
     config = TrainConfig(split=SPLIT, batch_size=16, seed=5)
     state = create_train_state(fabric, config, data)
-    initial = {k: v.detach().cpu().clone() for k, v in state.module.params.items()}
+    initial = {k: v.detach().cpu().clone() for k, v in state.module.members[0].params.items()}
     for _ in range(3):
         train_epoch(state, data, Run(config, out, hooks=(), quiet=True))
-    final = {k: v.detach().cpu().clone() for k, v in state.module.params.items()}
+    final = {k: v.detach().cpu().clone() for k, v in state.module.members[0].params.items()}
     torch.save({"initial": initial, "final": final, "device": str(fabric.device)}, out / f"rank{fabric.global_rank}.pt")
 
 

@@ -118,7 +118,24 @@ def train(ctx, split_name, resume, quiet, **options):
                    f"{summary['best_epoch']}, {summary['seconds']:.0f} s; rates in {summary['submission']}")
         for name, value in summary.get("metrics", {}).items():
             click.echo(f"  {name:10s} {value:.4f}")
+        if "ensemble" in summary:
+            click.echo(member_table(summary))
         click.echo(f"run folder: {summary['run_dir']}\nTensorBoard: tensorboard --logdir {summary['run_dir']}")
+
+
+def member_table(summary: dict) -> str:
+    """An ensemble run's members (* for those in the submission) and their mean: seed, best epoch,
+    and the NLB metrics (val phase) or the monitored held-in loss (test phase)."""
+    members, mean = summary["ensemble"]["members"], summary.get("metrics", {})
+    names = list(mean) or ["-val loss"]
+    values = [m.get("metrics") or {"-val loss": m["best_monitored"]} for m in members]
+    lines = [f"{'member':>9s} {'seed':>6s} {'best at':>8s}" + "".join(f"{n:>10s}" for n in names) + "  stopped"]
+    for m, v in zip(members, values):
+        lines.append(f"{m['member']:>8d}{'*' if m['chosen'] else ' '} {m['seed']:>6d} {m['best_epoch']:>8d}"
+                     + "".join(f"{v[n]:>10.4f}" for n in names) + f"  {m['stop_reason']}")
+    mean = mean or {"-val loss": summary["best_monitored"]}
+    lines.append(f"{'mean of *':>9s} {'':>6s} {'':>8s}" + "".join(f"{mean[n]:>10.4f}" for n in names))
+    return "\n".join(lines)
 
 
 @click.command(cls=Command)

@@ -5,6 +5,11 @@
 measured; ``train(config, homes, hooks)`` is the single entry point, whose loop reads top to
 bottom in the order things run. At the end the best checkpoint predicts the rates that go into
 the run's submission.
+
+An ensemble (``--ensemble K``) is K members in the same loop: one forward and backward for all
+(batched where the model has ``apply_members``), each member with its own optimizer param group,
+so its own learning rate, gradient clipping, progress, best weights and stop; the run ends when
+every member has stopped. A single model is an ensemble of one.
 """
 from __future__ import annotations
 
@@ -23,8 +28,9 @@ from tqdm import tqdm
 
 from nlbfab import layout
 from nlbfab.data import SplitData, batch_indices, load_split
+from nlbfab.ensemble import greedy_selection, mean_logrates, val_choice
 from nlbfab.errors import UserError
-from nlbfab.evaluation import co_bps, inference_batch, predict
+from nlbfab.evaluation import co_bps, inference_batch, metrics, predict
 from nlbfab.hooks import HOOKS
 from nlbfab.layout import Homes
 from nlbfab.loss import poisson_nll
@@ -39,32 +45,47 @@ class NonFiniteLoss(UserError):
     """The loss or the gradients became NaN or infinite: the run stops before the update."""
 
 
-class ParamsModule(torch.nn.Module):
-    """The thin object layer Fabric needs: holds a model's parameter dict so that ``setup`` can
-    wrap it (DDP synchronises gradients through the module's forward), and calls the model's
-    pure functions with it. Entries the model names ``FIXED`` are buffers, not parameters."""
+class MemberParams(torch.nn.Module):
+    """One member's parameter dict; entries the model names ``FIXED`` are buffers, not parameters."""
 
     def __init__(self, model: Model, params: dict[str, torch.Tensor]):
         super().__init__()
-        self.model = model
         self.params = torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in params.items()
                                               if k not in model.fixed})
         for name in model.fixed:
             self.register_buffer(f"fixed_{name}", params[name])
+        self.fixed = model.fixed
 
     def all_params(self) -> dict[str, torch.Tensor]:
-        return dict(self.params) | {name: getattr(self, f"fixed_{name}") for name in self.model.fixed}
+        return dict(self.params) | {name: getattr(self, f"fixed_{name}") for name in self.fixed}
 
-    def forward(self, heldin, fwd_steps: int, dropout: float = 0.0, target=None, epoch: int = 0):
-        """``apply``'s ``(logrates, latents)``; given a ``target``, the training objective
-        ``(loss, terms)`` instead: the model's ``training_loss``, or the Poisson loss."""
-        params = self.all_params()
+
+class ParamsModule(torch.nn.Module):
+    """The thin object layer Fabric needs: holds each member's parameter dict so that ``setup``
+    can wrap them (DDP synchronises gradients through the module's forward), and calls the
+    model's pure functions with them."""
+
+    def __init__(self, model: Model, members: list[dict[str, torch.Tensor]]):
+        super().__init__()
+        self.model = model
+        self.members = torch.nn.ModuleList(MemberParams(model, params) for params in members)
+
+    def forward(self, heldin, fwd_steps: int, dropout: float = 0.0, target=None, epoch: int = 0, members=None):
+        """The members' ``apply`` outputs stacked, ``(logrates (K, ...), latents (K, ...))``, of all
+        members or of those indexed by ``members``. Given a ``target``, the training objective
+        ``(loss, terms)`` instead: the sum over members of the model's ``training_loss`` or of
+        the Poisson loss (each member's gradient is its own loss's), its terms averaged."""
+        chosen = self.members if members is None else [self.members[k] for k in members]
+        params = [member.all_params() for member in chosen]
         if target is None:
-            return self.model.apply(params, heldin, fwd_steps, dropout=dropout, training=self.training)
+            return self.model.apply_members(params, heldin, fwd_steps, dropout=dropout, training=self.training)
         if self.model.training_loss:
-            return self.model.training_loss(params, heldin, target, dropout=dropout, epoch=epoch)
-        logrates, _ = self.model.apply(params, heldin, fwd_steps, dropout=dropout, training=True)
-        return poisson_nll(logrates, target), {}
+            losses, terms = zip(*(self.model.training_loss(p, heldin, target, dropout=dropout, epoch=epoch)
+                                  for p in params))
+            return torch.stack(losses).sum(), {name: sum(t[name] for t in terms) / len(terms) for name in terms[0]}
+        logrates, _ = self.model.apply_members(params, heldin, target.shape[1] - heldin.shape[1], dropout=dropout,
+                                               training=True)
+        return torch.stack([poisson_nll(member, target) for member in logrates]).sum(), {}
 
 
 class RNG:
@@ -88,35 +109,44 @@ class RNG:
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a run stands: epochs done, the best monitored value and its epoch, and the epochs
-    since (which drive both the plateau schedule and early stopping)."""
+    """Where a model (an ensemble's member) stands: epochs done, the best monitored value and its
+    epoch, the epochs since (which drive both the plateau schedule and early stopping), and why
+    it stopped by its own rules (None: it trains on; ``--max-epochs`` is the run's limit, which a
+    resumed run may raise)."""
 
     epoch: int = 0
     best: float = -math.inf
     best_epoch: int = -1
     stale: int = 0
+    stop: str | None = None
 
 
 @dataclass
 class TrainState:
-    """All state of a run in one value: Fabric, the model (set up by Fabric), its optimizer
-    (whose param groups hold the current learning rate), the RNG streams, the progress and the
-    per-epoch history. ``checkpoint()`` is what a checkpoint holds and ``--resume`` restores."""
+    """All state of a run in one value: Fabric, the members (set up by Fabric), their optimizer
+    (one param group per member, holding its current learning rate), the RNG streams, each
+    member's progress, the per-epoch history and the best weights (each member's from its own
+    best epoch). ``checkpoint()`` is what a checkpoint holds and ``--resume`` restores."""
 
     fabric: Fabric
     module: ParamsModule
     optimizer: torch.optim.Optimizer
     rng: RNG
-    progress: Progress
+    members: tuple[Progress, ...]
     history: list[dict]
+    best: dict[str, torch.Tensor]
 
     @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+    def epoch(self) -> int:
+        return self.members[0].epoch
+
+    @property
+    def lrs(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
 
     def checkpoint(self) -> dict:
         return {"model": self.module, "optimizer": self.optimizer, "rng": self.rng,
-                "progress": asdict(self.progress), "history": self.history}
+                "members": [asdict(p) for p in self.members], "history": self.history, "best": self.best}
 
 
 @dataclass(frozen=True)
@@ -132,8 +162,8 @@ class Run:
 
 @dataclass(frozen=True)
 class Decision:
-    """What ``after_epoch`` decided: the new progress, whether the model improved (a new best
-    checkpoint), the next epoch's learning rate, and why the run stops now (None: it goes on)."""
+    """What ``after_epoch`` decided: the new progress, whether the model improved (new best
+    weights), the next epoch's learning rate, and why the model stops now (None: it goes on)."""
 
     progress: Progress
     improved: bool
@@ -173,18 +203,19 @@ def create_fabric(config: TrainConfig, run_dir: Path) -> Fabric:
 
 
 def create_train_state(fabric: Fabric, config: TrainConfig, data: SplitData) -> TrainState:
-    """The model's parameters from its ``init`` (seeded), wrapped for Fabric with a fused AdamW
-    (one kernel for all parameters), fresh RNG streams and progress."""
+    """Each member's parameters from the model's ``init`` (member k seeded ``seed + k``),
+    wrapped for Fabric with a fused AdamW (one kernel for all parameters; a param group per
+    member), fresh RNG streams and progress."""
     model = get_model(config.model)
     fabric.seed_everything(config.seed, verbose=False)
     sizes = Sizes(data.heldin, data.heldout, data.bins, data.fwd_steps,
                   mean_counts=data.train_recon[:, :data.bins].mean((0, 1)).cpu())
-    params = model.init(sizes, config.seed, **config.hparams)
-    module = ParamsModule(model, params)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
-                                  fused=True)
+    module = ParamsModule(model, [model.init(sizes, config.seed + k, **config.hparams) for k in range(config.ensemble)])
+    groups = [{"params": list(member.parameters())} for member in module.members]
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
     module, optimizer = fabric.setup(module, optimizer)
-    return TrainState(fabric, module, optimizer, RNG(config.seed), Progress(), [])
+    best = {key: value.detach().clone() for key, value in module.state_dict().items()}
+    return TrainState(fabric, module, optimizer, RNG(config.seed), (Progress(),) * config.ensemble, [], best)
 
 
 def restore(state: TrainState, path: Path) -> None:
@@ -193,7 +224,10 @@ def restore(state: TrainState, path: Path) -> None:
     saved = state.checkpoint()
     try:
         state.fabric.load(path, saved)
-        state.progress, state.history = Progress(**saved["progress"]), saved["history"]
+        members = tuple(Progress(**p) for p in saved["members"])
+        if len(members) != len(state.members):
+            raise KeyError(f"{len(members)} members, not {len(state.members)}")
+        state.members, state.history, state.best = members, saved["history"], saved["best"]
     except (KeyError, RuntimeError, EOFError, TypeError, pickle.UnpicklingError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot resume from {path}: it is damaged or from another model or nlbfab version "
@@ -201,21 +235,25 @@ def restore(state: TrainState, path: Path) -> None:
 
 
 def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor], config: TrainConfig):
-    """One optimizer step on ``batch = (heldin, target)``; returns the loss and the model's loss
-    terms. A non-finite loss or gradient stops the run before the update, except a gradient
-    overflow under 16-mixed, which the gradient scaler skips and answers with a lower scale."""
+    """One optimizer step of every member on ``batch = (heldin, target)``; returns the members'
+    summed loss and the model's loss terms. Each member's gradient is clipped to its own norm.
+    A non-finite loss or gradient stops the run before the update, except a gradient overflow
+    under 16-mixed, which the gradient scaler skips and answers with a lower scale."""
     heldin, target = batch
     loss, terms = state.module(heldin, target.shape[1] - heldin.shape[1], dropout=config.dropout, target=target,
-                               epoch=state.progress.epoch)
+                               epoch=state.epoch)
     state.optimizer.zero_grad(set_to_none=True)
     state.fabric.backward(loss)
-    # the norm of the synchronised gradients is the same on every rank, so all ranks stop together
-    norm = state.fabric.clip_gradients(state.module, state.optimizer, max_norm=config.grad_clip or math.inf,
-                                       error_if_nonfinite=False)
+    # unscales the gradients (16-mixed) and measures all of them; the norm of the synchronised
+    # gradients is the same on every rank, so all ranks stop together
+    norm = state.fabric.clip_gradients(state.module, state.optimizer, max_norm=math.inf, error_if_nonfinite=False)
+    if config.grad_clip:
+        for group in state.optimizer.param_groups:
+            torch.nn.utils.clip_grad_norm_(group["params"], config.grad_clip)
     overflow_is_routine = config.precision == "16-mixed" and torch.isfinite(loss)
     if not torch.isfinite(norm) and not overflow_is_routine:
         what = f"training loss became {float(loss)}" if not torch.isfinite(loss) else "gradients became non-finite"
-        raise NonFiniteLoss(f"{what} at epoch {state.progress.epoch}: stopped before the update, the best checkpoint "
+        raise NonFiniteLoss(f"{what} at epoch {state.epoch}: stopped before the update, the best checkpoint "
                             f"is kept. Try a lower --learning-rate or --grad-clip")
     state.optimizer.step()
     return loss.detach(), terms
@@ -223,8 +261,8 @@ def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor], conf
 
 def train_epoch(state: TrainState, data: SplitData, run: Run) -> tuple[float, dict[str, float]]:
     """One pass over the train trials in seeded random batches; each rank takes its share of
-    every global batch. Returns the mean training loss over ranks, and the mean of each of the
-    model's loss terms (on rank 0)."""
+    every global batch. Returns the mean training loss over ranks and members, and the mean of
+    each of the model's loss terms (on rank 0)."""
     fabric = state.fabric
     state.module.train()
     batches = batch_indices(data.train_heldin.shape[0], run.config.batch_size, state.rng.batches)
@@ -238,22 +276,34 @@ def train_epoch(state: TrainState, data: SplitData, run: Run) -> tuple[float, di
         for name, value in terms.items():
             term_totals[name] = term_totals.get(name, 0) + value
     terms = {name: float(value) / len(batches) for name, value in term_totals.items()}
-    return float(fabric.all_reduce(total / len(batches), reduce_op="mean")), terms
+    mean = total / (len(batches) * len(state.members))
+    return float(fabric.all_reduce(mean, reduce_op="mean")), terms
 
 
 @torch.no_grad()
-def validate(module, data: SplitData) -> tuple[float, float]:
-    """(validation loss, monitored value). The loss covers the eval trials' neurons and forward
-    bins on the val phase, their held-in observed bins on the test phase. The monitored value,
-    higher is better, is the val co-bps, or on the test phase minus the loss."""
+def eval_logrates(module, data: SplitData, members=None) -> torch.Tensor:
+    """The members' log-rates on the eval trials, ``(members, trials, bins + fwd, neurons)``."""
     module.eval()
     chunks = data.eval_heldin.split(inference_batch(data.eval_heldin.device))
-    logrates = torch.cat([module(chunk, data.fwd_steps)[0] for chunk in chunks]).float()
+    return torch.cat([module(chunk, data.fwd_steps, members=members)[0] for chunk in chunks], 1).float()
+
+
+def loss_and_value(data: SplitData, logrates: torch.Tensor) -> tuple[float, float]:
+    """(validation loss, monitored value) of one model's eval ``logrates``. The loss covers the
+    eval trials' neurons and forward bins on the val phase, their held-in observed bins on the
+    test phase. The monitored value, higher is better, is the val co-bps, or on the test phase
+    minus the loss."""
     if data.split.phase == "test":
         loss = float(poisson_nll(logrates[:, :data.bins, :data.heldin], data.eval_recon))
         return loss, -loss
     loss = float(poisson_nll(logrates, data.eval_recon))
     return loss, co_bps(data, logrates[:, :data.bins, data.heldin:].exp().cpu().numpy())
+
+
+def validate(module, data: SplitData) -> tuple[list[tuple[float, float]], tuple[float, float]]:
+    """``loss_and_value`` of each member, and of the mean of all members' rates."""
+    logrates = eval_logrates(module, data)
+    return [loss_and_value(data, member) for member in logrates], loss_and_value(data, mean_logrates(logrates))
 
 
 def plateau_lr(lr: float, stale: int, config: TrainConfig) -> float:
@@ -282,15 +332,54 @@ def after_epoch(progress: Progress, value: float, lr: float, config: TrainConfig
         stop = f"no improvement for {config.patience} epochs"
     elif next_lr < lr and next_lr < config.min_lr:
         stop = f"no improvement for {config.lr_patience} epochs at the lowest learning rate ({lr:.3g})"
-    elif progress.epoch >= config.max_epochs:
-        stop = "max epochs"
-    return Decision(progress, improved, next_lr, stop)
+    progress = replace(progress, stop=stop)
+    return Decision(progress, improved, next_lr, stop or max_epochs_stop(progress, config))
 
 
-def run_hooks(state: TrainState, data: SplitData, hooks, epoch: int) -> tuple[dict, dict]:
-    """Predict all trials in eval mode and run every hook (on rank 0); returns (metrics, predictions)."""
+def max_epochs_stop(progress: Progress, config: TrainConfig) -> str | None:
+    return "max epochs" if progress.epoch >= config.max_epochs else None
+
+
+def member_decision(progress: Progress, value: float, lr: float, config: TrainConfig) -> Decision:
+    """``after_epoch`` for a member that trains on; one that has stopped stays as it stopped,
+    its learning rate 0 (AdamW then leaves its weights as they are) while the others train."""
+    if progress.stop:
+        return Decision(replace(progress, epoch=progress.epoch + 1), False, 0.0, progress.stop)
+    return after_epoch(progress, value, lr, config)
+
+
+def run_stop(members: tuple[Progress, ...], config: TrainConfig) -> str | None:
+    """Why the run stops: when every member has stopped (by its own rules or at ``max_epochs``),
+    a single model's reason, or how many members stopped for each reason."""
+    reasons = [p.stop or max_epochs_stop(p, config) for p in members]
+    if not all(reasons):
+        return None
+    if len(members) == 1:
+        return reasons[0]
+    return f"all {len(members)} members stopped (" + "; ".join(
+        f"{reasons.count(r)}: {r}" for r in dict.fromkeys(reasons)) + ")"
+
+
+def keep_best(best: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], improved: list[int]) -> dict:
+    """``best`` with the ``improved`` members' entries replaced by copies of ``weights``
+    (state dicts of ``ParamsModule``, whose keys start ``members.{k}.``)."""
+    return best | {key: value.detach().clone() for key, value in weights.items()
+                   if int(key.split(".")[1]) in improved}
+
+
+def ensemble_forward(module, fwd_steps: int, members: list[int]):
+    """``predict``'s forward for the mean rates of ``members``, with the first one's latents."""
+    def forward(heldin):
+        logrates, latents = module(heldin, fwd_steps, members=members)
+        return mean_logrates(logrates), latents[0]
+    return forward
+
+
+def run_hooks(state: TrainState, data: SplitData, hooks, epoch: int, members: list[int]) -> tuple[dict, dict]:
+    """Predict all trials with the mean of ``members`` in eval mode and run every hook (on rank 0);
+    returns (metrics, predictions)."""
     state.module.eval()
-    predictions = predict(lambda heldin: state.module(heldin, data.fwd_steps), data)
+    predictions = predict(ensemble_forward(state.module, data.fwd_steps, members), data)
     scores = {}
     if state.fabric.is_global_zero:
         for hook in hooks:
@@ -307,21 +396,31 @@ def _save_atomic(fabric: Fabric, path: Path, state: dict) -> None:
 
 
 def save_checkpoints(state: TrainState, run: Run, improved: bool) -> None:
-    """``last`` every epoch, ``best`` when it improved (both written atomically), and the
-    progress that ``nlbfab-all``'s live table reads."""
+    """``last`` every epoch, ``best`` (the best weights and the members' progress) when a member
+    improved, both written atomically, and the progress that ``nlbfab-all``'s live table reads
+    (an ensemble's: its best member's)."""
     _save_atomic(state.fabric, layout.checkpoint(run.run_dir, "last"), state.checkpoint())
     if improved:
-        _save_atomic(state.fabric, layout.checkpoint(run.run_dir, "best"), state.checkpoint())
+        _save_atomic(state.fabric, layout.checkpoint(run.run_dir, "best"),
+                     {"model": state.best, "members": [asdict(p) for p in state.members]})
     if state.fabric.is_global_zero:
-        p = state.progress
-        layout.write_progress(run.run_dir, p.epoch - 1, p.best, p.best_epoch, run.config.max_epochs, str(state.fabric.device))
+        p = max(state.members, key=lambda member: member.best)
+        layout.write_progress(run.run_dir, state.epoch - 1, p.best, p.best_epoch, run.config.max_epochs,
+                              str(state.fabric.device))
 
 
 def print_epoch(state: TrainState, data: SplitData, seconds: float) -> None:
-    record, p = state.history[-1], state.progress
-    name = "val co-bps" if data.split.phase == "val" else "-val loss"
-    state.fabric.print(f"epoch {record['epoch']:4d}  train {record['train_loss']:.5f}  val {record['val_loss']:.5f}  "
-                       f"{name} {record['monitored']:.4f}  best {p.best:.4f} @ {p.best_epoch}  {seconds:6.1f} s")
+    record, name = state.history[-1], "val co-bps" if data.split.phase == "val" else "-val loss"
+    line = f"epoch {record['epoch']:4d}  train {record['train_loss']:.5f}  val {record['val_loss']:.5f}  "
+    if len(state.members) == 1:
+        p = state.members[0]
+        line += f"{name} {record['monitored']:.4f}  best {p.best:.4f} @ {p.best_epoch}"
+    else:
+        bests = [p.best for p in state.members]
+        training = sum(not p.stop for p in state.members)
+        line += (f"{name} {record['monitored']:.4f} (mean of {len(bests)})  members' best {min(bests):.4f}.."
+                 f"{max(bests):.4f}  {training} training")
+    state.fabric.print(f"{line}  {seconds:6.1f} s")
 
 
 def set_up(config: TrainConfig, homes: Homes, hooks, resume: bool, quiet: bool) -> tuple[TrainState, SplitData, Run]:
@@ -349,8 +448,9 @@ def set_up(config: TrainConfig, homes: Homes, hooks, resume: bool, quiet: bool) 
     state = create_train_state(fabric, run.config, data)
     if resume:
         restore(state, last)
-        p = state.progress
-        fabric.print(f"resuming {split.name} at epoch {p.epoch} (best {p.best:.4f} at {p.best_epoch}, lr {state.lr:.3g})")
+        p = max(state.members, key=lambda member: member.best)
+        fabric.print(f"resuming {split.name} at epoch {state.epoch} (best {p.best:.4f} at {p.best_epoch}, "
+                     f"lr {max(state.lrs):.3g})")
     return state, data, run
 
 
@@ -359,27 +459,35 @@ def train(config: TrainConfig, homes: Homes, hooks=HOOKS, resume: bool = False, 
     and the submission under the run's folder. Returns the run's summary."""
     state, data, run = set_up(config, homes, hooks, resume, quiet)
     started = time.perf_counter()
-    stop = "max epochs" if state.progress.epoch >= run.config.max_epochs else None
+    everyone = list(range(len(state.members)))
+    stop = run_stop(state.members, run.config)
     while stop is None:
-        epoch, lr = state.progress.epoch, state.lr
+        epoch, lrs = state.epoch, state.lrs
         train_loss, terms = train_epoch(state, data, run)
-        val_loss, value = validate(state.module, data)
-        decision = after_epoch(state.progress, value, lr, run.config)
-        state.progress, stop = decision.progress, decision.stop
-        for group in state.optimizer.param_groups:  # the optimizer's checkpoint holds the lr: resume continues it
+        members, (val_loss, value) = validate(state.module, data)
+        decisions = [member_decision(p, v, lr, run.config) for p, (_, v), lr in zip(state.members, members, lrs)]
+        state.members = tuple(d.progress for d in decisions)
+        stop = run_stop(state.members, run.config)
+        for group, decision in zip(state.optimizer.param_groups, decisions):  # the checkpoint holds each lr
             group["lr"] = decision.lr
-        record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "monitored": value, "lr": lr}
+        improved = [k for k, d in enumerate(decisions) if d.improved]
+        state.best = keep_best(state.best, state.module.state_dict(), improved)
+        record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "monitored": value, "lr": lrs[0]}
+        scalars = {"loss/train": train_loss, "loss/val": val_loss, "monitored": value, "lr": lrs[0],
+                   **{f"loss/{name}": term for name, term in terms.items()}}
+        if len(members) > 1:
+            record["members"] = [{"val_loss": loss, "monitored": v, "lr": lr} for (loss, v), lr in zip(members, lrs)]
+            scalars |= {f"monitored/member_{k}": v for k, (_, v) in enumerate(members)}
         state.history.append(record)
-        state.fabric.log_dict({"loss/train": train_loss, "loss/val": val_loss, "monitored": value, "lr": lr,
-                               **{f"loss/{name}": term for name, term in terms.items()}}, step=epoch)
-        save_checkpoints(state, run, decision.improved)
+        state.fabric.log_dict(scalars, step=epoch)
+        save_checkpoints(state, run, bool(improved))
         if not run.quiet:
             print_epoch(state, data, time.perf_counter() - started)
         if (epoch + 1) % run.config.log_every_n_epochs == 0:
-            scores, _ = run_hooks(state, data, run.hooks, epoch)
+            scores, _ = run_hooks(state, data, run.hooks, epoch, everyone)
             if scores and not run.quiet:
                 state.fabric.print(f"epoch {epoch:4d}  nlb: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-    return finish(state, data, run, stop, time.perf_counter() - started)
+    return finish(state, data, run, homes, stop, time.perf_counter() - started)
 
 
 def log_final_metrics(logger, config: TrainConfig, summary: dict) -> None:
@@ -393,15 +501,54 @@ def log_final_metrics(logger, config: TrainConfig, summary: dict) -> None:
     logger.log_hyperparams(asdict(config), metrics=final)
 
 
-def finish(state: TrainState, data: SplitData, run: Run, stop_reason: str, seconds: float) -> dict:
-    """Reload the best checkpoint, run the hooks on it, merge its rates into the run's
-    submission file and, on the val phase, score that file as EvalAI would."""
-    state.fabric.load(layout.checkpoint(run.run_dir, "best"), {"model": state.module}, strict=False)
-    p = state.progress
-    scores, predictions = run_hooks(state, data, run.hooks, p.best_epoch)
-    summary = {"split": data.split.name, "model": run.config.model, "epochs": p.epoch, "best_epoch": p.best_epoch,
-               "best_monitored": p.best, "stop_reason": stop_reason, "seconds": round(seconds, 2),
+def choose_members(state: TrainState, data: SplitData, run: Run, homes: Homes) -> list[int]:
+    """The members whose mean rates go into the submission: all of them, or ``--ensemble-top``
+    chosen greedily by their val co-bps (``nlbfab.ensemble``); on the test phase the val run's
+    choice, or all members where there is none."""
+    count, top = len(state.members), run.config.ensemble_top or len(state.members)
+    if top == count:
+        return list(range(count))
+    if data.split.phase == "val":
+        rates = [eval_logrates(state.module, data, [k])[0, :, :data.bins, data.heldin:].exp().cpu().numpy()
+                 for k in range(count)]
+        return greedy_selection(rates, lambda mean: co_bps(data, mean), top)
+    chosen = val_choice(homes, run.config.run_tag, data.split, count)
+    if chosen is None:
+        state.fabric.print(f"no val run of {count} members under run tag {run.config.run_tag} to take the choice of "
+                           f"--ensemble-top {top} from: the submission holds the mean of all members")
+        return list(range(count))
+    state.fabric.print(f"members {chosen}: chosen by the val run")
+    return chosen
+
+
+def member_table(state: TrainState, data: SplitData, run: Run, chosen: list[int]) -> list[dict]:
+    """Each member's seed, best epoch and monitored value, why it stopped, whether it is in the
+    submission and, on the val phase, its NLB metrics (``nlbfab.evaluation.metrics``)."""
+    rows = []
+    for k, p in enumerate(state.members):
+        row = {"member": k, "seed": run.config.seed + k, "best_epoch": p.best_epoch, "best_monitored": p.best,
+               "stop_reason": p.stop or max_epochs_stop(p, run.config), "chosen": k in chosen}
+        if data.split.phase == "val":
+            rates = predict(ensemble_forward(state.module, data.fwd_steps, [k]), data)  # on every rank, as DDP needs
+            row["metrics"] = metrics(data, rates) if state.fabric.is_global_zero else {}
+        rows.append(row)
+    return rows
+
+
+def finish(state: TrainState, data: SplitData, run: Run, homes: Homes, stop_reason: str, seconds: float) -> dict:
+    """Load the best weights, choose the members whose mean is submitted, run the hooks on that
+    mean, merge its rates into the run's submission file and, on the val phase, score that file
+    as EvalAI would. An ensemble's summary lists its members."""
+    state.module.load_state_dict(state.best)
+    chosen = choose_members(state, data, run, homes)
+    best_epoch = max(state.members[k].best_epoch for k in chosen)
+    scores, predictions = run_hooks(state, data, run.hooks, best_epoch, chosen)
+    _, monitored = loss_and_value(data, mean_logrates(eval_logrates(state.module, data, chosen)))
+    summary = {"split": data.split.name, "model": run.config.model, "epochs": state.epoch, "best_epoch": best_epoch,
+               "best_monitored": monitored, "stop_reason": stop_reason, "seconds": round(seconds, 2),
                "hook_metrics": scores, "run_dir": str(run.run_dir)}
+    if len(state.members) > 1:
+        summary["ensemble"] = {"members": member_table(state, data, run, chosen), "chosen": chosen}
     if state.fabric.is_global_zero:
         expected = shapes(data.train_heldin.shape[0], data.eval_heldin.shape[0], data.bins, data.fwd_steps,
                           data.heldin, data.heldout)

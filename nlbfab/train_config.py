@@ -95,6 +95,12 @@ class TrainConfig:
                              Valid(low=0, high=1, high_open=True))
     grad_clip: float = setting(5.0, "Max gradient norm (0: off).", NON_NEGATIVE)
     seed: int = setting(0, "Random seed: initialisation, batches and dropout.", Valid(low=0, high=MAX_SEED))
+    ensemble: int = setting(
+        1, "Train this many members together, seeded SEED, SEED+1, ...; the submission holds the mean of their "
+           "rates.", AT_LEAST_ONE)
+    ensemble_top: int | None = setting(
+        None, "Submit the mean of this many members, chosen greedily by val co-bps; the test phase reuses its val "
+              "run's choice [default: all members].", AT_LEAST_ONE)
     max_epochs: int = setting(400, "Stop after this many epochs at the latest.", AT_LEAST_ONE)
     # over two plateaus, so that a decayed rate gets its own: at 25 with 15-epoch plateaus,
     # mc_maze_medium stopped 10 epochs after its first decay, 0.001 co-bps short of 2,000 epochs
@@ -140,6 +146,11 @@ def check(config: TrainConfig) -> None:
     if config.min_lr >= config.learning_rate:
         raise UserError(f"--min-lr {config.min_lr:g} must be below --learning-rate {config.learning_rate:g}: "
                         f"the run would stop at its first plateau")
+    if config.ensemble_top and config.ensemble_top > config.ensemble:
+        raise UserError(f"--ensemble-top {config.ensemble_top}: must be at most --ensemble ({config.ensemble})")
+    if config.seed + config.ensemble - 1 > MAX_SEED:
+        raise UserError(f"--seed {config.seed}: members are seeded up to SEED + {config.ensemble - 1}, which must be at "
+                        f"most {MAX_SEED}")
     if not re.fullmatch(r"auto|[1-9][0-9]*|[0-9]+,|[0-9]+(,[0-9]+)+", config.devices):
         raise UserError(f"--devices {config.devices}: must be a positive number, auto, or GPU indices such as 0,2")
     if not re.fullmatch(r"[\w.+-]+", config.run_tag or ""):

@@ -22,8 +22,8 @@ fabric = Fabric(accelerator="cpu", devices=devices, strategy="ddp" if devices > 
 fabric.launch()
 data = load_split(get_split(config.split), replace(homes(), prep=prep_home))
 state = create_train_state(fabric, config, data)
-initial = {k: v.detach().clone() for k, v in state.module.params.items()}
+initial = {k: v.detach().clone() for k, v in state.module.members[0].params.items()}
 for epoch in range(3):
     train_epoch(state, data, Run(config, out, hooks=(), quiet=True))
-final = {k: v.detach().clone() for k, v in state.module.params.items()}
+final = {k: v.detach().clone() for k, v in state.module.members[0].params.items()}
 torch.save({"initial": initial, "final": final}, out / f"rank{fabric.global_rank}-of-{devices}.pt")

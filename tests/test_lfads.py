@@ -195,8 +195,8 @@ def test_lfads_trains_through_the_loop_and_logs_its_loss_terms(prepared, homes):
     events = EventAccumulator(summary["run_dir"]).Reload()
     assert {"loss/recon", "loss/kl_ic", "loss/kl_co", "loss/l2", "nlb/co-bps"} <= set(events.Tags()["scalars"])
     checkpoint = torch.load(f"{summary['run_dir']}/checkpoints/best.ckpt", weights_only=False)
-    assert "fixed_cell_clip" in checkpoint["model"] and "cell_clip" not in [k.split(".")[-1] for k in checkpoint["model"]
-                                                                           if k.startswith("params.")]
+    assert "members.0.fixed_cell_clip" in checkpoint["model"] and "cell_clip" not in [
+        k.split(".")[-1] for k in checkpoint["model"] if k.startswith("members.0.params.")]
 
 
 def test_a_resumed_lfads_run_ends_with_the_same_weights(prepared, homes):

@@ -135,7 +135,7 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_best(homes, prepare
     for name in ("best.ckpt", "last.ckpt"):
         state = torch.load(checkpoints / name, weights_only=False)
         assert all(torch.isfinite(v).all() for v in state["model"].values())
-        assert state["progress"]["epoch"] <= 3
+        assert state["members"][0]["epoch"] <= 3
 
 
 def test_a_caller_passes_its_own_hooks(homes, prepared):
@@ -186,34 +186,37 @@ def cli_train(homes, *args):
 
 def last_epoch(path: Path) -> int:
     try:
-        return torch.load(path, weights_only=False)["progress"]["epoch"]
+        return torch.load(path, weights_only=False)["members"][0]["epoch"]
     except (FileNotFoundError, RuntimeError, EOFError):
         return 0
 
 
-def test_a_killed_run_resumed_ends_with_the_same_weights(homes, prepared):
+@pytest.mark.parametrize("members", ["1", "2"])
+def test_a_killed_run_resumed_ends_with_the_same_weights(homes, prepared, members):
     # a high lr with --lr-patience 1 lowers the lr in the first epochs, so that the run is killed
     # after a decay and resume must carry the lowered lr (no floor: all 12 epochs run)
-    schedule = ("--max-epochs", "12", "--learning-rate", "0.05", "--lr-patience", "1", "--min-lr", "0")
-    whole = cli_train(homes, "--run-tag", "whole", *schedule)
+    schedule = ("--max-epochs", "12", "--learning-rate", "0.05", "--lr-patience", "1", "--min-lr", "0",
+                "--ensemble", members)
+    whole = cli_train(homes, "--run-tag", f"whole{members}", *schedule)
     assert whole.wait(timeout=300) == 0, whole.stdout.read()
 
-    killed = cli_train(homes, "--run-tag", "killed", *schedule)
-    last = homes["RUNS_HOME"] / "killed" / "dmfc_rsg-20ms-val" / "checkpoints" / "last.ckpt"
+    killed = cli_train(homes, "--run-tag", f"killed{members}", *schedule)
+    last = homes["RUNS_HOME"] / f"killed{members}" / "dmfc_rsg-20ms-val" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while last_epoch(last) < 4 and killed.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert 4 <= last_epoch(last) < 12  # really stopped part-way
-    resumed = cli_train(homes, "--run-tag", "killed", *schedule, "--resume")
+    resumed = cli_train(homes, "--run-tag", f"killed{members}", *schedule, "--resume")
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
 
     def checkpoint(tag):
         return torch.load(homes["RUNS_HOME"] / tag / "dmfc_rsg-20ms-val" / "checkpoints" / "last.ckpt", weights_only=False)
-    a, b = checkpoint("whole"), checkpoint("killed")
-    assert a["progress"]["epoch"] == b["progress"]["epoch"] == 12
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    a, b = checkpoint(f"whole{members}"), checkpoint(f"killed{members}")
+    assert [p["epoch"] for p in a["members"]] == [p["epoch"] for p in b["members"]] == [12] * int(members)
+    assert a["members"] == b["members"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["best"][k], b["best"][k]) for k in a["model"])
     lrs = [epoch["lr"] for epoch in a["history"]]
     assert lrs == [epoch["lr"] for epoch in b["history"]]
     assert lrs[4] < lrs[0]  # lowered before the earliest kill

@@ -15,6 +15,14 @@ Poisson loss of ``apply``'s training-mode rates: it may transform the batch (LFA
 dropout), add loss terms (KL, L2; ``terms``, a dict of scalars, is logged as ``loss/{name}``)
 and use the epoch for warm-ups; and ``FIXED``, the names of entries of ``params`` that are not
 trained (settings and fixed priors, kept with the weights so that ``apply`` needs nothing else).
+
+An ensemble (``--ensemble K``) runs K members, each with its own parameter dict. A model may
+give their batched form, ``apply_members(members, heldin, fwd_steps, *, dropout, training) ->
+(logrates (K, trials, bins + fwd, neurons), latents (K, ...))``, equal to stacking ``apply`` of
+each member; the SAE's steps every member's GRUs together. Without it the members run one after
+another in the same step (``torch.func.vmap`` cannot batch them: the GRU kernel is an autograd
+Function and spike dropout draws a mask of data-dependent size), as do models with their own
+``training_loss``.
 """
 from __future__ import annotations
 
@@ -63,6 +71,15 @@ class Model:
     @property
     def fixed(self) -> tuple[str, ...]:
         return tuple(getattr(self.module, "FIXED", ()))
+
+    def apply_members(self, members: list[dict], heldin, fwd_steps: int, *, dropout: float, training: bool):
+        """``apply`` of each member, stacked: ``(logrates (K, ...), latents (K, ...))``; the model's
+        batched ``apply_members`` where it has one and there is more than one member."""
+        batched = getattr(self.module, "apply_members", None)
+        if batched and len(members) > 1:
+            return batched(members, heldin, fwd_steps, dropout=dropout, training=training)
+        outputs = [self.apply(p, heldin, fwd_steps, dropout=dropout, training=training) for p in members]
+        return torch.stack([o[0] for o in outputs]), torch.stack([o[1] for o in outputs])
 
     def settle(self, given: dict, dataset: str | None = None) -> dict:
         """The model's hyperparameters: its defaults (for ``dataset``, where the model declares

@@ -5,6 +5,8 @@ the initial condition of an input-free GRU decoder unrolled over the observed an
 forward bins; a linear readout maps its states to the log-rates of all neurons. Dropout acts on
 the input, the encoder's final states and the initial condition, as in nlb-lightning. The GRUs
 are ``nlbfab.models.gru.gru``: PyTorch's GRU maths, with a faster backward on the CPU.
+``apply_members`` runs an ensemble's members as one batched computation: the GRU kernel steps
+every member's encoder directions, then every member's decoder, together.
 """
 from __future__ import annotations
 
@@ -68,3 +70,30 @@ def apply(params, heldin, fwd_steps: int, *, dropout: float = 0.0, training: boo
     no_input = x.new_zeros(trials, bins + fwd_steps, 1)
     latents, _ = _gru(params, ("dec",), no_input, ic.unsqueeze(0), reverse=(False,))
     return F.linear(latents[0], params["readout_w"], params["readout_b"]), latents[0]
+
+
+def _stacked(members, name):
+    return torch.stack([m[name] for m in members])
+
+
+def apply_members(members, heldin, fwd_steps: int, *, dropout: float = 0.0, training: bool = False):
+    """``apply`` for K members at once, each with its own weights (``members``: K parameter dicts)
+    and its own dropout masks, on the same ``heldin: (trials, bins, heldin)``. Returns
+    ``(logrates (K, trials, bins + fwd, neurons), latents (K, trials, bins + fwd, hidden))``,
+    equal to stacking ``apply`` of each member (``tests/test_ensemble.py``)."""
+    count, (trials, bins, _) = len(members), heldin.shape
+    hidden = members[0]["dec_w_hh"].shape[1]
+    x = spike_dropout(heldin.expand(count, *heldin.shape), dropout, training)  # (K, trials, bins, heldin)
+    h0 = x.new_zeros(2 * count, trials, hidden)
+    encoders = [{n: m[f"{p}_{n}"] for n in GRU_WEIGHTS} for m in members for p in ("enc_fwd", "enc_bwd")]
+    _, h_n = gru(x.repeat_interleave(2, 0), h0, encoders, reverse=(False, True) * count)
+    h = F.dropout(h_n.view(count, 2, trials, hidden).transpose(1, 2).reshape(count, trials, 2 * hidden),
+                  dropout, training)
+    ic = torch.baddbmm(_stacked(members, "ic_b")[:, None], h, _stacked(members, "ic_w").transpose(1, 2))
+    ic = F.dropout(ic, dropout, training)
+    no_input = x.new_zeros(trials, bins + fwd_steps, 1)
+    decoders = [{n: m[f"dec_{n}"] for n in GRU_WEIGHTS} for m in members]
+    latents, _ = gru(no_input, ic, decoders, reverse=(False,) * count)  # (K, trials, bins + fwd, hidden)
+    logrates = torch.baddbmm(_stacked(members, "readout_b")[:, None], latents.flatten(1, 2),
+                             _stacked(members, "readout_w").transpose(1, 2))
+    return logrates.view(count, trials, bins + fwd_steps, -1), latents
