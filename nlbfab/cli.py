@@ -188,6 +188,9 @@ def sweep(ctx, datasets, bins, phases, run_tag, resume, no_prep, **placement):
     from nlbfab import sweep as sw
     check_pass_through(train, ctx.args)
     where, splits = sw.Placement(**placement), sw.select_splits(datasets, bins, phases)
+    if any(a.startswith("--ensemble-top") for a in ctx.args) and {s.phase for s in splits} == {"val", "test"}:
+        _report("note: a test-phase run takes the members its val run chose only if that run has finished when it "
+                "ends; to be sure, run --phases val first, then --phases test")
     homes = config.homes(writable=("PREP_HOME", "RUNS_HOME"))
     sw.prepare_missing(splits, homes, no_prep, _report)
     runs = sw.plan_runs(splits, homes.tag_dir(run_tag), resume)

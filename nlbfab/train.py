@@ -234,14 +234,22 @@ def restore(state: TrainState, path: Path) -> None:
                         f"({reason}); drop --resume to start afresh") from None
 
 
+def training_members(state: TrainState) -> list[int] | None:
+    """The members a step computes: those still training (a stopped one keeps its weights), or
+    all of them under DDP, which expects a gradient for every parameter."""
+    if state.fabric.world_size > 1:
+        return None
+    return [k for k, p in enumerate(state.members) if not p.stop]
+
+
 def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor], config: TrainConfig):
-    """One optimizer step of every member on ``batch = (heldin, target)``; returns the members'
+    """One optimizer step of the training members on ``batch = (heldin, target)``; returns their
     summed loss and the model's loss terms. Each member's gradient is clipped to its own norm.
     A non-finite loss or gradient stops the run before the update, except a gradient overflow
     under 16-mixed, which the gradient scaler skips and answers with a lower scale."""
     heldin, target = batch
     loss, terms = state.module(heldin, target.shape[1] - heldin.shape[1], dropout=config.dropout, target=target,
-                               epoch=state.epoch)
+                               epoch=state.epoch, members=training_members(state))
     state.optimizer.zero_grad(set_to_none=True)
     state.fabric.backward(loss)
     # unscales the gradients (16-mixed) and measures all of them; the norm of the synchronised
@@ -276,7 +284,7 @@ def train_epoch(state: TrainState, data: SplitData, run: Run) -> tuple[float, di
         for name, value in terms.items():
             term_totals[name] = term_totals.get(name, 0) + value
     terms = {name: float(value) / len(batches) for name, value in term_totals.items()}
-    mean = total / (len(batches) * len(state.members))
+    mean = total / (len(batches) * len(training_members(state) or state.members))
     return float(fabric.all_reduce(mean, reduce_op="mean")), terms
 
 

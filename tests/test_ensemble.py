@@ -187,3 +187,16 @@ def test_ensemble_options_that_cannot_work_are_one_line(prepared):
     assert result.exit_code == 2 and "--ensemble 0: must be >= 1" in result.output
     result = run_cli(cli.train, "--split", "mc_rtt-20ms-val", "--ensemble", "3", "--seed", str(2 ** 32 - 2))
     assert result.exit_code == 2 and "members are seeded up to SEED + 2" in result.output
+
+
+def test_a_step_leaves_a_stopped_member_as_it_is_and_trains_the_others(homes, prepared):
+    config = TrainConfig(**FAST, split="mc_rtt-20ms-val", ensemble=2)
+    data = load_split(get_split(config.split), homes_with())
+    state = loop.create_train_state(Fabric(accelerator="cpu", devices=1), config, data)
+    state.members = (loop.Progress(epoch=3, stop="no improvement for 30 epochs"), loop.Progress(epoch=3))
+    before = {k: v.clone() for k, v in state.module.state_dict().items()}
+    assert loop.training_members(state) == [1]
+    loop.train_step(state, (data.train_heldin[:16], data.train_recon[:16]), config)
+    after = state.module.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("members.0."))
+    assert all(not torch.equal(after[k], v) for k, v in before.items() if k.startswith("members.1.params."))

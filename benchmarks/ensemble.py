@@ -1,0 +1,69 @@
+"""Ensembles: wall time of ``--ensemble K`` against its K members trained one after another, and
+the val co-bps of the best member, the mean member and the ensemble, side by side in one run.
+
+For each split: single runs seeded 0, 1, ... (today's default model is seed 0; the first K of
+them are the K members trained one after another), and one ``nlbfab-train --ensemble K`` run
+per K (members seeded 0..K-1). Every run stops by the default rules. The splits must be
+preprocessed (PREP_HOME); options after ``--`` go to every run (e.g. ``-- --max-epochs 50``).
+
+    .venv/bin/python benchmarks/ensemble.py [--splits mc_maze_small-20ms-val] [--members 1 4 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import device_description, save, table  # noqa: E402
+
+from nlbfab import config  # noqa: E402
+
+SPLITS = [f"{d}-{b}ms-val" for b in ("20", "05") for d in ("mc_maze_small", "mc_maze_medium", "mc_maze")]
+
+
+def train(split: str, tag: str, options: list[str]) -> tuple[float, dict]:
+    """Wall seconds of one ``nlbfab-train`` run and its ``metrics.json``."""
+    started = time.perf_counter()
+    subprocess.run([str(ROOT / "bin" / "nlbfab-train"), "--split", split, "--run-tag", tag, "--quiet", *options],
+                   check=True, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - started
+    return seconds, json.loads((config.runs_home() / tag / split / "metrics.json").read_text())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--splits", nargs="+", default=SPLITS)
+    parser.add_argument("--members", nargs="+", type=int, default=[1, 4, 8])
+    args, passthrough = parser.parse_known_args()
+    passthrough = [a for a in passthrough if a != "--"]
+    rows = []
+    for split in args.splits:
+        singles = [train(split, f"bench-ens-seed{seed}", ["--seed", str(seed), *passthrough])
+                   for seed in range(max(args.members))]
+        one_seconds, one = singles[0]
+        for count in args.members:
+            seconds, summary = singles[0] if count == 1 else train(split, f"bench-ens-{count}",
+                                                                   ["--ensemble", str(count), *passthrough])
+            members = ([m["metrics"]["co-bps"] for m in summary["ensemble"]["members"]] if count > 1
+                       else [summary["metrics"]["co-bps"]])
+            sequential = sum(s for s, _ in singles[:count])
+            rows.append({"split": split, "K": count, "seconds": seconds, "x one model": seconds / one_seconds,
+                         "one after another s": sequential, "x one after another": seconds / sequential,
+                         "epochs": summary["epochs"], "best member": max(members),
+                         "mean member": statistics.mean(members), "ensemble": summary["metrics"]["co-bps"],
+                         "default model": one["metrics"]["co-bps"]})
+            print(table(rows[-1:], list(rows[-1])), flush=True)
+    columns = list(rows[0])
+    print(f"device: {device_description()}")
+    print(table(rows, columns))
+    print(f"saved {save('ensemble', {'device': device_description(), 'options': passthrough, 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
