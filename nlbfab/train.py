@@ -462,9 +462,12 @@ def set_up(config: TrainConfig, homes: Homes, hooks, resume: bool, quiet: bool) 
     return state, data, run
 
 
-def train(config: TrainConfig, homes: Homes, hooks=HOOKS, resume: bool = False, quiet: bool = False) -> dict:
+def train(config: TrainConfig, homes: Homes, hooks=HOOKS, resume: bool = False, quiet: bool = False,
+          on_epoch=None) -> dict:
     """Train ``config.model`` on ``config.split``; write checkpoints, TensorBoard logs, metrics
-    and the submission under the run's folder. Returns the run's summary."""
+    and the submission under the run's folder. Returns the run's summary. ``on_epoch(record)``,
+    where given, gets each epoch's record (epoch, losses, monitored value, lr) on rank 0 once its
+    checkpoint is written: a hyperparameter search reports it to its scheduler."""
     state, data, run = set_up(config, homes, hooks, resume, quiet)
     started = time.perf_counter()
     everyone = list(range(len(state.members)))
@@ -489,6 +492,8 @@ def train(config: TrainConfig, homes: Homes, hooks=HOOKS, resume: bool = False, 
         state.history.append(record)
         state.fabric.log_dict(scalars, step=epoch)
         save_checkpoints(state, run, bool(improved))
+        if on_epoch and state.fabric.is_global_zero:
+            on_epoch(record)
         if not run.quiet:
             print_epoch(state, data, time.perf_counter() - started)
         if (epoch + 1) % run.config.log_every_n_epochs == 0:

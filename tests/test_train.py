@@ -151,6 +151,14 @@ def test_a_caller_passes_its_own_hooks(homes, prepared):
     assert summary["hook_metrics"] == {"my metric": 1.5}
 
 
+def test_a_caller_sees_every_epochs_record(homes, prepared):
+    records = []
+    summary = train(TrainConfig(split="mc_rtt-20ms-val", run_tag="on-epoch", max_epochs=3, **FAST), homes_with(),
+                    quiet=True, on_epoch=records.append)
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert max(r["monitored"] for r in records) == pytest.approx(summary["best_monitored"], rel=1e-6)
+
+
 def test_a_second_model_trains_through_the_same_loop(homes, prepared):
     summary = run(homes, prepared, split="mc_maze-20ms-val", run_tag="byom", model="gru_readout", max_epochs=4)
     assert summary["model"] == "gru_readout" and "co-bps" in summary["metrics"]
