@@ -56,8 +56,12 @@ def synth(names, all_, scale, seed, variability, force):
 @click.option("--dataset", "names", multiple=True, help="Preprocess all 4 splits of this dataset (repeatable).")
 @click.option("--all", "all_", is_flag=True, help="Preprocess all 28 splits.")
 @click.option("--force", is_flag=True, help="Redo splits that are already up to date.")
+@click.option("--engine", type=click.Choice(["native", "nlb_tools"]), default="native", show_default=True,
+              help="native: cut the tensors straight from the NWB files (under 2 GB); nlb_tools: through "
+                   "nlb_tools' NWBDataset and make_tensors, as nlb-lightning did (about 10 GB for mc_maze). "
+                   "Both give the same tensors.")
 @friendly_errors
-def prep(split_names, names, all_, force):
+def prep(split_names, names, all_, force, engine):
     """Preprocess NWB datasets from DATA_HOME into per-split HDF5 tensors under PREP_HOME."""
     from nlbfab.prep import missing_data_hint, prepare_splits
     if not (split_names or names or all_):
@@ -66,7 +70,7 @@ def prep(split_names, names, all_, force):
     if names or all_:
         wanted += [s for dataset in chosen_datasets(names, all_) for s in splits_of(dataset)]
     fix = missing_data_hint(list(dict.fromkeys(s.dataset for s in wanted)))
-    prepare_splits(wanted, config.homes(writable=("PREP_HOME",), existing={"DATA_HOME": fix}), force, _report)
+    prepare_splits(wanted, config.homes(writable=("PREP_HOME",), existing={"DATA_HOME": fix}), force, _report, engine)
 
 
 @click.command(cls=Command)

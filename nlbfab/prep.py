@@ -1,4 +1,10 @@
-"""Preprocess NWB datasets into per-split HDF5 tensors with ``nlb_tools.make_tensors``.
+"""Preprocess NWB datasets into per-split HDF5 tensors, as ``nlb_tools.make_tensors`` makes them.
+
+Two engines make the same tensors: ``native`` (the default) reads the NWB files lazily and cuts
+every tensor straight from spike times, trial tables and behaviour series (``nlbfab.native``:
+no 1 ms frame of the whole recording, under 2 GB and several times faster on mc_maze);
+``nlb_tools`` loads each dataset into nlb_tools' ``NWBDataset`` and calls its tensor makers,
+as nlb-lightning did (about 10 GB for mc_maze). benchmarks/README.md has the numbers.
 
 For each split, ``PREP_HOME/{split}/`` holds what nlb-lightning trained from:
 ``train_input.h5`` (train trials: held-in/held-out spikes, forward-prediction spikes,
@@ -18,14 +24,17 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from nlb_tools.make_tensors import (PARAMS, make_eval_input_tensors, make_eval_target_tensors,
                                     make_train_input_tensors, save_to_h5)
 
 from nlbfab.errors import UserError
-from nlbfab.nwb import load_dataset, reused_by_nlb_tools
 from nlbfab.layout import PREP_MARKER, Homes
+from nlbfab.native.session import open_session
+from nlbfab.native.tensors import split_tensors as native_split_tensors
+from nlbfab.native.tensors import value_fields
+from nlbfab.nwb import load_dataset, reused_by_nlb_tools
 from nlbfab.splits import Dataset, Split
 
 
@@ -97,12 +106,39 @@ def _write_split(split: Split, tensors: dict[str, dict], homes: Homes, sources: 
     return final
 
 
-def prepare_dataset(dataset: Dataset, splits: list[Split], homes: Homes, force: bool = False,
-                    report: Callable[[str], None] = print) -> list[Split]:
-    """Preprocess ``splits`` (all of ``dataset``) from one load of its NWB files.
+def _native_engine(folder: Path, splits: list[Split], report: Callable[[str], None]) -> Iterator[tuple[Split, dict]]:
+    """Each split's tensors, cut by ``nlbfab.native`` from one lazy read of the folder."""
+    started = time.perf_counter()
+    session = open_session(folder, value_fields(splits[0].dataset.name))
+    report(f"{splits[0].dataset.name}: read in {time.perf_counter() - started:.1f} s")
+    for split in splits:
+        yield split, native_split_tensors(session, split)
 
-    Up-to-date splits are skipped unless ``force``. Returns the splits that were written.
-    """
+
+def _nlb_tools_engine(folder: Path, splits: list[Split], report: Callable[[str], None]) -> Iterator[tuple[Split, dict]]:
+    """Each split's tensors from nlb_tools' tensor makers, on one load of the folder resampled
+    once per bin width."""
+    started = time.perf_counter()
+    loaded = load_dataset(folder)
+    report(f"{splits[0].dataset.name}: loaded in {time.perf_counter() - started:.1f} s")
+    with reused_by_nlb_tools(loaded):  # its PSTH step copies `loaded` instead of reading the files again
+        for bin_ms in sorted({s.bin_ms for s in splits}):
+            binned = copy.copy(loaded)
+            binned.data = loaded.data.copy()  # resample mutates the frame; keep the 1 ms data intact
+            binned.resample(bin_ms)
+            for split in [s for s in splits if s.bin_ms == bin_ms]:
+                yield split, split_tensors(binned, split)
+            del binned
+
+
+ENGINES = {"native": _native_engine, "nlb_tools": _nlb_tools_engine}
+
+
+def prepare_dataset(dataset: Dataset, splits: list[Split], homes: Homes, force: bool = False,
+                    report: Callable[[str], None] = print, engine: str = "native") -> list[Split]:
+    """Preprocess ``splits`` (all of ``dataset``) from one read of its NWB files, with ``engine``
+    (``native`` or ``nlb_tools``). Up-to-date splits are skipped unless ``force``. Returns the
+    splits that were written."""
     todo = [s for s in splits if force or not is_up_to_date(s, homes)]
     for s in splits:
         if s not in todo:
@@ -113,27 +149,19 @@ def prepare_dataset(dataset: Dataset, splits: list[Split], homes: Homes, force: 
     if not sources:
         raise UserError(f"no NWB files for {dataset.name} in {homes.dataset_dir(dataset)}: "
                         f"{missing_data_hint([dataset])}")
+    report(f"{dataset.name}: reading {len(sources)} NWB files from {homes.dataset_dir(dataset)} ({engine} engine)")
     started = time.perf_counter()
-    report(f"{dataset.name}: loading {len(sources)} NWB files from {homes.dataset_dir(dataset)}")
-    loaded = load_dataset(homes.dataset_dir(dataset))
-    report(f"{dataset.name}: loaded in {time.perf_counter() - started:.1f} s")
-    with reused_by_nlb_tools(loaded):  # its PSTH step copies `loaded` instead of reading the files again
-        for bin_ms in sorted({s.bin_ms for s in todo}):
-            binned = copy.copy(loaded)
-            binned.data = loaded.data.copy()  # resample mutates the frame; keep the 1 ms data intact
-            binned.resample(bin_ms)
-            for split in [s for s in todo if s.bin_ms == bin_ms]:
-                t0 = time.perf_counter()
-                folder = _write_split(split, split_tensors(binned, split), homes, sources)
-                report(f"  {split.name}: written to {folder} in {time.perf_counter() - t0:.1f} s")
-            del binned
+    for split, tensors in ENGINES[engine](homes.dataset_dir(dataset), todo, report):
+        report(f"  {split.name}: written to {_write_split(split, tensors, homes, sources)}")
+    report(f"{dataset.name}: {len(todo)} split(s) in {time.perf_counter() - started:.1f} s")
     return todo
 
 
 def prepare_splits(splits: list[Split], homes: Homes, force: bool = False,
-                   report: Callable[[str], None] = print) -> int:
-    """Preprocess ``splits`` dataset by dataset (one load each); returns how many were written.
-    Every dataset's NWB files are looked for first, so a long run does not stop half-way."""
+                   report: Callable[[str], None] = print, engine: str = "native") -> int:
+    """Preprocess ``splits`` dataset by dataset (one read each) with ``engine``; returns how many
+    were written. Every dataset's NWB files are looked for first, so a long run does not stop
+    half-way."""
     splits = list(dict.fromkeys(splits))
     by_dataset = {d: [s for s in splits if s.dataset == d] for d in dict.fromkeys(s.dataset for s in splits)}
     missing = [d for d in by_dataset if not source_files(homes, d)]
@@ -144,7 +172,7 @@ def prepare_splits(splits: list[Split], homes: Homes, force: bool = False,
     written = 0
     for number, (dataset, group) in enumerate(by_dataset.items(), 1):
         report(f"[{number}/{len(by_dataset)}] {dataset.name}: {', '.join(s.name for s in group)}")
-        written += len(prepare_dataset(dataset, group, homes, force, report))
+        written += len(prepare_dataset(dataset, group, homes, force, report, engine))
     report(f"done: {written} split(s) written, {len(splits) - written} up to date, "
            f"in {time.perf_counter() - started:.1f} s under {homes.prep}")
     return written
