@@ -5,8 +5,12 @@ For each split: single runs seeded 0, 1, ... (today's default model is seed 0; t
 them are the K members trained one after another), and one ``nlbfab-train --ensemble K`` run
 per K (members seeded 0..K-1). Every run stops by the default rules. The splits must be
 preprocessed (PREP_HOME); options after ``--`` go to every run (e.g. ``-- --max-epochs 50``).
+``--epoch-cost`` instead times one epoch (training and validation) of K members on mc_maze-shaped
+tensors (1721 train trials, batch 64), no data needed: the cost of a step with every member
+training, before any has stopped.
 
     .venv/bin/python benchmarks/ensemble.py [--splits mc_maze_small-20ms-val] [--members 1 4 8]
+    .venv/bin/python benchmarks/ensemble.py --epoch-cost [--bins 20 5]
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import device_description, save, table  # noqa: E402
 
 from nlbfab import config  # noqa: E402
+from nlbfab.train import Run, TrainConfig, create_train_state, train_epoch, validate  # noqa: E402
 
 SPLITS = [f"{d}-{b}ms-val" for b in ("20", "05") for d in ("mc_maze_small", "mc_maze_medium", "mc_maze")]
 
@@ -36,11 +41,50 @@ def train(split: str, tag: str, options: list[str]) -> tuple[float, dict]:
     return seconds, json.loads((config.runs_home() / tag / split / "metrics.json").read_text())
 
 
+def epoch_seconds(bin_ms: int, members: int, epochs: int = 3) -> float:
+    """The fastest of ``epochs`` timed epochs (after a warm-up) of ``members`` SAEs on mc_maze-shaped tensors."""
+    import torch
+    from lightning_fabric import Fabric
+
+    from benchmarks.train_throughput import synthetic_split
+    data = synthetic_split(bin_ms, torch.device("cpu"))
+    settings = TrainConfig(split=f"mc_maze-{bin_ms:02d}ms-val", batch_size=64, accelerator="cpu", ensemble=members)
+    state = create_train_state(Fabric(accelerator="cpu", devices=1), settings, data)
+    run = Run(settings, Path("."), hooks=(), quiet=True)
+    train_epoch(state, data, run)
+    times = []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        train_epoch(state, data, run)
+        validate(state.module, data)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def epoch_cost(bins: list[int], members: list[int]) -> None:
+    rows = []
+    for bin_ms in bins:
+        one = None
+        for count in members:
+            seconds = epoch_seconds(bin_ms, count)
+            one = one or seconds
+            rows.append({"bins": f"{bin_ms} ms", "K": count, "s/epoch": seconds, "x one model": seconds / one,
+                         "x per member": seconds / one / count})
+            print(table(rows[-1:], list(rows[-1])), flush=True)
+    print(f"device: {device_description()}")
+    print(table(rows, list(rows[0])))
+    print(f"saved {save('ensemble-epoch-cost', {'device': device_description(), 'rows': rows})}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--splits", nargs="+", default=SPLITS)
     parser.add_argument("--members", nargs="+", type=int, default=[1, 4, 8])
+    parser.add_argument("--epoch-cost", action="store_true", help="Time one epoch of K members instead.")
+    parser.add_argument("--bins", nargs="+", type=int, default=[20, 5], help="With --epoch-cost: bin widths.")
     args, passthrough = parser.parse_known_args()
+    if args.epoch_cost:
+        return epoch_cost(args.bins, args.members)
     passthrough = [a for a in passthrough if a != "--"]
     rows = []
     for split in args.splits:

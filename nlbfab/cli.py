@@ -12,7 +12,7 @@ import click
 
 from nlbfab import config, layout
 from nlbfab.command import (Command, TrainCommand, check_pass_through, chosen_datasets, friendly_errors,
-                            train_config, train_options)
+                            given_train_options, train_config, train_options)
 from nlbfab.errors import UserError
 from nlbfab.splits import SPLIT_NAMES, get_split, splits_of
 
@@ -208,6 +208,95 @@ def sweep(ctx, datasets, bins, phases, run_tag, resume, no_prep, **placement):
         sys.exit(1)
 
 
+@click.command(cls=Command, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--split", "split_name", required=True, help="A val-phase split to search on, e.g. mc_maze-20ms-val.")
+@click.option("--trials", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Trials (training runs) to draw.")
+@click.option("--space", type=click.Path(dir_okay=False),
+              help="JSON file that changes the model's search space (README: Hyperparameter search).")
+@click.option("--run-tag", default="search", show_default=True,
+              help="The search goes to RUNS_HOME/RUN_TAG/search/SPLIT, --submit-top into RUNS_HOME/RUN_TAG.")
+@click.option("--cpus-per-trial", "cpus", default=1, show_default=True, type=click.IntRange(min=1),
+              help="CPUs of each trial (its torch threads).")
+@click.option("--gpus-per-trial", "gpus", type=click.FloatRange(0, 1),
+              help="GPU share of each trial (default 0.3 where the Ray cluster has GPUs, else 0).")
+@click.option("--concurrent", type=click.IntRange(min=1),
+              help="Trials at a time (default: the Ray cluster's CPUs // --cpus-per-trial).")
+@click.option("--grace-epochs", default=25, show_default=True, type=click.IntRange(min=1),
+              help="ASHA's first rung: epochs every trial trains before it can be stopped early.")
+@click.option("--address", default=None, help="Ray cluster address (e.g. auto or ray://head:10001); none: a local Ray.")
+@click.option("--resume", is_flag=True, help="Continue this tag's interrupted search on the split, as it was started.")
+@click.option("--submit-top", type=click.IntRange(min=1),
+              help="Submit the mean rates of this many best trials (chosen greedily on val co-bps) as the run's "
+                   "submission-val.h5, and of their settings trained on the test-phase split as submission-test.h5.")
+@click.option("--no-test", is_flag=True, help="With --submit-top: the val phase only.")
+@click.pass_context
+@friendly_errors
+def search(ctx, split_name, trials, space, run_tag, address, resume, submit_top, no_test, **plan_options):
+    """Search a model's hyperparameters on one val split with Ray Tune: Optuna's TPE draws each
+    trial's settings, ASHA stops poor trials early. Other options (e.g. --max-epochs 50 --model
+    gru_readout) pass through to every trial."""
+    try:
+        import optuna  # noqa: F401
+        import ray.tune  # noqa: F401
+    except ImportError:
+        raise UserError("nlbfab-search needs Ray Tune and Optuna: run 'pip install -e .[ray]'") from None
+    from nlbfab import search as sr
+    split = get_split(split_name)
+    if split.phase != "val":
+        raise UserError(f"{split.name}: a search chooses by val co-bps, which only val-phase splits have; "
+                        f"search on {split.name.replace('-test', '-val')}")
+    homes = config.homes(writable=("RUNS_HOME",), existing={"PREP_HOME": f"run 'bin/nlbfab-prep --split {split.name}'"})
+    phases = [split] + ([sr.as_test_phase(split)] if submit_top and not no_test else [])
+    for needed in phases:
+        if not homes.split_file(needed, "eval_input").is_file():
+            raise UserError(f"{needed.name} is not preprocessed: run 'bin/nlbfab-prep --split {needed.name}'")
+    folder = layout.search_dir(homes.tag_dir(run_tag), split)
+    if resume:
+        given = [p.opts[0] for p in ctx.command.params if p.name in ("trials", "space", "cpus", "gpus", "concurrent",
+                 "grace_epochs") and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE]
+        if given or ctx.args:
+            raise UserError(f"--resume continues the search with the settings it started with "
+                            f"({layout.search_plan(folder)}): drop {' '.join(given + ctx.args)}")
+        plan = sr.read_plan(folder)
+    else:
+        plan = sr.SearchPlan(split.name, trials, *search_space(split.name, space, ctx.args), run_tag=run_tag,
+                             **plan_options)
+    with sr.ray_session(address):
+        plan, rows = sr.search(plan, homes, resume, _report)
+        click.echo(sr.trials_table(rows, plan.space))
+        done = sum(r["status"] != "unfinished" for r in rows)
+        if done < plan.trials:
+            _report(f"interrupted: {done} of {plan.trials} trials done; continue with 'bin/nlbfab-search --split "
+                    f"{split.name} --run-tag {run_tag} --resume'")
+            sys.exit(130)
+        best = sr.write_best(plan, homes, rows)
+        click.echo(f"best: {rows[0]['trial']}, val co-bps {rows[0]['val_co_bps']:.4f}; its settings: {best}\n"
+                   f"train it: bin/nlbfab-train --config {best} --run-tag {run_tag}")
+        if submit_top:
+            submitted = sr.submit_top(plan, homes, rows, submit_top, not no_test, _report)
+            click.echo(f"submission: the mean of {', '.join(submitted['trials'])} in {submitted['val']['submission']}")
+            for name, value in submitted["val"]["metrics"].items():
+                click.echo(f"  {name:10s} {value:.4f}")
+            if "test" in submitted:
+                click.echo(f"submission: the mean of their settings trained on {phases[1].name} in "
+                           f"{submitted['test']['submission']}")
+
+
+def search_space(split: str, space_file: str | None, args: list[str]) -> tuple[dict, dict]:
+    """The space a search draws from and the settings it fixes: the model's space, changed by the
+    space file, less the options given, which are fixed with the file's fixed values; all checked."""
+    from nlbfab.models import get_model
+    from nlbfab.search_space import check_trials, read_space, settle
+    given = given_train_options(train, split, args)
+    model = get_model(given.get("model", "sae"))
+    space, fixed = settle(model, read_space(space_file) if space_file else {}, set(given))
+    if not space:
+        raise UserError(f"nothing to search: every parameter of the space of model {model.name} is fixed")
+    check_trials(split, fixed | given, space, model)
+    return space, fixed | given
+
+
 @click.command(cls=Command, name="splits")
 def list_splits():
     """Print the 28 split names."""
@@ -215,7 +304,7 @@ def list_splits():
 
 
 COMMANDS = {"synth": synth, "prep": prep, "download": download, "baseline": baseline, "train": train,
-            "scores": scores, "submit": submit, "all": sweep, "splits": list_splits}
+            "scores": scores, "submit": submit, "all": sweep, "search": search, "splits": list_splits}
 
 if __name__ == "__main__":  # bin/nlbfab-<command> runs: python -m nlbfab.cli <command> [options]
     # sys.argv stays whole: Fabric's DDP launcher starts the other ranks with the same command line

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import logging
 import sys
 import typing
 import warnings
 from dataclasses import fields
+from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from nlbfab.errors import UserError
 from nlbfab.splits import DATASETS, get_dataset
@@ -39,7 +42,8 @@ class Command(click.Command):
 
 def train_options(command):
     """``nlbfab-train``'s options, one per ``TrainConfig`` field: name, type, default, help and
-    valid values come from the field, so a setting is declared in one place."""
+    valid values come from the field, so a setting is declared in one place; and ``--config``,
+    a file of settings that the other options override."""
     hints = typing.get_type_hints(TrainConfig)
     for f in reversed([f for f in fields(TrainConfig) if f.metadata["option"]]):
         kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
@@ -47,7 +51,28 @@ def train_options(command):
         command = click.option(option_name(f.name), f.name, default=f.default, show_default=f.default is not None,
                                type=click.Choice(valid.choices) if valid.choices else kind,
                                help=f.metadata["help"] + valid.help_suffix())(command)
-    return command
+    return click.option("--config", "config", type=click.Path(dir_okay=False), is_eager=True, callback=read_config,
+                        help="Take the settings (and --split) of this JSON file, e.g. a run's config.json or a "
+                             "search's best.json; options given here override them.")(command)
+
+
+def read_config(ctx: click.Context, param, path: str | None) -> dict:
+    """``--config FILE``: the file's settings become the defaults of ``nlbfab-train``'s options
+    (click's ``default_map``: an option given on the command line still wins). Returns the file's
+    model hyperparameters, which ``train_config`` puts under the options the model takes."""
+    if path is None:
+        return {}
+    try:
+        settings = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise click.BadParameter(f"{path}: cannot read it as JSON ({getattr(error, 'strerror', None) or error})")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(settings) - known) if isinstance(settings, dict) else ["(not a JSON object)"]
+    if unknown:
+        raise click.BadParameter(f"{path}: not settings of nlbfab-train: {', '.join(unknown)}")
+    names = {"split": "split_name"}  # --split's parameter name
+    ctx.default_map = (ctx.default_map or {}) | {names.get(k, k): v for k, v in settings.items() if k != "hparams"}
+    return settings.get("hparams") or {}
 
 
 def friendly_errors(command):
@@ -99,8 +124,13 @@ def model_hparams(model_name: str, args: list[str]) -> dict:
 
 
 def train_config(split: str, options: dict, extra_args: list[str]) -> TrainConfig:
-    """A checked ``TrainConfig`` from ``nlbfab-train``'s parsed options and the model's own."""
-    return TrainConfig(split=split, hparams=model_hparams(options["model"], extra_args), **options)
+    """A checked ``TrainConfig`` from ``nlbfab-train``'s parsed options and the model's own (those
+    of a ``--config`` file, overridden by those given)."""
+    from nlbfab.models import get_model
+    options = dict(options)
+    hparams = (options.pop("config", None) or {}) | model_hparams(options["model"], extra_args)
+    get_model(options["model"]).settle(hparams)  # a file's hyperparameters are checked too
+    return TrainConfig(split=split, hparams=hparams, **options)
 
 
 def check_pass_through(train_command: click.Command, args: list[str]) -> None:
@@ -111,6 +141,21 @@ def check_pass_through(train_command: click.Command, args: list[str]) -> None:
     context = train_command.make_context("nlbfab-train", ["--split", "mc_maze-20ms-val", *args])
     options = {k: v for k, v in context.params.items() if k not in ("split_name", "resume", "quiet")}
     train_config("mc_maze-20ms-val", options, context.args)
+
+
+def given_train_options(train_command: click.Command, split: str, args: list[str]) -> dict:
+    """The ``nlbfab-train`` options given in ``args`` (not those left at their defaults) and the
+    model's hyperparameters given, by setting name: what ``nlbfab-search`` fixes for every trial.
+    All of them are checked as a run's would be."""
+    refused = [a.split("=")[0] for a in args if a.split("=")[0] in ("--quiet", "--config")]
+    if refused:
+        raise UserError(f"{refused[0]} is not for nlbfab-search's trials (they run quietly, with the settings "
+                        f"given here and those drawn for them)")
+    context = train_command.make_context("nlbfab-train", ["--split", split, *args])
+    options = {k: v for k, v in context.params.items() if k not in ("split_name", "resume", "quiet")}
+    hparams = train_config(split, options, context.args).hparams
+    given = {k: v for k, v in options.items() if context.get_parameter_source(k) is ParameterSource.COMMANDLINE}
+    return given | hparams
 
 
 def chosen_datasets(names: tuple[str, ...], all_: bool) -> list:

@@ -23,6 +23,11 @@ METRICS_FILE = "metrics.json"
 PROGRESS_FILE = "progress.json"
 TRAIN_LOG = "train.log"
 TENSORBOARD_FILES = ("events.out.tfevents.*", "hparams.yaml")
+SEARCH = "search"  # RUNS_HOME/{run_tag}/search/{split}/: a hyperparameter search, one folder per trial
+TUNE_DIR = "tune"  # Ray Tune's own state of the search, what --resume restores
+SEARCH_PLAN = "search.json"
+SEARCH_TRIALS = "trials.json"
+BEST_CONFIG = "best.json"
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,32 @@ class Homes:
 
     def run_dir(self, run_tag: str, split) -> Path:
         return self.tag_dir(run_tag) / split.name
+
+
+def search_dir(tag_dir: Path, split) -> Path:
+    """``RUNS_HOME/{run_tag}/search/{split}``: a search's plan, trials table, best configuration,
+    Ray Tune's state, and each trial's run: ``{trial}/{split}/``, a run of tag ``{trial}`` with this
+    folder as its RUNS_HOME."""
+    return Path(tag_dir) / SEARCH / split.name
+
+
+def tune_dir(search: Path) -> Path:
+    return Path(search) / TUNE_DIR
+
+
+def search_plan(search: Path) -> Path:
+    """What the search was asked to do, which ``--resume`` continues."""
+    return Path(search) / SEARCH_PLAN
+
+
+def search_trials(search: Path) -> Path:
+    """Every trial's hyperparameters and val co-bps, best first."""
+    return Path(search) / SEARCH_TRIALS
+
+
+def best_config(search: Path) -> Path:
+    """The best trial's settings, which ``nlbfab-train --config`` takes."""
+    return Path(search) / BEST_CONFIG
 
 
 def dataset_dir(data_home: Path, dataset) -> Path:

@@ -6,7 +6,8 @@ latents)`` with ``heldin: (trials, bins, heldin)``, ``logrates: (trials, bins + 
 heldin + heldout)`` and ``latents: (trials, bins + fwd_steps, latent_dim)``, and ``HPARAMS``:
 its hyperparameters (``nlbfab.train_config.Hyperparameter``: default, help, valid values), which
 ``nlbfab-train`` takes as options. The loop, the hooks, the checkpoints and the submission need
-nothing else. Register one in ``MODELS``, or name an importable module with ``--model
+nothing else; ``SEARCH_SPACE``, where a model declares one, is what ``nlbfab-search`` draws its
+trials from (``nlbfab.search_space``). Register one in ``MODELS``, or name an importable module with ``--model
 my_package.my_model``.
 
 Two optional parts let a model train in its own way (the SAE and ``gru_readout`` have neither):
@@ -58,6 +59,11 @@ class Model:
     @property
     def hparams(self) -> dict[str, Hyperparameter]:
         return getattr(self.module, "HPARAMS", {})
+
+    @property
+    def search_space(self) -> dict:
+        """The model's ``SEARCH_SPACE`` (``nlbfab.search_space``): what ``nlbfab-search`` draws from."""
+        return getattr(self.module, "SEARCH_SPACE", {})
 
     @property
     def apply(self):

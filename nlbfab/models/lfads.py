@@ -29,6 +29,7 @@ from nlbfab.loss import poisson_nll
 from nlbfab.models.dropout import spike_dropout
 from nlbfab.models.gru import gru
 from nlbfab.models.lfads_decoder import decode
+from nlbfab.search_space import loguniform, uniform
 from nlbfab.train_config import Hyperparameter, Valid
 
 POSITIVE, AT_LEAST_ONE, NON_NEGATIVE = Valid(low=0, low_open=True), Valid(low=1), Valid(low=0)
@@ -56,6 +57,17 @@ HPARAMS = {
     "kl_increase_epoch": Hyperparameter(80, "Epochs over which the KL weights rise to their full value.", NON_NEGATIVE),
     "l2_start_epoch": Hyperparameter(0, "Epoch at which the L2 weight starts to rise.", NON_NEGATIVE),
     "l2_increase_epoch": Hyperparameter(80, "Epochs over which the L2 weight rises to its full value.", NON_NEGATIVE),
+}
+# nlbfab-search's default space (README: Hyperparameter search): the regularisers lfads-torch tunes
+# on NLB (dropout, coordinated dropout, KL and L2 weights) and the learning rate, around the
+# defaults above; the sizes keep their per-dataset defaults
+SEARCH_SPACE = {
+    "learning_rate": loguniform(2e-3, 1e-2),
+    "dropout": uniform(0.0, 0.5),
+    "cd_rate": uniform(0.1, 0.5),
+    "kl_ic_scale": loguniform(1e-8, 1e-5),
+    "kl_co_scale": loguniform(1e-8, 1e-5),
+    "l2_scale": loguniform(1e-6, 1e-3),
 }
 # lfads-torch's sizes for the other datasets (its configs/model/nlb_*.yaml, found by population-based
 # training on the 5 ms splits); mc_maze keeps the defaults above

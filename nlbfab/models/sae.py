@@ -17,9 +17,19 @@ import torch.nn.functional as F
 
 from nlbfab.models.dropout import spike_dropout
 from nlbfab.models.gru import gru
+from nlbfab.search_space import choice, loguniform, uniform
 from nlbfab.train_config import Hyperparameter, Valid
 
 HPARAMS = {"hidden_size": Hyperparameter(64, "Units in each GRU (encoder directions and decoder).", Valid(low=1))}
+# nlbfab-search's default space (README: Hyperparameter search): ranges around the defaults above
+# and TrainConfig's; learning rates stay above --min-lr's default 1e-3
+SEARCH_SPACE = {
+    "learning_rate": loguniform(2e-3, 2e-2),
+    "weight_decay": loguniform(1e-6, 1e-2),
+    "dropout": uniform(0.0, 0.6),
+    "batch_size": choice(16, 32, 64),
+    "hidden_size": choice(32, 64, 128),
+}
 GRU_WEIGHTS = ("w_ih", "w_hh", "b_ih", "b_hh")
 
 

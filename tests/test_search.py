@@ -1,0 +1,187 @@
+"""nlbfab-search: a Ray Tune search (Optuna TPE, ASHA) of ordinary training runs on a local Ray
+instance, its table and best.json, the mean of its best trials as the submission, --resume after
+an interruption, and a bad search space refused in one line before Ray starts."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from nlbfab import cli, layout
+from nlbfab.models import MODELS, get_model
+from nlbfab.search_space import check_trials, choice, integer, loguniform, read_space, settle
+from nlbfab.splits import get_split
+from tests.conftest import run_cli
+
+SPLIT = get_split("mc_maze_small-20ms-val")
+TEST_SPLIT = get_split("mc_maze_small-20ms-test")
+TINY = {"hidden_size": {"choice": [4, 8]}, "batch_size": None}  # the SAE's space, tiny, its batch size left out
+QUICK = ["--max-epochs", "3", "--log-every-n-epochs", "100"]
+
+
+def space_file(tmp_path, space) -> str:
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps(space) if not isinstance(space, str) else space)
+    return str(path)
+
+
+def rates(path) -> dict:
+    with h5py.File(path, "r") as h5:
+        return {key: h5[name][key][()] for name in h5 for key in h5[name]}
+
+
+def trials(folder) -> list[dict]:
+    return json.loads(layout.search_trials(folder).read_text())["trials"]
+
+
+@pytest.fixture(scope="module")
+def searched(prepared, homes, tmp_path_factory):
+    """A 4-trial search on a local Ray instance of 2 CPUs, one trial at a time so that ASHA's
+    decisions (from epoch 1) are reproducible, whose 2 best trials are submitted (val and test
+    phase). With --seed 2, TPE's second trial is behind the first at epoch 1 (-0.0206 against
+    -0.0195) and ASHA stops it there."""
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        space = space_file(tmp_path_factory.mktemp("space"), TINY)
+        result = run_cli(cli.search, "--split", SPLIT.name, "--trials", "4", "--run-tag", "srch", "--concurrent", "1",
+                         "--grace-epochs", "1", "--seed", "2", "--space", space, "--submit-top", "2", *QUICK)
+    finally:
+        ray.shutdown()
+    assert result.exit_code == 0, result.output
+    return result.output, layout.search_dir(homes["RUNS_HOME"] / "srch", SPLIT)
+
+
+def test_a_search_runs_its_trials_as_training_runs_and_reports_them(searched, homes):
+    output, folder = searched
+    rows = trials(folder)
+    assert len(rows) == 4 and len(re.findall(r"\[\d/4 done, \d running\] trial_\w+: ", output)) == 4
+    scores = [r["val_co_bps"] for r in rows]
+    assert scores == sorted(scores, reverse=True)  # the table and trials.json: best first
+    assert sorted(r["status"] for r in rows) == ["finished"] * 3 + ["stopped"]
+    assert "after 1 epoch (stopped early by ASHA)" in output
+    for row in rows:
+        assert row["trial"] in output
+        config = json.loads(layout.config_file(folder / row["trial"] / SPLIT.name).read_text())
+        # the drawn values, the space file's choices and the option passed through
+        assert config["hparams"]["hidden_size"] == row["params"]["hidden_size"] in (4, 8)
+        assert 2e-3 <= config["learning_rate"] == row["params"]["learning_rate"] <= 2e-2
+        assert "batch_size" not in row["params"] and config["max_epochs"] == 3
+        run = folder / row["trial"] / SPLIT.name
+        if row["status"] == "finished":  # trained to its own stop: its rates and scores are there
+            metrics = layout.read_metrics(run)
+            assert metrics["epochs"] == 3 and abs(metrics["metrics"]["co-bps"] - row["val_co_bps"]) < 1e-6
+            assert layout.rates_file(run).is_file()
+        else:  # stopped by ASHA at its first rung, before the end
+            assert row["epochs"] == 1 and not layout.metrics_file(run).is_file()
+
+
+def test_best_json_holds_the_best_trial_and_nlbfab_train_config_reproduces_it(searched, homes):
+    _, folder = searched
+    best = json.loads(layout.best_config(folder).read_text())
+    top = trials(folder)[0]
+    trained = json.loads(layout.config_file(folder / top["trial"] / SPLIT.name).read_text())
+    assert best == {k: v for k, v in trained.items() if k not in ("run_tag", "accelerator")}
+
+    result = run_cli(cli.train, "--config", str(layout.best_config(folder)), "--run-tag", "from-best", "--quiet")
+    assert result.exit_code == 0, result.output
+    again = layout.read_metrics(homes["RUNS_HOME"] / "from-best" / SPLIT.name)
+    assert abs(again["metrics"]["co-bps"] - top["val_co_bps"]) < 1e-6
+
+
+def test_submit_top_submits_the_mean_rates_of_the_chosen_trials(searched, homes):
+    output, folder = searched
+    chosen = re.search(r"the mean of (trial_\w+), (trial_\w+) in", output).groups()
+    finished = [r["trial"] for r in trials(folder) if r["status"] == "finished"]
+    assert chosen[0] == finished[0] and chosen[1] in finished  # greedy: the best trial first
+    tag = homes["RUNS_HOME"] / "srch"
+    for split in (SPLIT, TEST_SPLIT):
+        submitted = rates(layout.submission_file(tag, split.phase))
+        members = [rates(layout.rates_file(folder / trial / split.name)) for trial in chosen]
+        assert submitted.keys() == members[0].keys() and "eval_rates_heldout" in submitted
+        for key, value in submitted.items():
+            np.testing.assert_allclose(value, (members[0][key] + members[1][key]) / 2, rtol=1e-6)
+    assert re.search(r"co-bps\s+-?\d\.\d{4}", output)  # the submission scored as EvalAI would
+
+
+def test_resume_continues_an_interrupted_search_without_redoing_finished_trials(searched, homes, tmp_path):
+    """The same search as ``searched`` (same seed, so the same draws), two trials at a time and
+    without ASHA, interrupted as Ctrl-C does once a trial has finished, then resumed."""
+    folder = layout.search_dir(homes["RUNS_HOME"] / "resumed", SPLIT)
+    command = [sys.executable, "-m", "nlbfab.cli", "search", "--split", SPLIT.name, "--trials", "4", "--seed", "2",
+               "--concurrent", "2", "--run-tag", "resumed", "--space", space_file(tmp_path, TINY), *QUICK]
+    search = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not list(folder.glob(f"trial_*/{SPLIT.name}/{layout.METRICS_FILE}")) and time.time() < deadline:
+        time.sleep(0.1)
+    search.send_signal(signal.SIGINT)  # Tune saves its state and stops
+    output, _ = search.communicate(timeout=120)
+    assert search.returncode == 130 and "2 at a time" in output and "--resume" in output, output
+    done = {path.parts[-3]: path.stat().st_mtime_ns for path in folder.glob(f"trial_*/*/{layout.METRICS_FILE}")}
+    assert 1 <= len(done) < 4, output
+
+    result = run_cli(cli.search, "--split", SPLIT.name, "--run-tag", "resumed", "--resume")
+    assert result.exit_code == 0, result.output
+    rows = trials(folder)
+    assert len(rows) == 4 and all(r["status"] == "finished" for r in rows)
+    for trial, mtime in done.items():  # not trained again
+        assert (folder / trial / SPLIT.name / layout.METRICS_FILE).stat().st_mtime_ns == mtime
+    # each trial, whether finished before, interrupted mid-run and resumed, or new, scores as in
+    # the uninterrupted search (where ASHA let it finish)
+    resumed = {json.dumps(r["params"], sort_keys=True): r["val_co_bps"] for r in rows}
+    for row in [r for r in trials(searched[1]) if r["status"] == "finished"]:
+        assert abs(resumed[json.dumps(row["params"], sort_keys=True)] - row["val_co_bps"]) < 1e-6
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"hiden_size": {"choice": [4]}}, "the search space names hiden_size: not a parameter of model sae"),
+    ({"dropout": {"normal": [0, 1]}}, "dropout: unknown distribution 'normal'"),
+    ({"dropout": {"uniform": [0, 1]}}, 'search space dropout {"uniform": [0, 1]}: --dropout 1: must be in [0, 1)'),
+    ({"hidden_size": {"loguniform": [4, 64]}}, "a whole-number parameter needs int, or choice of whole numbers"),
+    ({"learning_rate": {"loguniform": [1e-4, 1e-2]}}, "--min-lr 0.001 must be below --learning-rate 0.0001"),
+    ("{not json", "not JSON"),
+])
+def test_a_bad_search_space_fails_in_one_line_before_ray_starts(prepared, homes, tmp_path, space, message):
+    result = run_cli(cli.search, "--split", SPLIT.name, "--run-tag", "bad", "--space", space_file(tmp_path, space))
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and result.output.startswith("error: ")
+    assert message in result.output, result.output
+    assert not (homes["RUNS_HOME"] / "bad").exists()
+
+
+def test_an_unreadable_space_file_and_a_test_split_are_refused(prepared, homes, tmp_path):
+    missing = run_cli(cli.search, "--split", SPLIT.name, "--space", str(tmp_path / "none.json"))
+    assert missing.exit_code == 2 and "cannot read it" in missing.output
+    test = run_cli(cli.search, "--split", TEST_SPLIT.name)
+    assert test.exit_code == 2 and "search on mc_maze_small-20ms-val" in test.output
+
+
+def test_every_models_own_space_is_valid_and_a_file_or_an_option_changes_it():
+    for model in MODELS.values():
+        space, fixed = settle(model, {}, set())
+        assert space and not fixed
+        check_trials(SPLIT.name, fixed, space, model)
+    space, fixed = settle(get_model("sae"), {"dropout": 0.3, "batch_size": None, "lr_patience": integer(8, 16)},
+                          given={"hidden_size"})
+    assert set(space) == {"learning_rate", "weight_decay", "lr_patience"} and fixed == {"dropout": 0.3}
+
+
+def test_a_space_file_may_be_yaml(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("hidden_size: {choice: [4, 8]}\nlearning_rate: {loguniform: [0.002, 0.01]}\nbatch_size: null\n")
+    assert read_space(path) == {"hidden_size": choice(4, 8), "learning_rate": loguniform(0.002, 0.01),
+                                "batch_size": None}
+
+
+def test_nlbfab_train_refuses_a_config_file_of_unknown_settings(prepared, tmp_path):
+    path = tmp_path / "best.json"
+    path.write_text(json.dumps({"split": SPLIT.name, "learing_rate": 0.01}))
+    result = run_cli(cli.train, "--config", str(path))
+    assert result.exit_code == 2 and "not settings of nlbfab-train: learing_rate" in result.output
+    assert result.output.count("\n") == 1
