@@ -184,14 +184,25 @@ def submit(run_tag):
 @click.option("--address", default=None, help="Ray cluster address (e.g. auto or ray://head:10001); none: a local Ray.")
 @click.option("--gpus-per-run", type=click.FloatRange(0, 1, min_open=True),
               help="Ray: GPU share per run (default 0.3 with GPUs, else 0).")
+@click.option("--search", "search_trials", type=click.IntRange(min=1),
+              help="Instead of one run per split, an nlbfab-search of this many trials on each dataset and bin "
+                   "width's val split; the mean of its --search-top trials is submitted, and their settings are "
+                   "trained on the test split.")
+@click.option("--search-top", default=5, show_default=True, type=click.IntRange(min=1),
+              help="With --search: how many trials' mean rates to submit.")
 @click.pass_context
 @friendly_errors
-def sweep(ctx, datasets, bins, phases, run_tag, resume, no_prep, **placement):
+def sweep(ctx, datasets, bins, phases, run_tag, resume, no_prep, search_trials, search_top, **placement):
     """Train all 28 splits (or a subset) over every GPU, or the CPU cores. Other options
     (e.g. --max-epochs 50 --hidden-size 64) pass through to every nlbfab-train run."""
     from nlbfab import sweep as sw
     check_pass_through(train, ctx.args)
     where, splits = sw.Placement(**placement), sw.select_splits(datasets, bins, phases)
+    if search_trials and resume:
+        raise UserError("--resume with --search: continue each interrupted search with 'bin/nlbfab-search --split "
+                        f"SPLIT --run-tag {run_tag} --resume'")
+    if search_trials:
+        return search_each(splits, search_trials, search_top, run_tag, placement["address"], no_prep, ctx.args)
     if any(a.startswith("--ensemble-top") for a in ctx.args) and {s.phase for s in splits} == {"val", "test"}:
         _report("note: a test-phase run takes the members its val run chose only if that run has finished when it "
                 "ends; to be sure, run --phases val first, then --phases test")
@@ -236,12 +247,7 @@ def search(ctx, split_name, trials, space, run_tag, address, resume, submit_top,
     """Search a model's hyperparameters on one val split with Ray Tune: Optuna's TPE draws each
     trial's settings, ASHA stops poor trials early. Other options (e.g. --max-epochs 50 --model
     gru_readout) pass through to every trial."""
-    try:
-        import optuna  # noqa: F401
-        import ray.tune  # noqa: F401
-    except ImportError:
-        raise UserError("nlbfab-search needs Ray Tune and Optuna: run 'pip install -e .[ray]'") from None
-    from nlbfab import search as sr
+    sr = search_module()
     split = get_split(split_name)
     if split.phase != "val":
         raise UserError(f"{split.name}: a search chooses by val co-bps, which only val-phase splits have; "
@@ -281,6 +287,43 @@ def search(ctx, split_name, trials, space, run_tag, address, resume, submit_top,
             if "test" in submitted:
                 click.echo(f"submission: the mean of their settings trained on {phases[1].name} in "
                            f"{submitted['test']['submission']}")
+
+
+def search_module():
+    """``nlbfab.search``, which needs the ``[ray]`` extra's Ray Tune and Optuna."""
+    try:
+        import optuna  # noqa: F401
+        import ray.tune  # noqa: F401
+    except ImportError:
+        raise UserError("nlbfab-search needs Ray Tune and Optuna: run 'pip install -e .[ray]'") from None
+    from nlbfab import search
+    return search
+
+
+def search_each(splits: list, trials: int, top: int, run_tag: str, address: str | None, no_prep: bool,
+                args: list[str]) -> None:
+    """``nlbfab-all --search``: for each dataset and bin width among ``splits``, a search of
+    ``trials`` trials on its val split (one after another, each spread over the Ray cluster), the
+    mean of the ``top`` best trials as its val submission and, where its test split is among
+    ``splits``, their settings trained on it as its test submission."""
+    from dataclasses import replace
+
+    from nlbfab import sweep as sw
+    sr = search_module()
+    pairs = {(s.dataset.name, s.bin_ms): replace(s, phase="val") for s in splits}
+    with_test = {(s.dataset.name, s.bin_ms) for s in splits if s.phase == "test"}
+    plans = [sr.SearchPlan(val.name, trials, *search_space(val.name, None, args), run_tag=run_tag)
+             for val in pairs.values()]  # every space and setting checked before any work
+    homes = config.homes(writable=("PREP_HOME", "RUNS_HOME"))
+    sw.prepare_missing(list(dict.fromkeys([*pairs.values(), *splits])), homes, no_prep, _report)
+    with sr.ray_session(address):
+        for key, plan in zip(pairs, plans):
+            plan, rows = sr.search(plan, homes, False, _report)
+            sr.write_best(plan, homes, rows)
+            submitted = sr.submit_top(plan, homes, rows, top, key in with_test, _report)
+            scores = "  ".join(f"{k} {v:.4f}" for k, v in submitted["val"]["metrics"].items())
+            click.echo(f"{plan.split}: best trial {rows[0]['val_co_bps']:.4f}; the mean of {len(submitted['trials'])}: "
+                       f"{scores}" + (f"; test phase in {submitted['test']['submission']}" if "test" in submitted else ""))
 
 
 def search_space(split: str, space_file: str | None, args: list[str]) -> tuple[dict, dict]:

@@ -185,3 +185,31 @@ def test_nlbfab_train_refuses_a_config_file_of_unknown_settings(prepared, tmp_pa
     result = run_cli(cli.train, "--config", str(path))
     assert result.exit_code == 2 and "not settings of nlbfab-train: learing_rate" in result.output
     assert result.output.count("\n") == 1
+
+
+def test_nlbfab_all_searches_each_dataset_and_bin_and_submits_both_phases(prepared, homes):
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result = run_cli(cli.sweep, "--datasets", "mc_maze_small", "--bins", "20", "--run-tag", "all-search",
+                         "--search", "2", "--search-top", "1", "--hidden-size", "8", "--batch-size", "16", *QUICK)
+    finally:
+        ray.shutdown()
+    assert result.exit_code == 0, result.output
+    tag = homes["RUNS_HOME"] / "all-search"
+    folder = layout.search_dir(tag, SPLIT)
+    assert len(trials(folder)) == 2 and (folder / "best.json").is_file()
+    best = trials(folder)[0]  # the top 1 is the best finished trial
+    submitted, trained = rates(layout.submission_file(tag, "val")), rates(folder / best["trial"] / SPLIT.name / "rates.h5")
+    assert submitted.keys() == trained.keys()
+    for key in trained:
+        np.testing.assert_allclose(submitted[key], trained[key], rtol=1e-6)
+    with h5py.File(prepared / TEST_SPLIT.name / "eval_input.h5", "r") as h5:
+        test_trials = h5["eval_spikes_heldin"].shape[0]
+    with h5py.File(layout.submission_file(tag, "test"), "r") as h5:
+        assert list(h5) == [TEST_SPLIT.group] and h5[TEST_SPLIT.group]["eval_rates_heldout"].shape[0] == test_trials
+
+
+def test_nlbfab_all_search_cannot_resume(prepared):
+    result = run_cli(cli.sweep, "--datasets", "mc_maze_small", "--search", "2", "--resume")
+    assert result.exit_code == 2 and "continue each interrupted search with 'bin/nlbfab-search" in result.output
