@@ -9,19 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from nlbfab.models.dropout import spike_dropout
-from nlbfab.models.sae import _gru, _gru_params, _uniform
-from nlbfab.search_space import choice, loguniform, uniform
+from nlbfab.models.sae import SEARCH_SPACE, _gru, _gru_params, _uniform  # noqa: F401 (the SAE's space is this model's)
 from nlbfab.train_config import Hyperparameter, Valid
 
 HPARAMS = {"hidden_size": Hyperparameter(64, "Units in the GRU.", Valid(low=1))}
-# nlbfab-search's default space (README: Hyperparameter search), as the SAE's
-SEARCH_SPACE = {
-    "learning_rate": loguniform(2e-3, 2e-2),
-    "weight_decay": loguniform(1e-6, 1e-2),
-    "dropout": uniform(0.0, 0.6),
-    "batch_size": choice(16, 32, 64),
-    "hidden_size": choice(32, 64, 128),
-}
 
 
 def init(sizes, seed: int, hidden_size: int) -> dict[str, torch.Tensor]:
