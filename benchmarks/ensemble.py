@@ -27,7 +27,6 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import device_description, save, table  # noqa: E402
 
 from nlbfab import config  # noqa: E402
-from nlbfab.train import Run, TrainConfig, create_train_state, train_epoch, validate  # noqa: E402
 
 SPLITS = [f"{d}-{b}ms-val" for b in ("20", "05") for d in ("mc_maze_small", "mc_maze_medium", "mc_maze")]
 
@@ -42,23 +41,13 @@ def train(split: str, tag: str, options: list[str]) -> tuple[float, dict]:
 
 
 def epoch_seconds(bin_ms: int, members: int, epochs: int = 3) -> float:
-    """The fastest of ``epochs`` timed epochs (after a warm-up) of ``members`` SAEs on mc_maze-shaped tensors."""
+    """The fastest of ``epochs`` timed epochs (after a warm-up) of ``members`` SAEs on mc_maze-shaped
+    tensors (``train_throughput.py``'s loop and data)."""
     import torch
-    from lightning_fabric import Fabric
 
-    from benchmarks.train_throughput import synthetic_split
+    from benchmarks.train_throughput import nlbfab_epochs, synthetic_split
     data = synthetic_split(bin_ms, torch.device("cpu"))
-    settings = TrainConfig(split=f"mc_maze-{bin_ms:02d}ms-val", batch_size=64, accelerator="cpu", ensemble=members)
-    state = create_train_state(Fabric(accelerator="cpu", devices=1), settings, data)
-    run = Run(settings, Path("."), hooks=(), quiet=True)
-    train_epoch(state, data, run)
-    times = []
-    for _ in range(epochs):
-        started = time.perf_counter()
-        train_epoch(state, data, run)
-        validate(state.module, data)
-        times.append(time.perf_counter() - started)
-    return min(times)
+    return min(nlbfab_epochs(data, epochs + 1, "32-true", False, "cpu", ensemble=members)[1:])
 
 
 def epoch_cost(bins: list[int], members: list[int]) -> None:

@@ -121,9 +121,12 @@ def conventional_epochs(data: SplitData, epochs: int, precision: str, compiled: 
     return times
 
 
-def nlbfab_epochs(data: SplitData, epochs: int, precision: str, compiled: bool, accelerator: str) -> list[float]:
-    """Seconds per epoch of nlbfab's loop: train_epoch + validate (co-bps every epoch)."""
-    config = TrainConfig(split=data.split.name, batch_size=BATCH, hparams={"hidden_size": HIDDEN}, precision=precision)
+def nlbfab_epochs(data: SplitData, epochs: int, precision: str, compiled: bool, accelerator: str,
+                  ensemble: int = 1) -> list[float]:
+    """Seconds per epoch of nlbfab's loop: train_epoch + validate (co-bps every epoch), of one
+    model or ``ensemble`` members."""
+    config = TrainConfig(split=data.split.name, batch_size=BATCH, hparams={"hidden_size": HIDDEN}, precision=precision,
+                         ensemble=ensemble)
     fabric = Fabric(accelerator=accelerator, devices=1, precision=precision)
     state = create_train_state(fabric, config, data)
     if compiled:
