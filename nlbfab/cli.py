@@ -189,7 +189,7 @@ def submit(run_tag):
                    "width's val split; the mean of its --search-top trials is submitted, and their settings are "
                    "trained on the test split.")
 @click.option("--search-top", default=5, show_default=True, type=click.IntRange(min=1),
-              help="With --search: how many trials' mean rates to submit.")
+              help="With --search: the most trials whose mean rates are submitted (chosen greedily on val co-bps).")
 @click.pass_context
 @friendly_errors
 def sweep(ctx, datasets, bins, phases, run_tag, resume, no_prep, search_trials, search_top, **placement):
@@ -238,8 +238,8 @@ def sweep(ctx, datasets, bins, phases, run_tag, resume, no_prep, search_trials, 
 @click.option("--address", default=None, help="Ray cluster address (e.g. auto or ray://head:10001); none: a local Ray.")
 @click.option("--resume", is_flag=True, help="Continue this tag's interrupted search on the split, as it was started.")
 @click.option("--submit-top", type=click.IntRange(min=1),
-              help="Submit the mean rates of this many best trials (chosen greedily on val co-bps) as the run's "
-                   "submission-val.h5, and of their settings trained on the test-phase split as submission-test.h5.")
+              help="Submit the mean rates of at most this many best trials (chosen greedily on val co-bps, while "
+                   "each raises the mean's) as the run's submission-val.h5, and of their settings trained on the test-phase split as submission-test.h5.")
 @click.option("--no-test", is_flag=True, help="With --submit-top: the val phase only.")
 @click.pass_context
 @friendly_errors

@@ -316,9 +316,9 @@ def read_rates(path: Path, split: Split) -> dict[str, np.ndarray]:
 
 def top_trials(plan: SearchPlan, homes: Homes, rows: list[dict], count: int,
                report: Callable[[str], None]) -> list[str]:
-    """``count`` finished trials whose mean rates give the best val co-bps, chosen greedily
+    """At most ``count`` finished trials whose mean rates give the best val co-bps, chosen greedily
     (``nlbfab.ensemble.greedy_selection``: the best trial, then each time the one whose addition
-    to the mean scores best); stopped and failed trials have no rates."""
+    to the mean scores best, while it raises the mean's); stopped and failed trials have no rates."""
     split = get_split(plan.split)
     finished = [r["trial"] for r in rows if r["status"] == "finished"]
     if not finished:

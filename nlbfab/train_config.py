@@ -99,8 +99,8 @@ class TrainConfig:
         1, "Train this many members together, seeded SEED, SEED+1, ...; the submission holds the mean of their "
            "rates.", AT_LEAST_ONE)
     ensemble_top: int | None = setting(
-        None, "Submit the mean of this many members, chosen greedily by val co-bps; the test phase reuses its val "
-              "run's choice [default: all members].", AT_LEAST_ONE)
+        None, "Submit the mean of at most this many members, chosen greedily by val co-bps while each raises the "
+              "mean's; the test phase reuses its val run's choice [default: all members].", AT_LEAST_ONE)
     max_epochs: int = setting(400, "Stop after this many epochs at the latest.", AT_LEAST_ONE)
     # over two plateaus, so that a decayed rate gets its own: at 25 with 15-epoch plateaus,
     # mc_maze_medium stopped 10 epochs after its first decay, 0.001 co-bps short of 2,000 epochs

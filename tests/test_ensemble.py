@@ -78,15 +78,18 @@ def test_the_ensembles_rates_are_the_mean_of_its_members_rates():
     assert torch.equal(mean_logrates(logrates[:1]), logrates[0])
 
 
-def test_greedy_selection_adds_the_member_that_helps_the_mean_most():
+def test_greedy_selection_adds_the_member_that_helps_the_mean_most_while_one_helps():
     truth = np.array([1.0, 2.0, 3.0, 4.0])
-    members = [truth + 0.5, truth - 0.45, truth + 0.1, truth + 2.0]
+    members = [truth + [0.3, -0.3, 0.3, -0.3], truth + [-0.2, 0.2, -0.2, 0.2], truth + 0.4, truth + 2.0]
 
     def score(rates):
         return -np.abs(rates - truth).sum()
-    # the best alone is member 2; then member 1 brings the mean closest (-0.175 off); then member 0
-    assert greedy_selection(members, score, 3) == [2, 1, 0]
-    assert greedy_selection(members, score, 1) == [2]
+    # the best alone is member 1 (-0.8 off); member 0 brings the mean closest (-0.2; member 2 would
+    # give -0.8); a third would take the mean further off (member 2: -0.53), so none is added
+    assert greedy_selection(members, score, 4) == [1, 0]
+    assert greedy_selection(members, score, 2) == [1, 0]
+    assert greedy_selection(members, score, 1) == [1]
+    assert greedy_selection([truth + 0.1, truth + 2.0], score, 2) == [0]  # a weak member never joins
 
 
 def test_a_stopped_member_is_frozen_while_the_others_train_on():
@@ -150,7 +153,7 @@ def test_top_members_chosen_on_val_and_reused_on_test(homes, prepared):
     options = dict(**FAST, run_tag="ens-top", ensemble=3, ensemble_top=2, max_epochs=3)
     val = train(TrainConfig(**options, split="mc_rtt-20ms-val"), homes_with(), quiet=True)
     chosen = val["ensemble"]["chosen"]
-    assert len(chosen) == 2 and [m["chosen"] for m in val["ensemble"]["members"]] == [k in chosen for k in range(3)]
+    assert len(chosen) in (1, 2) and [m["chosen"] for m in val["ensemble"]["members"]] == [k in chosen for k in range(3)]
     bests = [m["best_monitored"] for m in val["ensemble"]["members"]]
     assert chosen[0] == int(np.argmax(bests))  # greedy starts from the best member
     test = train(TrainConfig(**options, split="mc_rtt-20ms-test"), homes_with(), quiet=True)

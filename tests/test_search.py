@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 
 from nlbfab import cli, layout
+from nlbfab.data import load_split
+from nlbfab.evaluation import co_bps
 from nlbfab.models import MODELS, get_model
 from nlbfab.search_space import check_trials, choice, integer, loguniform, read_space, settle
 from nlbfab.splits import get_split
-from tests.conftest import run_cli
+from tests.conftest import homes_with, run_cli
 
 SPLIT = get_split("mc_maze_small-20ms-val")
 TEST_SPLIT = get_split("mc_maze_small-20ms-test")
@@ -97,17 +99,34 @@ def test_best_json_holds_the_best_trial_and_nlbfab_train_config_reproduces_it(se
 
 def test_submit_top_submits_the_mean_rates_of_the_chosen_trials(searched, homes):
     output, folder = searched
-    chosen = re.search(r"the mean of (trial_\w+), (trial_\w+) in", output).groups()
+    chosen = re.search(r"the mean of (trial_\w+(?:, trial_\w+)*) in", output).group(1).split(", ")
     finished = [r["trial"] for r in trials(folder) if r["status"] == "finished"]
-    assert chosen[0] == finished[0] and chosen[1] in finished  # greedy: the best trial first
+    assert 1 <= len(chosen) <= 2 and chosen[0] == finished[0] and set(chosen) <= set(finished)  # the best first
+    val_rates = {t: rates(layout.rates_file(folder / t / SPLIT.name))["eval_rates_heldout"] for t in finished}
+    data = load_split(SPLIT, homes_with())
+    chosen_score = co_bps(data, np.mean([val_rates[t] for t in chosen], 0))
+    if len(chosen) == 1:  # greedy stopped: no other finished trial raises the mean's co-bps
+        assert all(co_bps(data, (val_rates[chosen[0]] + val_rates[t]) / 2) <= chosen_score
+                   for t in finished if t != chosen[0])
     tag = homes["RUNS_HOME"] / "srch"
     for split in (SPLIT, TEST_SPLIT):
         submitted = rates(layout.submission_file(tag, split.phase))
         members = [rates(layout.rates_file(folder / trial / split.name)) for trial in chosen]
         assert submitted.keys() == members[0].keys() and "eval_rates_heldout" in submitted
         for key, value in submitted.items():
-            np.testing.assert_allclose(value, (members[0][key] + members[1][key]) / 2, rtol=1e-6)
+            np.testing.assert_allclose(value, np.mean([m[key] for m in members], 0), rtol=1e-6)
     assert re.search(r"co-bps\s+-?\d\.\d{4}", output)  # the submission scored as EvalAI would
+
+
+def test_two_trials_submitted_are_the_mean_of_their_rates(searched, homes, tmp_path):
+    from nlbfab.search import submit_mean
+    _, folder = searched
+    two = [r["trial"] for r in trials(folder) if r["status"] == "finished"][:2]
+    submitted = submit_mean(SPLIT, [folder / t / SPLIT.name for t in two], homes_with(runs=tmp_path), "two")
+    written, members = rates(submitted["submission"]), [rates(layout.rates_file(folder / t / SPLIT.name)) for t in two]
+    for key, value in written.items():
+        np.testing.assert_allclose(value, (members[0][key] + members[1][key]) / 2, rtol=1e-6)
+    assert np.isfinite(submitted["metrics"]["co-bps"])
 
 
 def test_resume_continues_an_interrupted_search_without_redoing_finished_trials(searched, homes, tmp_path):
