@@ -1,11 +1,12 @@
 """Search: ``nlbfab-search`` with ASHA against the default single model and a default
 ``--ensemble 8``, side by side in one run: wall time, trials finished and stopped early, and
 the val co-bps of the best trial, of the mean of the top N trials (the search's submission),
-of one default model and of eight default members.
+of one default model and of eight default members (``--ensemble 8 --ensemble-top 8``: the
+greedy choice among them on val).
 
 The splits must be preprocessed (PREP_HOME); options after ``--`` go to every run and trial.
 
-    .venv/bin/python benchmarks/search.py [--splits mc_maze_small-20ms-val] [--trials 32] [--top 5]
+    .venv/bin/python benchmarks/search.py [--splits mc_maze_small-20ms-val] [--trials 32] [--top 5] [--grace-epochs 25]
 """
 from __future__ import annotations
 
@@ -45,18 +46,20 @@ def main():
     parser.add_argument("--splits", nargs="+", default=["mc_maze_small-20ms-val"])
     parser.add_argument("--trials", default="32")
     parser.add_argument("--top", default="5")
+    parser.add_argument("--grace-epochs", help="nlbfab-search's ASHA first rung (default: nlbfab-search's)")
     args, passthrough = parser.parse_known_args()
     passthrough = [a for a in passthrough if a != "--"]
     homes, rows = config.homes(), []
     for name in args.splits:
         split = get_split(name)
         seconds = timed("search", "--split", name, "--trials", args.trials, "--run-tag", TAG,
-                        "--submit-top", args.top, "--no-test", *passthrough)
+                        "--submit-top", args.top, "--no-test", *passthrough,
+                        *(["--grace-epochs", args.grace_epochs] if args.grace_epochs else []))
         trials = json.loads(layout.search_trials(layout.search_dir(homes.tag_dir(TAG), split)).read_text())["trials"]
         statuses = [t["status"] for t in trials]
         top = score(homes.split_file(split, "eval_target"), layout.submission_file(homes.tag_dir(TAG), "val"), split)
         one_seconds, one = trained(name, f"{TAG}-default", passthrough)
-        ensemble_seconds, ensemble = trained(name, f"{TAG}-ensemble8", ["--ensemble", "8", *passthrough])
+        ensemble_seconds, ensemble = trained(name, f"{TAG}-ensemble8", ["--ensemble", "8", "--ensemble-top", "8", *passthrough])
         rows.append({"split": name, "trials": len(trials), "search s": seconds,
                      "finished": statuses.count("finished"), "stopped by ASHA": statuses.count("stopped"),
                      "best trial": max(t["val_co_bps"] for t in trials if t["val_co_bps"] is not None),
