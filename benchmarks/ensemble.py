@@ -3,7 +3,8 @@ the val co-bps of the best member, the mean member and the ensemble, side by sid
 
 For each split: single runs seeded 0, 1, ... (today's default model is seed 0; the first K of
 them are the K members trained one after another), and one ``nlbfab-train --ensemble K`` run
-per K (members seeded 0..K-1). Every run stops by the default rules. The splits must be
+per K (members seeded 0..K-1) with ``--ensemble-top K``: the ensemble is the greedy choice on
+val of at most K members ("chosen" of them). Every run stops by the default rules. The splits must be
 preprocessed (PREP_HOME); options after ``--`` go to every run (e.g. ``-- --max-epochs 50``).
 ``--epoch-cost`` instead times one epoch (training and validation) of K members on mc_maze-shaped
 tensors (1721 train trials, batch 64), no data needed: the cost of a step with every member
@@ -81,8 +82,8 @@ def main():
                    for seed in range(max(args.members))]
         one_seconds, one = singles[0]
         for count in args.members:
-            seconds, summary = singles[0] if count == 1 else train(split, f"bench-ens-{count}",
-                                                                   ["--ensemble", str(count), *passthrough])
+            seconds, summary = singles[0] if count == 1 else train(
+                split, f"bench-ens-{count}", ["--ensemble", str(count), "--ensemble-top", str(count), *passthrough])
             members = ([m["metrics"]["co-bps"] for m in summary["ensemble"]["members"]] if count > 1
                        else [summary["metrics"]["co-bps"]])
             sequential = sum(s for s, _ in singles[:count])
@@ -90,6 +91,7 @@ def main():
                          "one after another s": sequential, "x one after another": seconds / sequential,
                          "epochs": summary["epochs"], "best member": max(members),
                          "mean member": statistics.mean(members), "ensemble": summary["metrics"]["co-bps"],
+                         "chosen": len(summary["ensemble"]["chosen"]) if count > 1 else 1,
                          "default model": one["metrics"]["co-bps"]})
             print(table(rows[-1:], list(rows[-1])), flush=True)
     columns = list(rows[0])
