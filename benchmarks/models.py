@@ -5,8 +5,11 @@ Each dataset is synthesized (``--variability``, ``--scale``) and its val splits 
 a working folder; every model then trains with ``nlbfab-train``'s defaults (or
 ``--max-epochs``) one after another, each with ``--threads`` torch threads, and is scored on
 its submission as EvalAI would. Prints one table and saves it under ``benchmarks/results/``.
+``--epoch-cost`` instead times one epoch (training and validation) of each model on mc_maze-shaped
+tensors (``train_throughput.py``'s loop and data: 1721 train trials in batches of 64), no data needed.
 
     .venv/bin/python benchmarks/models.py --datasets mc_maze --bins 20 --variability realistic
+    .venv/bin/python benchmarks/models.py --epoch-cost --bins 20,5 --threads 1
 """
 from __future__ import annotations
 
@@ -44,6 +47,27 @@ def submission_scores(homes, tag: str, split_name: str) -> dict[str, float]:
     return score(homes.split_file(split, "eval_target"), submission_file(homes.tag_dir(tag), "val"), split)
 
 
+def epoch_cost(bins: list[int], models: list[str], threads: int, epochs: int = 3) -> None:
+    """The fastest of ``epochs`` timed epochs (after a warm-up) of each model, as a multiple of the
+    SAE's (the first model)."""
+    import torch
+
+    from benchmarks.train_throughput import nlbfab_epochs, synthetic_split
+    torch.set_num_threads(threads)
+    rows = []
+    for bin_ms in bins:
+        data = synthetic_split(bin_ms, torch.device("cpu"))
+        first = None
+        for model in models:
+            seconds = min(nlbfab_epochs(data, epochs + 1, "32-true", False, "cpu", model=model)[1:])
+            first = first or seconds
+            rows.append({"bins": f"{bin_ms} ms", "model": model, "s/epoch": seconds, f"x {models[0]}": seconds / first})
+            print(table(rows[-1:], list(rows[-1])), flush=True)
+    print(f"device: {device_description()}, {threads} threads")
+    print(table(rows, list(rows[0])))
+    print(f"saved {save('models-epoch-cost', {'device': device_description(), 'threads': threads, 'rows': rows})}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="mc_maze", help="comma-separated (default mc_maze)")
@@ -54,7 +78,10 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, help="cap on every run's epochs (default: nlbfab-train's)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of each run")
     parser.add_argument("--workdir", type=Path, help="data and runs here (default: a temporary folder)")
+    parser.add_argument("--epoch-cost", action="store_true", help="Time one epoch of each model instead.")
     args = parser.parse_args()
+    if args.epoch_cost:
+        return epoch_cost([int(b) for b in args.bins.split(",")], args.models.split(","), args.threads)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="nlbfab-models-"))
     from nlbfab.layout import Homes, metrics_file
     homes = Homes(workdir / "dandi", workdir / "prep", workdir / "runs")

@@ -122,10 +122,12 @@ def conventional_epochs(data: SplitData, epochs: int, precision: str, compiled: 
 
 
 def nlbfab_epochs(data: SplitData, epochs: int, precision: str, compiled: bool, accelerator: str,
-                  ensemble: int = 1) -> list[float]:
+                  ensemble: int = 1, model: str = "sae") -> list[float]:
     """Seconds per epoch of nlbfab's loop: train_epoch + validate (co-bps every epoch), of one
-    model or ``ensemble`` members."""
-    config = TrainConfig(split=data.split.name, batch_size=BATCH, hparams={"hidden_size": HIDDEN}, precision=precision,
+    model or ``ensemble`` members; ``model`` with its defaults for mc_maze (the SAE's hidden size
+    is this benchmark's own)."""
+    config = TrainConfig(split=data.split.name, batch_size=BATCH, model=model,
+                         hparams={"hidden_size": HIDDEN} if model == "sae" else {}, precision=precision,
                          ensemble=ensemble)
     fabric = Fabric(accelerator=accelerator, devices=1, precision=precision)
     state = create_train_state(fabric, config, data)
