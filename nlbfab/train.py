@@ -518,8 +518,8 @@ def choose_members(state: TrainState, data: SplitData, run: Run, homes: Homes) -
     """The members whose mean rates go into the submission: all of them, or ``--ensemble-top``
     chosen greedily by their val co-bps (``nlbfab.ensemble``); on the test phase the val run's
     choice, or all members where there is none."""
-    count, top = len(state.members), run.config.ensemble_top or len(state.members)
-    if top == count:
+    count, top = len(state.members), run.config.ensemble_top
+    if top is None or count == 1:
         return list(range(count))
     if data.split.phase == "val":
         rates = [eval_logrates(state.module, data, [k])[0, :, :data.bins, data.heldin:].exp().cpu().numpy()
