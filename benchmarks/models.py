@@ -63,7 +63,7 @@ def epoch_cost(bins: list[int], models: list[str], threads: int, epochs: int = 3
             first = first or seconds
             rows.append({"bins": f"{bin_ms} ms", "model": model, "s/epoch": seconds, f"x {models[0]}": seconds / first})
             print(table(rows[-1:], list(rows[-1])), flush=True)
-    print(f"device: {device_description()}, {threads} threads")
+    print(f"device: {device_description()}")
     print(table(rows, list(rows[0])))
     print(f"saved {save('models-epoch-cost', {'device': device_description(), 'threads': threads, 'rows': rows})}")
 
