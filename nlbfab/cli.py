@@ -239,7 +239,8 @@ def sweep(ctx, datasets, bins, phases, run_tag, resume, no_prep, search_trials, 
 @click.option("--resume", is_flag=True, help="Continue this tag's interrupted search on the split, as it was started.")
 @click.option("--submit-top", type=click.IntRange(min=1),
               help="Submit the mean rates of at most this many best trials (chosen greedily on val co-bps, while "
-                   "each raises the mean's) as the run's submission-val.h5, and of their settings trained on the test-phase split as submission-test.h5.")
+                   "each raises the mean's) as the run's submission-val.h5, and of their settings trained on the "
+                   "test-phase split as submission-test.h5.")
 @click.option("--no-test", is_flag=True, help="With --submit-top: the val phase only.")
 @click.pass_context
 @friendly_errors

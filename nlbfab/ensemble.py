@@ -3,8 +3,9 @@
 A run with ``--ensemble K`` trains K members in one loop (``nlbfab.train``). Averaging the rates
 of models trained alike removes what each learnt by chance; the NLB'21 winners averaged 7 to 21
 models per dataset, chosen greedily by val co-bps out of many (AE Studio). ``--ensemble-top N``
-makes the same greedy choice, of at most N, among a run's members on the val phase; the test phase, which has
-no held-out target to choose by, reuses the choice of the val run of the same tag and split.
+makes the same greedy choice, of at most N, among a run's members on the val phase; the test
+phase, which has no held-out target to choose by, reuses the choice of the val run of the same
+tag and split.
 """
 from __future__ import annotations
 
