@@ -233,8 +233,9 @@ def sweep(ctx, datasets, bins, phases, run_tag, resume, no_prep, search_trials, 
               help="GPU share of each trial (default 0.3 where the Ray cluster has GPUs, else 0).")
 @click.option("--concurrent", type=click.IntRange(min=1),
               help="Trials at a time (default: the Ray cluster's CPUs // --cpus-per-trial).")
-@click.option("--grace-epochs", default=25, show_default=True, type=click.IntRange(min=1),
-              help="ASHA's first rung: epochs every trial trains before it can be stopped early.")
+@click.option("--grace-epochs", type=click.IntRange(min=1),
+              help="ASHA's first rung: epochs every trial trains before it can be stopped early [default: 25; "
+                   "75 at 5 ms].")
 @click.option("--address", default=None, help="Ray cluster address (e.g. auto or ray://head:10001); none: a local Ray.")
 @click.option("--resume", is_flag=True, help="Continue this tag's interrupted search on the split, as it was started.")
 @click.option("--submit-top", type=click.IntRange(min=1),

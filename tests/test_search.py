@@ -232,3 +232,11 @@ def test_nlbfab_all_searches_each_dataset_and_bin_and_submits_both_phases(prepar
 def test_nlbfab_all_search_cannot_resume(prepared):
     result = run_cli(cli.sweep, "--datasets", "mc_maze_small", "--search", "2", "--resume")
     assert result.exit_code == 2 and "continue each interrupted search with 'bin/nlbfab-search" in result.output
+
+
+def test_asha_first_rung_is_later_at_5_ms_unless_given():
+    from nlbfab.search import SearchPlan
+    assert SearchPlan(SPLIT.name, 4, {}, {}).grace_epochs == 25
+    five = SearchPlan("mc_maze_small-05ms-val", 4, {}, {})
+    assert five.grace_epochs == 75 and SearchPlan.from_json(five.to_json()) == five  # resumed as started
+    assert SearchPlan("mc_maze_small-05ms-val", 4, {}, {}, grace_epochs=10).grace_epochs == 10
