@@ -85,7 +85,7 @@ class SearchPlan:
 
 def default_grace_epochs(split: Split) -> int:
     """ASHA's first rung where none is given: 25 epochs, and 75 at 5 ms bins, where runs gain less
-    per epoch (the default model's best epoch on mc_maze_small: about 110 at 20 ms, 170 at 5 ms)
+    per epoch (the default model's best epoch on mc_maze_small: 92 at 20 ms, 170 at 5 ms)
     and a rung at 25 ranks trials by how fast they start rather than where they end
     (``benchmarks/README.md``, Search)."""
     return 75 if split.bin_ms < 20 else 25
