@@ -4,8 +4,8 @@ the val co-bps of the best member, the mean member and the ensemble, side by sid
 For each split: single runs seeded 0, 1, ... (today's default model is seed 0; the first K of
 them are the K members trained one after another), and one ``nlbfab-train --ensemble K`` run
 per K (members seeded 0..K-1) with ``--ensemble-top K``: the ensemble is the greedy choice on
-val of at most K members ("chosen" of them). Every run stops by the default rules. The splits must be
-preprocessed (PREP_HOME); options after ``--`` go to every run (e.g. ``-- --max-epochs 50``).
+val of at most K members ("chosen" of them). Every run stops by the default rules. The splits
+must be preprocessed (PREP_HOME); options after ``--`` go to every run (e.g. ``-- --max-epochs 50``).
 ``--epoch-cost`` instead times one epoch (training and validation) of K members on mc_maze-shaped
 tensors (1721 train trials, batch 64), no data needed: the cost of a step with every member
 training, before any has stopped.

@@ -1,4 +1,4 @@
-"""Search: ``nlbfab-search`` with ASHA against the default single model and a default
+"""Search: ``nlbfab-search`` with ASHA against the default single model and a greedy
 ``--ensemble 8``, side by side in one run: wall time, trials finished and stopped early, and
 the val co-bps of the best trial, of the mean of the top N trials (the search's submission),
 of one default model and of eight default members (``--ensemble 8 --ensemble-top 8``: the
@@ -59,7 +59,8 @@ def main():
         statuses = [t["status"] for t in trials]
         top = score(homes.split_file(split, "eval_target"), layout.submission_file(homes.tag_dir(TAG), "val"), split)
         one_seconds, one = trained(name, f"{TAG}-default", passthrough)
-        ensemble_seconds, ensemble = trained(name, f"{TAG}-ensemble8", ["--ensemble", "8", "--ensemble-top", "8", *passthrough])
+        ensemble_seconds, ensemble = trained(name, f"{TAG}-ensemble8",
+                                             ["--ensemble", "8", "--ensemble-top", "8", *passthrough])
         rows.append({"split": name, "trials": len(trials), "search s": seconds,
                      "finished": statuses.count("finished"), "stopped by ASHA": statuses.count("stopped"),
                      "best trial": max(t["val_co_bps"] for t in trials if t["val_co_bps"] is not None),

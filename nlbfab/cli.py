@@ -186,8 +186,8 @@ def submit(run_tag):
               help="Ray: GPU share per run (default 0.3 with GPUs, else 0).")
 @click.option("--search", "search_trials", type=click.IntRange(min=1),
               help="Instead of one run per split, an nlbfab-search of this many trials on each dataset and bin "
-                   "width's val split; the mean of its --search-top trials is submitted, and their settings are "
-                   "trained on the test split.")
+                   "width's val split; the mean of at most --search-top of its trials, chosen greedily, is submitted, "
+                   "and their settings are trained on the test split.")
 @click.option("--search-top", default=5, show_default=True, type=click.IntRange(min=1),
               help="With --search: the most trials whose mean rates are submitted (chosen greedily on val co-bps).")
 @click.pass_context
