@@ -21,6 +21,8 @@ from nlbfab.splits import Split
 from nlbfab.synth import Truth
 from nlbfab.layout import TRUTH_FILE, dataset_dir
 
+RATE_CHUNK_MS = 100_000  # rows of rates made at a time
+
 
 def read_truth(path: Path) -> tuple[Truth, dict[str, dict[str, np.ndarray]]]:
     """The generating parameters and, per file (``train``/``test``), latents and trial starts."""
@@ -36,25 +38,31 @@ def read_truth(path: Path) -> tuple[Truth, dict[str, dict[str, np.ndarray]]]:
 
 def true_rate_dataset(folder: Path):
     """The dataset of ``folder`` at 1 ms, with its spike columns replaced by the true expected
-    spikes per ms of every unit (held-out units included, also during the test file)."""
+    spikes per ms of every unit (held-out units included, also during the test file).
+
+    The loaded spikes and behaviour are dropped before the rates are made, and the rates are
+    made in chunks straight into the one array that the returned frame wraps: on full-size
+    mc_maze every copy of that array is gigabytes."""
     truth, files = read_truth(Path(folder) / TRUTH_FILE)
     dataset = load_dataset(folder)
     clock_ms = np.round(dataset.data.index.total_seconds() * 1000).astype(np.int64)
-    rates = np.zeros((len(clock_ms), len(truth.bias)), np.float32)
-    trials = dataset.trial_info
+    index, trials = dataset.data.index, dataset.trial_info
+    columns = pd.MultiIndex.from_tuples(
+        [(field, channel) for field in ("spikes", "heldout_spikes") for channel in dataset.data[field].columns],
+        names=("signal_type", "channel"))
+    dataset.data = None
+    order = np.concatenate([np.flatnonzero(~truth.heldout), np.flatnonzero(truth.heldout)])
+    loadings, bias = truth.loadings[:, order], truth.bias[order]
+    rates = np.zeros((len(clock_ms), len(order)), np.float32)
     for which, content in files.items():
         in_file = trials["split"] == "test" if which == "test" else trials["split"] != "test"
         loaded_start = trials.loc[in_file, "start_time"].min().total_seconds() * 1000
         offset = int(round(loaded_start - content["trial_start_ms"].min()))
         local = clock_ms - offset
-        inside = (local >= 0) & (local < len(content["latents"]))
-        rates[inside] = truth.rates(content["latents"][local[inside]])
-    heldin, heldout = np.flatnonzero(~truth.heldout), np.flatnonzero(truth.heldout)
-    frames = []
-    for field, units in (("spikes", heldin), ("heldout_spikes", heldout)):
-        columns = pd.MultiIndex.from_product([[field], dataset.data[field].columns], names=("signal_type", "channel"))
-        frames.append(pd.DataFrame(rates[:, units], index=dataset.data.index, columns=columns))
-    dataset.data = pd.concat(frames, axis=1)
+        rows = np.flatnonzero((local >= 0) & (local < len(content["latents"])))
+        for chunk in np.array_split(rows, max(1, len(rows) // RATE_CHUNK_MS)):
+            rates[chunk] = np.exp(content["latents"][local[chunk]] @ loadings + bias)
+    dataset.data = pd.DataFrame(rates, index=index, columns=columns, copy=False)
     return dataset
 
 
@@ -65,8 +73,9 @@ def oracle_rates(data_home: Path, split: Split, rate_dataset=None) -> dict[str, 
     """
     if rate_dataset is None:
         rate_dataset = true_rate_dataset(dataset_dir(data_home, split.dataset))
+    # resample replaces binned.data with a new frame; its in-place nan_to_num finds no NaN in the
+    # rates (made from zeros), so the shared 1 ms rates stay as they are without a copy
     binned = copy.copy(rate_dataset)
-    binned.data = rate_dataset.data.copy()
     binned.resample(split.bin_ms)
     name = split.dataset.name
     eval_mask = binned.trial_info["split"] == split.eval_split
