@@ -31,7 +31,8 @@ def _report(line: str) -> None:
               help="Random seed; the same seed gives the same files.")
 @click.option("--variability", type=click.Choice(["low", "realistic"]), default="low", show_default=True,
               help="low: trials of a condition differ only by timing and Poisson noise; realistic: plus "
-                   "single-trial latent noise (in more dimensions than the task) and input pulses at random times.")
+                   "slow latent noise and input pulses at random times along a few input directions, at half the "
+                   "firing rates.")
 @click.option("--force", is_flag=True,
               help="Rewrite datasets that already exist with this scale, seed and variability.")
 @friendly_errors

@@ -12,8 +12,8 @@ readout``. The latents are kept, so the true rates of any trial can be rebuilt e
 
 With ``variability="low"`` the trials of one condition differ only by their timing and the
 Poisson draws. ``"realistic"`` adds single-trial variability (see ``Variability``): slow noise and
-input pulses in the task's latents (so in the rates and the behaviour), and noise-only
-background latents that every unit loads on (so in the rates only).
+input pulses along a few input directions of the latents (so in the rates and the behaviour), at
+lower firing rates.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from scipy.signal import lfilter
 from nlbfab.errors import UserError
 from nlbfab.splits import Dataset
 
-LATENT_DIM = 8  # the task's latents; realistic variability appends noise-only latents
+LATENT_DIM = 8
 LOADING_SD = 0.55  # s.d. of a unit's loading on one latent
 SCALES = ("tiny", "small", "full")
 LAGS_MS = {"mc_maze": 100, "mc_rtt": 140, "area2_bump": -20, "dmfc_rsg": 0,
@@ -39,35 +39,34 @@ TRIAL_ONLY_BEHAVIOR = ("mc_maze", "area2_bump", "mc_maze_large", "mc_maze_medium
 
 @dataclass(frozen=True)
 class Variability:
-    """Single-trial variability, every size relative to the RMS of one dimension of the task's
-    latents within the train file's trials, every process running through trials and gaps alike.
+    """Single-trial variability. It enters the latents along ``input_dims`` random orthonormal
+    directions (a few upstream inputs drive the population: what LFADS's inferred inputs model),
+    runs through trials and gaps alike, and is sized relative to the RMS norm of the latents
+    within the train file's trials:
 
-    - slow noise: an Ornstein-Uhlenbeck process (time constant ``slow_ms``) added to the task's
-      latents;
-    - input pulses: at Poisson times (``pulse_hz``), each a kick in a random direction of the
-      task's latents whose damped response peaks ``pulse_ms`` later (an alpha kernel): the brief
-      perturbations of the dynamics that LFADS's inferred inputs model;
-    - background: ``noise_dims`` more latents carrying only an Ornstein-Uhlenbeck process
-      (``noise_ms``), loaded on by every unit like the task's latents and read by no behaviour.
-      Shared variability in cortex spans more dimensions than the task; without it, smoothing
-      recovers 8 latents from the spikes too well (about 65-70% of the oracle's co-bps).
+    - slow noise: an Ornstein-Uhlenbeck process (time constant ``slow_ms``) along each input
+      direction, which a model can follow from the spikes of a few bins;
+    - input pulses: at Poisson times (``pulse_hz``), each a kick in a random input direction
+      whose damped response peaks ``pulse_ms`` later (an alpha kernel): perturbations that no
+      initial condition predicts;
+    - ``rate_scale`` multiplies every unit's rate: fewer spikes a bin leave smoothing less to
+      average, while a model of the dynamics pools over time and trials.
     """
 
-    slow: float  # RMS of the slow noise in each task latent / RMS of the signal
+    input_dims: int
+    slow: float  # RMS norm of the slow noise / RMS norm of the signal
     slow_ms: float
-    pulse: float  # peak norm of a pulse's response / RMS norm of the signal (8 latents)
+    pulse: float  # peak norm of a pulse's response / RMS norm of the signal
     pulse_hz: float
     pulse_ms: float
-    noise_dims: int
-    noise: float  # RMS of each background latent / RMS of the signal
-    noise_ms: float
+    rate_scale: float
 
 
 # low: today's data (none added, bit for bit); realistic: calibrated on mc_maze (README)
 VARIABILITIES: dict[str, Variability | None] = {
     "low": None,
-    "realistic": Variability(slow=0.4, slow_ms=200.0, pulse=1.5, pulse_hz=2.0, pulse_ms=20.0,
-                             noise_dims=24, noise=0.7, noise_ms=50.0),
+    "realistic": Variability(input_dims=4, slow=0.5, slow_ms=300.0, pulse=1.5, pulse_hz=2.0, pulse_ms=40.0,
+                             rate_scale=0.5),
 }
 
 
@@ -102,7 +101,7 @@ class SessionFile:
     """The content of one NWB file: trials (times in s) and 1 ms latents from t = 0."""
 
     trials: pd.DataFrame
-    latents: np.ndarray  # (ms, latents) float32: LATENT_DIM, + noise_dims if realistic
+    latents: np.ndarray  # (ms, LATENT_DIM) float32
     behavior: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = field(default_factory=dict)
     # name -> (timestamps in s, data (samples, channels), channel names)
 
@@ -343,18 +342,17 @@ def _ornstein_uhlenbeck(rng, length: int, dims: int, tau_ms: float) -> np.ndarra
     return np.concatenate([noise[:1], rest])
 
 
-def _fluctuations(length: int, signal_rms: float, v: Variability, rng) -> np.ndarray:
-    """``(length, LATENT_DIM + v.noise_dims)`` float32: slow noise plus pulse responses in the
-    first ``LATENT_DIM`` columns (to add to the task's latents), the background latents after."""
-    out = np.empty((length, LATENT_DIM + v.noise_dims), np.float32)
-    task = _ornstein_uhlenbeck(rng, length, LATENT_DIM, v.slow_ms) * (v.slow * signal_rms)
-    kicks = np.zeros((length, LATENT_DIM))
+def _fluctuations(length: int, signal_rms: float, v: Variability, directions: np.ndarray, rng) -> np.ndarray:
+    """``(length, LATENT_DIM)`` float32 to add to the latents: slow noise plus pulse responses
+    along the orthonormal rows of ``directions: (v.input_dims, LATENT_DIM)``."""
+    signal_norm = signal_rms * np.sqrt(LATENT_DIM)
+    slow = _ornstein_uhlenbeck(rng, length, v.input_dims, v.slow_ms) * (v.slow * signal_norm / np.sqrt(v.input_dims))
+    kicks = np.zeros((length, v.input_dims))
     times = rng.integers(0, length, rng.poisson(v.pulse_hz * length / 1000))
-    np.add.at(kicks, times, _condition_vectors(rng, len(times), LATENT_DIM, v.pulse * signal_rms * np.sqrt(LATENT_DIM)))
+    np.add.at(kicks, times, _condition_vectors(rng, len(times), v.input_dims, v.pulse * signal_norm))
     r = np.exp(-1 / v.pulse_ms)  # alpha kernel (t / tau) exp(1 - t / tau): a double pole at exp(-1 / tau)
-    out[:, :LATENT_DIM] = task + lfilter([0, np.e / v.pulse_ms * r], [1, -2 * r, r * r], kicks, axis=0)
-    out[:, LATENT_DIM:] = _ornstein_uhlenbeck(rng, length, v.noise_dims, v.noise_ms) * (v.noise * signal_rms)
-    return out
+    pulses = lfilter([0, np.e / v.pulse_ms * r], [1, -2 * r, r * r], kicks, axis=0)
+    return ((slow + pulses) @ directions).astype(np.float32)
 
 
 def _in_trials(placed: pd.DataFrame, length: int) -> np.ndarray:
@@ -410,10 +408,9 @@ def generate(dataset: Dataset, scale: str = "tiny", seed: int = 0,
     )
     cv = {"prep": _condition_vectors(rng, 200, 4, 1.2), "move": _condition_vectors(rng, 200, 4, 1.8)}
     v = VARIABILITIES[variability]
-    if v is not None:  # background latents: every unit loads on them, no behaviour reads them
-        background = fluctuation_rng.standard_normal((v.noise_dims, units)) * LOADING_SD
-        truth.loadings = np.concatenate([truth.loadings, background.astype(np.float32)])
-        truth.readout = np.concatenate([truth.readout, np.zeros((v.noise_dims, 2), np.float32)])
+    if v is not None:  # one circuit for both files: its input directions and rates
+        directions = np.linalg.qr(fluctuation_rng.standard_normal((LATENT_DIM, v.input_dims)))[0].T
+        truth.bias += np.float32(np.log(v.rate_scale))
     make_trials, gap = _task(dataset, scale)
 
     files = {}
@@ -431,9 +428,7 @@ def generate(dataset: Dataset, scale: str = "tiny", seed: int = 0,
         if v is not None:
             if which == "train":  # sizes set once, by the train file: one law for both files
                 signal_rms = np.sqrt(np.mean(latents[_in_trials(placed, length)] ** 2))
-            fluctuations = _fluctuations(length, signal_rms, v, fluctuation_rng)
-            fluctuations[:, :LATENT_DIM] += latents
-            latents = fluctuations
+            latents += _fluctuations(length, signal_rms, v, directions, fluctuation_rng)
         if which == "test":  # the hidden test file carries only timing fields
             keep = ["start", "stop", "split"] + [c for c in placed if c.endswith("_time")]
             placed = placed[keep]

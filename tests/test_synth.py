@@ -205,13 +205,18 @@ def test_realistic_generation_is_deterministic_in_the_seed(name):
     for which in ("train", "test"):
         assert np.array_equal(first[which].latents, again[which].latents)
         assert not np.array_equal(first[which].latents, other[which].latents)
-        # its own random stream: the same trials and units as low, plus noise-only latents
+        # its own random stream: the same trials and units as low
         assert first[which].trials.drop(columns=["target_pos", "barrier_pos"], errors="ignore").equals(
             low[which].trials.drop(columns=["target_pos", "barrier_pos"], errors="ignore"))
-        assert first[which].latents.shape[1] == LATENT_DIM + VARIABILITIES["realistic"].noise_dims
+    v = VARIABILITIES["realistic"]
     assert np.array_equal(truth.loadings, truth_again.loadings)
-    assert np.array_equal(truth.loadings[:LATENT_DIM], low_truth.loadings)
-    assert not truth.readout[LATENT_DIM:].any()  # behaviour reads the task's (noisy) latents only
+    assert np.array_equal(truth.loadings, low_truth.loadings)
+    assert np.array_equal(truth.readout, low_truth.readout)
+    assert np.allclose(np.exp(truth.bias - low_truth.bias), v.rate_scale)
+    # the variability (realistic minus low latents) spans input_dims directions, the same in both files
+    added = np.concatenate([first[w].latents - low[w].latents for w in ("train", "test")])
+    singular = np.linalg.svd(added, compute_uv=False)
+    assert singular[v.input_dims - 1] > 1e3 * singular[v.input_dims] and v.input_dims < LATENT_DIM
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +280,7 @@ def within_condition_variance(files, truth, name) -> float:
 def test_realistic_trials_of_a_condition_differ_far_more_than_low_ones(name):
     low = within_condition_variance(*generate(DATASETS[name], "tiny", 0, "low"), name)
     realistic = within_condition_variance(*generate(DATASETS[name], "tiny", 0, "realistic"), name)
-    assert low < 0.01 and realistic > 0.2 and realistic > 50 * low
+    assert low < 0.01 and realistic > 0.1 and realistic > 30 * low
 
 
 def test_synth_skips_only_a_dataset_made_with_the_same_variability(homes, tmp_path, monkeypatch):
