@@ -18,11 +18,12 @@ lower firing rates.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
 from scipy.ndimage import gaussian_filter1d
-from scipy.signal import lfilter
+from scipy.signal import lfilter, lfiltic
 
 from nlbfab.errors import UserError
 from nlbfab.splits import Dataset
@@ -104,6 +105,7 @@ class SessionFile:
     latents: np.ndarray  # (ms, LATENT_DIM) float32
     behavior: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = field(default_factory=dict)
     # name -> (timestamps in s, data (samples, channels), channel names)
+    fluctuation: Fluctuation | None = None  # realistic data, when generate is asked to keep it
 
 
 @dataclass
@@ -342,17 +344,72 @@ def _ornstein_uhlenbeck(rng, length: int, dims: int, tau_ms: float) -> np.ndarra
     return np.concatenate([noise[:1], rest])
 
 
-def _fluctuations(length: int, signal_rms: float, v: Variability, directions: np.ndarray, rng) -> np.ndarray:
-    """``(length, LATENT_DIM)`` float32 to add to the latents: slow noise plus pulse responses
-    along the orthonormal rows of ``directions: (v.input_dims, LATENT_DIM)``."""
+def pulse_filter(pulse_ms: float) -> tuple[list[float], list[float]]:
+    """``lfilter``'s ``(b, a)`` that turns kicks into pulse responses: the alpha kernel (t / tau)
+    exp(1 - t / tau), peaking ``pulse_ms`` after the kick; a double pole at exp(-1 / tau)."""
+    r = np.exp(-1 / pulse_ms)
+    return [0, np.e / pulse_ms * r], [1, -2 * r, r * r]
+
+
+@dataclass
+class Fluctuation:
+    """A file's single-trial variability before it enters the latents: its slow noise and pulse
+    kicks along the input directions, and the laws they were drawn from. What a forecast of the
+    rates needs (``benchmarks/forecast.py``); ``latents`` is what the file's latents got."""
+
+    slow: np.ndarray  # (ms, input_dims) the slow noise
+    kicks: np.ndarray  # (ms, input_dims) the pulses' kicks, zero between them
+    directions: np.ndarray  # (input_dims, LATENT_DIM) orthonormal rows
+    variability: Variability
+    slow_sd: float  # the slow noise's stationary s.d. along each input direction
+    kick_norm: float  # the norm of every kick
+
+    @cached_property
+    def pulses(self) -> np.ndarray:
+        """``(ms, input_dims)`` the kicks' responses."""
+        return lfilter(*pulse_filter(self.variability.pulse_ms), self.kicks, axis=0)
+
+    def latents(self) -> np.ndarray:
+        """``(ms, LATENT_DIM)`` float32 to add to the latents."""
+        return ((self.slow + self.pulses) @ self.directions).astype(np.float32)
+
+    def futures(self, start: int, steps: int, samples: int, rng) -> np.ndarray:
+        """``(samples, steps, LATENT_DIM)`` draws of ms ``start`` to ``start + steps`` given all
+        before ``start``: the slow noise goes on from its last value and the pulses under way
+        decay, while the slow noise's innovations and new kicks are drawn from their laws."""
+        v = self.variability
+        kicks = np.zeros((samples, steps, v.input_dims))
+        for sample, count in enumerate(rng.poisson(v.pulse_hz * steps / 1000, samples)):
+            np.add.at(kicks[sample], rng.integers(0, steps, count),
+                      _condition_vectors(rng, count, v.input_dims, self.kick_norm))
+        return self.continued(start, rng.standard_normal((samples, steps, v.input_dims)), kicks)
+
+    def continued(self, start: int, innovations: np.ndarray, kicks: np.ndarray) -> np.ndarray:
+        """The fluctuation from ms ``start`` on, ``(samples, steps, LATENT_DIM)``, given all before
+        it, the slow noise's unit ``innovations`` and the ``kicks``, both ``(samples, steps,
+        input_dims)``. With the file's own innovations and kicks it is the file's fluctuation."""
+        v = self.variability
+        a = np.exp(-1 / v.slow_ms)
+        samples = len(innovations)
+        slow_state = np.broadcast_to(a * self.slow[start - 1], (samples, 1, v.input_dims))
+        slow, _ = lfilter([np.sqrt(1 - a * a) * self.slow_sd], [1, -a], innovations, axis=1, zi=slow_state)
+        b, a_pulse = pulse_filter(v.pulse_ms)
+        past_pulses, past_kicks = self.pulses[start - 2:start][::-1], self.kicks[start - 2:start][::-1]  # latest first
+        pulse_state = np.stack([lfiltic(b, a_pulse, past_pulses[:, d], past_kicks[:, d]) for d in range(v.input_dims)], -1)
+        pulses, _ = lfilter(b, a_pulse, kicks, axis=1, zi=np.broadcast_to(pulse_state, (samples, *pulse_state.shape)))
+        return (slow + pulses) @ self.directions
+
+
+def _fluctuation(length: int, signal_rms: float, v: Variability, directions: np.ndarray, rng) -> Fluctuation:
+    """Slow noise plus pulses along the orthonormal rows of ``directions: (v.input_dims, LATENT_DIM)``,
+    sized relative to the latents' RMS norm ``signal_rms * sqrt(LATENT_DIM)``."""
     signal_norm = signal_rms * np.sqrt(LATENT_DIM)
-    slow = _ornstein_uhlenbeck(rng, length, v.input_dims, v.slow_ms) * (v.slow * signal_norm / np.sqrt(v.input_dims))
+    slow_sd = v.slow * signal_norm / np.sqrt(v.input_dims)
+    slow = _ornstein_uhlenbeck(rng, length, v.input_dims, v.slow_ms) * slow_sd
     kicks = np.zeros((length, v.input_dims))
     times = rng.integers(0, length, rng.poisson(v.pulse_hz * length / 1000))
     np.add.at(kicks, times, _condition_vectors(rng, len(times), v.input_dims, v.pulse * signal_norm))
-    r = np.exp(-1 / v.pulse_ms)  # alpha kernel (t / tau) exp(1 - t / tau): a double pole at exp(-1 / tau)
-    pulses = lfilter([0, np.e / v.pulse_ms * r], [1, -2 * r, r * r], kicks, axis=0)
-    return ((slow + pulses) @ directions).astype(np.float32)
+    return Fluctuation(slow, kicks, directions, v, slow_sd, v.pulse * signal_norm)
 
 
 def _in_trials(placed: pd.DataFrame, length: int) -> np.ndarray:
@@ -384,11 +441,12 @@ def assign_splits(rng, conditions: np.ndarray, n_train: int, n_val: int) -> np.n
     return labels
 
 
-def generate(dataset: Dataset, scale: str = "tiny", seed: int = 0,
-             variability: str = "low") -> tuple[dict[str, SessionFile], Truth]:
+def generate(dataset: Dataset, scale: str = "tiny", seed: int = 0, variability: str = "low",
+             keep_fluctuation: bool = False) -> tuple[dict[str, SessionFile], Truth]:
     """Synthesize the train and test files of ``dataset``; deterministic in ``seed``.
     ``variability``: a key of ``VARIABILITIES``. Its fluctuations draw from a random stream of
-    their own, so ``"realistic"`` keeps the trials, units, conditions and loadings of ``"low"``.
+    their own, so ``"realistic"`` keeps the trials, units, conditions and loadings of ``"low"``;
+    ``keep_fluctuation`` keeps them, as ``SessionFile.fluctuation``, for forecasts.
 
     Returns ``({"train": SessionFile, "test": SessionFile}, Truth)``.
     """
@@ -428,11 +486,14 @@ def generate(dataset: Dataset, scale: str = "tiny", seed: int = 0,
         if v is not None:
             if which == "train":  # sizes set once, by the train file: one law for both files
                 signal_rms = np.sqrt(np.mean(latents[_in_trials(placed, length)] ** 2))
-            latents += _fluctuations(length, signal_rms, v, directions, fluctuation_rng)
+            fluctuation = _fluctuation(length, signal_rms, v, directions, fluctuation_rng)
+            latents += fluctuation.latents()
         if which == "test":  # the hidden test file carries only timing fields
             keep = ["start", "stop", "split"] + [c for c in placed if c.endswith("_time")]
             placed = placed[keep]
         files[which] = SessionFile(trials=placed, latents=latents)
+        if v is not None and keep_fluctuation:
+            files[which].fluctuation = fluctuation
         if which == "train" and dataset.behavior:
             files[which].behavior = _behavior(dataset, placed, latents, truth, rng)
     return files, truth

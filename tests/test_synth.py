@@ -219,6 +219,31 @@ def test_realistic_generation_is_deterministic_in_the_seed(name):
     assert singular[v.input_dims - 1] > 1e3 * singular[v.input_dims] and v.input_dims < LATENT_DIM
 
 
+def test_the_kept_fluctuation_is_what_the_latents_got_and_continues_into_futures():
+    dataset = DATASETS["mc_maze"]
+    files, _ = generate(dataset, "tiny", seed=3, variability="realistic", keep_fluctuation=True)
+    low, _ = generate(dataset, "tiny", seed=3, variability="low")
+    assert generate(dataset, "tiny", seed=3, variability="realistic")[0]["train"].fluctuation is None
+    fluctuation = files["train"].fluctuation
+    added = fluctuation.latents()
+    assert np.allclose(added, files["train"].latents - low["train"].latents, atol=1e-5)
+    # continued with the file's own innovations and kicks, it is the file's fluctuation again
+    v, start, steps = fluctuation.variability, 5000, 300
+    a = np.exp(-1 / v.slow_ms)
+    span = slice(start, start + steps)
+    innovations = (fluctuation.slow[span] - a * fluctuation.slow[start - 1:start + steps - 1]) \
+        / (np.sqrt(1 - a * a) * fluctuation.slow_sd)
+    again = fluctuation.continued(start, innovations[None], fluctuation.kicks[span][None])
+    assert np.allclose(again[0], added[span], atol=1e-5)
+    # futures start where the past leaves off and spread as new noise and kicks come in
+    futures = fluctuation.futures(start, steps, 500, np.random.default_rng(0))
+    assert futures.shape == (500, steps, LATENT_DIM)
+    spread = futures.std(0).mean(-1)
+    assert np.abs(futures[:, 0].mean(0) - added[start]).max() < 0.05 * np.abs(added).max()
+    assert spread[0] < 0.1 * spread[-1]
+    assert np.array_equal(futures, fluctuation.futures(start, steps, 500, np.random.default_rng(0)))
+
+
 @pytest.fixture(scope="module")
 def realistic_homes(tmp_path_factory):
     """mc_maze made twice with --variability realistic and seed 3, once with seed 4."""
