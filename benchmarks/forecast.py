@@ -16,7 +16,8 @@ On data with single-trial variability (``nlbfab-synth --variability realistic``)
 Reads a ``models.py --workdir`` (its synthesized data, preprocessed val splits and the oracle's
 run) and prints, per split, co-bps, psth R2 and fp-bps (over all forward bins, their first and
 their last 50 ms) of the oracle, the condition path, the forecast and every run found there.
-dmfc_rsg, whose eval windows vary in length, is not supported.
+Not for dmfc_rsg (its eval windows vary in length) nor mc_rtt (its latents are one random
+process: the forecast would take it as known).
 
     .venv/bin/python benchmarks/models.py --datasets mc_maze --bins 20 --scale full --workdir W
     .venv/bin/python benchmarks/forecast.py --workdir W --datasets mc_maze --bins 20
@@ -35,6 +36,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import save, table  # noqa: E402
 
 EDGE_MS = 50  # fp-bps of the first and the last this many ms of the forward bins
+UNSUPPORTED = {"dmfc_rsg": "its eval windows vary in length",
+               "mc_rtt": "its latents are one random process, with no condition path to forecast from"}
 
 
 def eval_window_starts(trials, dataset: str, bin_ms: int) -> tuple[np.ndarray, int]:
@@ -104,8 +107,8 @@ def forecast_rows(homes, datasets: list[str], bins: list[int], samples: int, see
     from nlbfab.synth_nwb import existing_synthesis
     rows = []
     for name in datasets:
-        if name == "dmfc_rsg":
-            sys.exit("error: dmfc_rsg's eval windows vary in length: choose other --datasets")
+        if name in UNSUPPORTED:
+            sys.exit(f"error: {name}: {UNSUPPORTED[name]}: choose other --datasets")
         made = existing_synthesis(homes.data, DATASETS[name])
         if made is None or made[2] != "realistic":
             sys.exit(f"error: no realistic synthetic {name} in {homes.data}: run models.py with this --workdir first")
