@@ -236,3 +236,4 @@ def test_each_dataset_gets_lfads_torchs_sizes_and_options_override_them():
     assert (small["gen_dim"], small["fac_dim"], small["ci_enc_dim"]) == (100, 40, 80)
     assert model.settle({"gen_dim": 50}, "dmfc_rsg")["gen_dim"] == 50
     assert model.settle({}, "dmfc_rsg")["l2_scale"] > 0
+    assert model.settle({}, "mc_rtt")["co_dim"] == 8 and model.settle({}, "mc_maze")["co_dim"] == 4
