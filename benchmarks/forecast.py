@@ -85,6 +85,8 @@ def with_eval(rates: dict, window: np.ndarray, forward: np.ndarray, heldin: int)
 
 
 def row(name: str, data, rates: dict) -> dict:
+    """The table's line for ``rates`` on ``data``'s split: EvalAI's co-bps, psth R2 and fp-bps, and
+    fp-bps over the forward bins' first and last ``EDGE_MS``, where a forecast fades."""
     from nlbfab.evaluation import bits_per_spike, metrics
     scores = metrics(data, rates)
     forward = np.concatenate([rates["eval_rates_heldin_forward"], rates["eval_rates_heldout_forward"]], -1)
