@@ -86,7 +86,10 @@ TARGET_KEYS = {"eval_spikes_heldout", "eval_spikes_heldin_forward", "eval_spikes
 def load_split(split: Split, homes: Homes) -> SplitData:
     """Read a preprocessed split; a missing, corrupt or inconsistent file, or one without a key
     that training, the hooks or the scoring read, fails at once with a message naming it and the
-    ``nlbfab-prep`` command that rebuilds it."""
+    ``nlbfab-prep`` command that rebuilds it; a split never preprocessed names the command that
+    makes it."""
+    if not homes.split_dir(split).is_dir():
+        raise UserError(f"{split.name} is not preprocessed: run 'bin/nlbfab-prep --split {split.name}'")
     rebuild = f"bin/nlbfab-prep --split {split.name} --force"
     paths = {kind: homes.split_file(split, kind) for kind in ("train_input", "eval_input", "eval_target")}
     train = _read(paths["train_input"], rebuild)

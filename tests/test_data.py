@@ -42,6 +42,11 @@ def test_a_missing_file_names_it_and_the_command(prepared, tmp_path):
         load_split(get_split("area2_bump-20ms-val"), homes_with(prep=home))
 
 
+def test_a_split_never_preprocessed_names_the_command_that_makes_it(tmp_path):
+    with pytest.raises(UserError, match=r"^area2_bump-20ms-val is not preprocessed: run 'bin/nlbfab-prep --split area2_bump-20ms-val'$"):
+        load_split(get_split("area2_bump-20ms-val"), homes_with(prep=tmp_path))
+
+
 def test_a_corrupt_file_names_it_and_the_command(prepared, tmp_path):
     home = copy_split(prepared, tmp_path, "area2_bump-20ms-val")
     path = home / "area2_bump-20ms-val" / "train_input.h5"
