@@ -8,7 +8,7 @@ val of at most K members ("chosen" of them). Every run stops by the default rule
 must be preprocessed (PREP_HOME); options after ``--`` go to every run (e.g. ``-- --max-epochs 50``).
 ``--epoch-cost`` instead times one epoch (training and validation) of K members on mc_maze-shaped
 tensors (1721 train trials, batch 64), no data needed: the cost of a step with every member
-training, before any has stopped.
+training, before any has stopped, with its matmul FLOPs against the machine's matmul peak.
 
     .venv/bin/python benchmarks/ensemble.py [--splits mc_maze_small-20ms-val] [--members 1 4 8]
     .venv/bin/python benchmarks/ensemble.py --epoch-cost [--bins 20 5]
@@ -25,7 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import device_description, save, table  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.common import device_description, matmul_peak_gflops, save, table  # noqa: E402
 
 from nlbfab import config  # noqa: E402
 
@@ -44,26 +46,33 @@ def train(split: str, tag: str, options: list[str]) -> tuple[float, dict]:
 def epoch_seconds(bin_ms: int, members: int, epochs: int = 3) -> float:
     """The fastest of ``epochs`` timed epochs (after a warm-up) of ``members`` SAEs on mc_maze-shaped
     tensors (``train_throughput.py``'s loop and data)."""
-    import torch
-
     from benchmarks.train_throughput import nlbfab_epochs, synthetic_split
     data = synthetic_split(bin_ms, torch.device("cpu"))
     return min(nlbfab_epochs(data, epochs + 1, "32-true", False, "cpu", ensemble=members)[1:])
 
 
 def epoch_cost(bins: list[int], members: list[int]) -> None:
+    """Seconds per epoch of K members, and what arithmetic alone allows: "x one model at peak" is
+    the K members' matmul FLOPs at this machine's measured matmul peak over one model's measured
+    epoch, the least "x one model" any implementation of these members could reach here."""
+    from benchmarks.train_throughput import EVAL, TRAIN, sae_flops, synthetic_split
+    peak = matmul_peak_gflops("cpu")
     rows = []
     for bin_ms in bins:
+        data = synthetic_split(bin_ms, torch.device("cpu"))
+        flops = sae_flops(TRAIN, data.bins, data.fwd_steps, True) + sae_flops(EVAL, data.bins, data.fwd_steps, False)
         one = None
         for count in members:
             seconds = epoch_seconds(bin_ms, count)
             one = one or seconds
+            gflops = count * flops / 1e9
             rows.append({"bins": f"{bin_ms} ms", "K": count, "s/epoch": seconds, "x one model": seconds / one,
-                         "x per member": seconds / one / count})
+                         "x per member": seconds / one / count, "GFLOP/s": gflops / seconds,
+                         "% peak": 100 * gflops / seconds / peak, "x one model at peak": gflops / peak / one})
             print(table(rows[-1:], list(rows[-1])), flush=True)
-    print(f"device: {device_description()}")
+    print(f"device: {device_description()}; float32 matmul peak {peak:.1f} GFLOP/s")
     print(table(rows, list(rows[0])))
-    print(f"saved {save('ensemble-epoch-cost', {'device': device_description(), 'rows': rows})}")
+    print(f"saved {save('ensemble-epoch-cost', {'device': device_description(), 'peak_gflops': peak, 'rows': rows})}")
 
 
 def main():

@@ -403,14 +403,24 @@ def _save_atomic(fabric: Fabric, path: Path, state: dict) -> None:
     fabric.barrier()
 
 
+def checkpoint_due(epoch: int, since_write: float, config: TrainConfig, stopping: bool) -> bool:
+    """Whether the checkpoints are written after ``epoch``: after the first (a run can resume
+    as soon as it has one), when ``checkpoint_every`` seconds have passed since the last write,
+    and when the run stops. A resumed run redoes the epochs since, drawing what it drew before."""
+    return epoch == 0 or stopping or since_write >= config.checkpoint_every
+
+
 def save_checkpoints(state: TrainState, run: Run, improved: bool) -> None:
-    """``last`` every epoch, ``best`` (the best weights and the members' progress) when a member
-    improved, both written atomically, and the progress that ``nlbfab-all``'s live table reads
-    (an ensemble's: its best member's)."""
+    """``last`` and, when a member improved since the previous write, ``best`` (the best weights
+    and the members' progress), both written atomically."""
     _save_atomic(state.fabric, layout.checkpoint(run.run_dir, "last"), state.checkpoint())
     if improved:
         _save_atomic(state.fabric, layout.checkpoint(run.run_dir, "best"),
                      {"model": state.best, "members": [asdict(p) for p in state.members]})
+
+
+def write_progress(state: TrainState, run: Run) -> None:
+    """The progress that ``nlbfab-all``'s live table reads (an ensemble's: its best member's)."""
     if state.fabric.is_global_zero:
         p = max(state.members, key=lambda member: member.best)
         layout.write_progress(run.run_dir, state.epoch - 1, p.best, p.best_epoch, run.config.max_epochs,
@@ -472,6 +482,7 @@ def train(config: TrainConfig, homes: Homes, hooks=HOOKS, resume: bool = False, 
     started = time.perf_counter()
     everyone = list(range(len(state.members)))
     stop = run_stop(state.members, run.config)
+    written, unwritten_best = time.perf_counter(), False
     while stop is None:
         epoch, lrs = state.epoch, state.lrs
         train_loss, terms = train_epoch(state, data, run)
@@ -491,7 +502,12 @@ def train(config: TrainConfig, homes: Homes, hooks=HOOKS, resume: bool = False, 
             scalars |= {f"monitored/member_{k}": v for k, (_, v) in enumerate(members)}
         state.history.append(record)
         state.fabric.log_dict(scalars, step=epoch)
-        save_checkpoints(state, run, bool(improved))
+        unwritten_best |= bool(improved)
+        # rank 0's clock decides for every rank: each write ends at a barrier
+        if state.fabric.broadcast(checkpoint_due(epoch, time.perf_counter() - written, run.config, stop is not None)):
+            save_checkpoints(state, run, unwritten_best)
+            written, unwritten_best = time.perf_counter(), False
+        write_progress(state, run)
         if on_epoch and state.fabric.is_global_zero:
             on_epoch(record)
         if not run.quiet:

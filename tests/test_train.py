@@ -199,12 +199,29 @@ def last_epoch(path: Path) -> int:
         return 0
 
 
+@pytest.mark.parametrize("every, written", [(0, [0, 1, 2, 3, 4]), (3600, [0, 4])])
+def test_checkpoints_are_written_after_the_first_epoch_then_at_most_every_n_seconds_and_at_the_stop(
+        homes, prepared, monkeypatch, every, written):
+    real, epochs = loop.save_checkpoints, []
+
+    def record(state, run_, improved):
+        epochs.append(state.epoch - 1)
+        real(state, run_, improved)
+
+    monkeypatch.setattr(loop, "save_checkpoints", record)
+    run(homes, prepared, split="mc_rtt-20ms-test", run_tag=f"every{every}", max_epochs=5, checkpoint_every=every)
+    assert epochs == written
+    last = torch.load(homes["RUNS_HOME"] / f"every{every}" / "mc_rtt-20ms-test" / "checkpoints" / "last.ckpt",
+                      weights_only=False)
+    assert last["members"][0]["epoch"] == 5 and len(last["history"]) == 5
+
+
 @pytest.mark.parametrize("members", ["1", "2"])
 def test_a_killed_run_resumed_ends_with_the_same_weights(homes, prepared, members):
     # a high lr with --lr-patience 1 lowers the lr in the first epochs, so that the run is killed
     # after a decay and resume must carry the lowered lr (no floor: all 12 epochs run)
     schedule = ("--max-epochs", "12", "--learning-rate", "0.05", "--lr-patience", "1", "--min-lr", "0",
-                "--ensemble", members)
+                "--ensemble", members, "--checkpoint-every", "0")
     whole = cli_train(homes, "--run-tag", f"whole{members}", *schedule)
     assert whole.wait(timeout=300) == 0, whole.stdout.read()
 
