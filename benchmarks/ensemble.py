@@ -43,11 +43,10 @@ def train(split: str, tag: str, options: list[str]) -> tuple[float, dict]:
     return seconds, json.loads((config.runs_home() / tag / split / "metrics.json").read_text())
 
 
-def epoch_seconds(bin_ms: int, members: int, epochs: int = 3) -> float:
-    """The fastest of ``epochs`` timed epochs (after a warm-up) of ``members`` SAEs on mc_maze-shaped
-    tensors (``train_throughput.py``'s loop and data)."""
-    from benchmarks.train_throughput import nlbfab_epochs, synthetic_split
-    data = synthetic_split(bin_ms, torch.device("cpu"))
+def epoch_seconds(data, members: int, epochs: int = 3) -> float:
+    """The fastest of ``epochs`` timed epochs (after a warm-up) of ``members`` SAEs on ``data``,
+    mc_maze-shaped tensors (``train_throughput.py``'s loop and data)."""
+    from benchmarks.train_throughput import nlbfab_epochs
     return min(nlbfab_epochs(data, epochs + 1, "32-true", False, "cpu", ensemble=members)[1:])
 
 
@@ -63,7 +62,7 @@ def epoch_cost(bins: list[int], members: list[int]) -> None:
         flops = sae_flops(TRAIN, data.bins, data.fwd_steps, True) + sae_flops(EVAL, data.bins, data.fwd_steps, False)
         one = None
         for count in members:
-            seconds = epoch_seconds(bin_ms, count)
+            seconds = epoch_seconds(data, count)
             one = one or seconds
             gflops = count * flops / 1e9
             rows.append({"bins": f"{bin_ms} ms", "K": count, "s/epoch": seconds, "x one model": seconds / one,
