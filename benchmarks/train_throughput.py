@@ -34,6 +34,7 @@ from lightning_fabric import Fabric  # noqa: E402
 from nlb_tools.evaluation import bits_per_spike  # noqa: E402
 
 from nlbfab.data import SplitData  # noqa: E402
+from nlbfab.memory import keep_freed_buffers  # noqa: E402
 from nlbfab.splits import get_split  # noqa: E402
 from nlbfab.train import Run, TrainConfig, create_train_state, train_epoch, validate  # noqa: E402
 
@@ -130,6 +131,7 @@ def nlbfab_epochs(data: SplitData, epochs: int, precision: str, compiled: bool, 
                          hparams={"hidden_size": HIDDEN} if model == "sae" else {}, precision=precision,
                          ensemble=ensemble)
     fabric = Fabric(accelerator=accelerator, devices=1, precision=precision)
+    keep_freed_buffers()  # as a run does (nlbfab.train.set_up)
     state = create_train_state(fabric, config, data)
     if compiled:
         state.module = torch.compile(state.module)

@@ -34,6 +34,7 @@ from nlbfab.evaluation import co_bps, inference_batch, metrics, predict
 from nlbfab.hooks import HOOKS
 from nlbfab.layout import Homes
 from nlbfab.loss import poisson_nll
+from nlbfab.memory import keep_freed_buffers
 from nlbfab.models import Model, Sizes, get_model
 from nlbfab.scoring import submit_and_score
 from nlbfab.splits import get_split
@@ -443,9 +444,11 @@ def print_epoch(state: TrainState, data: SplitData, seconds: float) -> None:
 
 def set_up(config: TrainConfig, homes: Homes, hooks, resume: bool, quiet: bool) -> tuple[TrainState, SplitData, Run]:
     """Fabric, the split on its device, the run folder and the train state (from the last
-    checkpoint with ``resume``; else a new run replacing an old one's files)."""
+    checkpoint with ``resume``; else a new run replacing an old one's files); the process's
+    heap set to reuse big buffers (``nlbfab.memory``)."""
     split = get_split(config.split)
     get_model(config.model).settle(config.hparams)  # a wrong name or value fails before Fabric starts
+    keep_freed_buffers()
     run_dir = homes.run_dir(config.run_tag, split)
     fabric = create_fabric(config, run_dir)
     fabric.launch()
