@@ -114,8 +114,8 @@ class TrainConfig:
                                AT_LEAST_ONE)
     min_lr: float = setting(1e-3, "Stop at a plateau whose decay would take the learning rate below this "
                                   "(below --learning-rate).", NON_NEGATIVE)
-    # a write costs a fraction of an epoch on small datasets (an ensemble's more): every epoch,
-    # it took 11% of an 8-member run on mc_maze_small (benchmarks/README.md)
+    # a write costs a fraction of an epoch on small datasets, an ensemble's more: every epoch
+    # was too often (benchmarks/README.md, Ensembles)
     checkpoint_every: float = setting(
         30.0, "Write the checkpoints after the first epoch, then at most once in this many seconds, and when the "
               "run stops (0: every epoch); a killed run resumes from the last one written.", NON_NEGATIVE)
