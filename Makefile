@@ -30,7 +30,7 @@ demo: setup
 	bin/nlbfab-demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # on a GPU machine: the GRU on cuDNN, training in each precision, DDP, nlbfab-all, throughput
 gpu-check: setup
