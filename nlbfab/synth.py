@@ -13,7 +13,7 @@ readout``. The latents are kept, so the true rates of any trial can be rebuilt e
 With ``variability="low"`` the trials of one condition differ only by their timing and the
 Poisson draws. ``"realistic"`` adds single-trial variability (see ``Variability``): slow noise and
 input pulses along a few input directions of the latents (so in the rates and the behaviour), at
-lower firing rates.
+lower firing rates; on the maze datasets the population also holds a posture after the reach.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from nlbfab.splits import Dataset
 
 LATENT_DIM = 8
 LOADING_SD = 0.55  # s.d. of a unit's loading on one latent
+POSTURE_MS = 200.0  # time constant of the maze latents' settling into a posture after movement onset
 SCALES = ("tiny", "small", "full")
 LAGS_MS = {"mc_maze": 100, "mc_rtt": 140, "area2_bump": -20, "dmfc_rsg": 0,
            "mc_maze_large": 120, "mc_maze_medium": 120, "mc_maze_small": 120}
@@ -51,7 +52,12 @@ class Variability:
       whose damped response peaks ``pulse_ms`` later (an alpha kernel): perturbations that no
       initial condition predicts;
     - ``rate_scale`` multiplies every unit's rate: fewer spikes a bin leave smoothing less to
-      average, while a model of the dynamics pools over time and trials.
+      average, while a model of the dynamics pools over time and trials;
+    - ``posture`` (maze datasets): after movement onset the preparatory dims settle (time
+      constant ``POSTURE_MS``) into a condition's posture state of this norm, as motor cortex
+      holds the arm at the target, instead of falling silent. Not variability, but what makes
+      the 200 ms of forward bins, which follow the reach, as predictable from the trial's
+      condition and state as on real mc_maze (README: Synthetic NLB datasets).
     """
 
     input_dims: int
@@ -61,13 +67,14 @@ class Variability:
     pulse_hz: float
     pulse_ms: float
     rate_scale: float
+    posture: float = 0.0  # norm of the posture state (the preparatory state's is 1.2)
 
 
 # low: today's data (none added, bit for bit); realistic: calibrated on mc_maze (README)
 VARIABILITIES: dict[str, Variability | None] = {
     "low": None,
     "realistic": Variability(input_dims=4, slow=0.5, slow_ms=300.0, pulse=1.5, pulse_hz=2.0, pulse_ms=40.0,
-                             rate_scale=0.5),
+                             rate_scale=0.5, posture=1.2),
 }
 
 
@@ -239,13 +246,17 @@ def _condition_vectors(rng, n: int, dim: int, norm: float) -> np.ndarray:
 
 
 def _maze_latents(trial, t, cv):
-    """Preparatory state during the delay, then rotational dynamics around movement onset."""
+    """Preparatory state during the delay, then rotational dynamics around movement onset; with
+    ``cv["posture"]``, a posture state the preparatory dims settle into after it."""
     x = np.zeros((len(t), LATENT_DIM))
     c = int(trial["_cond"])
     since_target = np.clip(t - trial["target_on_time"], 0, None)
     since_move = t - trial["move_onset_time"]
     prep = (1 - np.exp(-since_target / 100)) * np.where(since_move > 0, np.exp(-np.clip(since_move, 0, None) / 150), 1)
     x[:, :4] = prep[:, None] * cv["prep"][c]
+    if "posture" in cv:
+        settled = 1 - np.exp(-np.clip(since_move, 0, None) / POSTURE_MS)
+        x[:, :4] += settled[:, None] * cv["posture"][c]
     tau = np.clip(since_move + 100, 0, None)  # neural rotation leads movement by 100 ms
     envelope = (tau / 200) * np.exp(1 - tau / 200)
     for plane, omega in enumerate((2 * np.pi * 1.2e-3, 2 * np.pi * 2.0e-3)):
@@ -466,9 +477,12 @@ def generate(dataset: Dataset, scale: str = "tiny", seed: int = 0, variability: 
     )
     cv = {"prep": _condition_vectors(rng, 200, 4, 1.2), "move": _condition_vectors(rng, 200, 4, 1.8)}
     v = VARIABILITIES[variability]
-    if v is not None:  # one circuit for both files: its input directions and rates
+    if v is not None:  # one circuit for both files: its input directions, rates and postures
         directions = np.linalg.qr(fluctuation_rng.standard_normal((LATENT_DIM, v.input_dims)))[0].T
         truth.bias += np.float32(np.log(v.rate_scale))
+        if v.posture:
+            posture_rng = np.random.default_rng([seed, sum(map(ord, dataset.name)), 3])
+            cv["posture"] = _condition_vectors(posture_rng, 200, 4, v.posture)
     make_trials, gap = _task(dataset, scale)
 
     files = {}

@@ -111,13 +111,20 @@ def write_truth(path: Path, files: dict[str, SessionFile], truth: Truth, scale: 
 
 def existing_synthesis(data_home: Path, dataset: Dataset) -> tuple[str, int, str] | None:
     """(scale, seed, variability) of a complete synthetic dataset already in ``data_home``, else
-    None. Truth files written before ``variability`` existed hold low-variability data."""
+    None. Truth files written before ``variability`` existed hold low-variability data; one made
+    with parameters other than today's for its variability says so (``"realistic, earlier
+    parameters"``), so that it is made again rather than taken for today's."""
     folder = dataset_dir(data_home, dataset)
     complete = all((folder / dataset.file_name(w)).is_file() for w in ("train", "test"))
     if not complete or not (folder / TRUTH_FILE).is_file():
         return None
     with h5py.File(folder / TRUTH_FILE, "r") as h5:
-        return str(h5.attrs["scale"]), int(h5.attrs["seed"]), str(h5.attrs.get("variability", "low"))
+        variability = str(h5.attrs.get("variability", "low"))
+        made_with = json.loads(h5.attrs.get("variability_params", "null"))
+        today = VARIABILITIES.get(variability)
+        if made_with != (today and asdict(today)):
+            variability += ", earlier parameters"
+        return str(h5.attrs["scale"]), int(h5.attrs["seed"]), variability
 
 
 def synthesize(dataset: Dataset, data_home: Path, scale: str = "tiny", seed: int = 0,

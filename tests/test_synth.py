@@ -1,6 +1,9 @@
 """The synthetic datasets look like DANDI's NLB files to pynwb and nlb_tools."""
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import h5py
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ from pynwb import NWBHDF5IO
 from nlbfab import cli
 from nlbfab.oracle import read_truth
 from nlbfab.splits import DATASETS
-from nlbfab.synth import LATENT_DIM, VARIABILITIES, counts, generate
+from nlbfab.synth import LATENT_DIM, POSTURE_MS, VARIABILITIES, counts, generate
 from nlbfab.synth_nwb import existing_synthesis, synthesize
 from nlbfab.layout import TRUTH_FILE, dataset_dir
 from tests.conftest import run_cli
@@ -195,13 +198,21 @@ def test_low_variability_is_the_data_made_before_variability_existed(synthetic, 
     assert existing_synthesis(synthetic, dataset) == ("tiny", 0, "low")
 
 
+def without_fluctuation(monkeypatch, dataset, seed):
+    """``dataset`` made as ``realistic`` with its slow noise and pulses set to nothing: the low
+    latents plus the posture."""
+    monkeypatch.setitem(VARIABILITIES, "quiet", replace(VARIABILITIES["realistic"], slow=0.0, pulse=0.0))
+    return generate(dataset, "tiny", seed=seed, variability="quiet")[0]
+
+
 @pytest.mark.parametrize("name", ["mc_maze", "area2_bump", "dmfc_rsg", "mc_rtt"])
-def test_realistic_generation_is_deterministic_in_the_seed(name):
+def test_realistic_generation_is_deterministic_in_the_seed(name, monkeypatch):
     dataset = DATASETS[name]
     first, truth = generate(dataset, "tiny", seed=3, variability="realistic")
     again, truth_again = generate(dataset, "tiny", seed=3, variability="realistic")
     other, _ = generate(dataset, "tiny", seed=4, variability="realistic")
     low, low_truth = generate(dataset, "tiny", seed=3, variability="low")
+    quiet = without_fluctuation(monkeypatch, dataset, 3)
     for which in ("train", "test"):
         assert np.array_equal(first[which].latents, again[which].latents)
         assert not np.array_equal(first[which].latents, other[which].latents)
@@ -213,20 +224,42 @@ def test_realistic_generation_is_deterministic_in_the_seed(name):
     assert np.array_equal(truth.loadings, low_truth.loadings)
     assert np.array_equal(truth.readout, low_truth.readout)
     assert np.allclose(np.exp(truth.bias - low_truth.bias), v.rate_scale)
-    # the variability (realistic minus low latents) spans input_dims directions, the same in both files
-    added = np.concatenate([first[w].latents - low[w].latents for w in ("train", "test")])
+    # the variability (realistic minus quiet latents) spans input_dims directions, the same in both files
+    added = np.concatenate([first[w].latents - quiet[w].latents for w in ("train", "test")])
     singular = np.linalg.svd(added, compute_uv=False)
     assert singular[v.input_dims - 1] > 1e3 * singular[v.input_dims] and v.input_dims < LATENT_DIM
 
 
-def test_the_kept_fluctuation_is_what_the_latents_got_and_continues_into_futures():
+@pytest.mark.parametrize("name", ["mc_maze", "mc_maze_small", "area2_bump"])
+def test_realistic_maze_latents_settle_into_a_condition_posture_after_movement_onset(name, monkeypatch):
+    dataset = DATASETS[name]
+    low, _ = generate(dataset, "tiny", seed=3, variability="low")
+    quiet = without_fluctuation(monkeypatch, dataset, 3)
+    posture = quiet["train"].latents - low["train"].latents
+    if not name.startswith("mc_maze"):
+        assert not posture.any()
+        return
+    assert not posture[:, 4:].any()  # the preparatory dims only: the velocity readout never sees it
+    trials = low["train"].trials
+    starts, moves = trials["start"].to_numpy(int), trials["move_onset_time"].to_numpy(int)
+    settled = np.stack([posture[move + 600, :4] for move in moves])
+    for start, move in zip(starts, moves):
+        assert not posture[start:move + 1].any()
+    expected = VARIABILITIES["realistic"].posture * (1 - np.exp(-600 / POSTURE_MS))
+    assert np.allclose(np.linalg.norm(settled, axis=1), expected, rtol=1e-4)
+    cond = trials["_cond"].to_numpy()
+    assert all(np.allclose(settled[cond == c], settled[cond == c][0], atol=1e-5) for c in np.unique(cond))
+    assert len(np.unique(settled.round(4), axis=0)) == len(np.unique(cond))  # a posture per condition
+
+
+def test_the_kept_fluctuation_is_what_the_latents_got_and_continues_into_futures(monkeypatch):
     dataset = DATASETS["mc_maze"]
     files, _ = generate(dataset, "tiny", seed=3, variability="realistic", keep_fluctuation=True)
-    low, _ = generate(dataset, "tiny", seed=3, variability="low")
+    quiet = without_fluctuation(monkeypatch, dataset, 3)
     assert generate(dataset, "tiny", seed=3, variability="realistic")[0]["train"].fluctuation is None
     fluctuation = files["train"].fluctuation
     added = fluctuation.latents()
-    assert np.allclose(added, files["train"].latents - low["train"].latents, atol=1e-5)
+    assert np.allclose(added, files["train"].latents - quiet["train"].latents, atol=1e-5)
     # continued with the file's own innovations and kicks, it is the file's fluctuation again
     v, start, steps = fluctuation.variability, 5000, 300
     a = np.exp(-1 / v.slow_ms)
@@ -327,6 +360,12 @@ def test_synth_skips_only_a_dataset_made_with_the_same_variability(homes, tmp_pa
     with h5py.File(dataset_dir(tmp_path, dataset) / TRUTH_FILE, "a") as h5:
         del h5.attrs["variability"]  # a truth file written before variability existed: low
     assert synth()
+    assert not synth("--variability", "realistic")
+    with h5py.File(dataset_dir(tmp_path, dataset) / TRUTH_FILE, "a") as h5:  # made before the posture
+        h5.attrs["variability_params"] = json.dumps({**json.loads(h5.attrs["variability_params"]), "posture": 0.0})
+    assert existing_synthesis(tmp_path, dataset) == ("tiny", 0, "realistic, earlier parameters")
+    assert not synth("--variability", "realistic")
+    assert existing_synthesis(tmp_path, dataset) == ("tiny", 0, "realistic")
 
 
 def test_the_command_offers_every_variability():
