@@ -56,8 +56,8 @@ class Variability:
     - ``posture`` (maze datasets): after movement onset the preparatory dims settle (time
       constant ``POSTURE_MS``) into a condition's posture state of this norm, as motor cortex
       holds the arm at the target, instead of falling silent. Not variability, but what makes
-      the 200 ms of forward bins, which follow the reach, as predictable from the trial's
-      condition and state as on real mc_maze (README: Synthetic NLB datasets).
+      the 200 ms of forward bins, which follow the reach, predictable from the trial's condition
+      and state (README: Synthetic NLB datasets).
     """
 
     input_dims: int
