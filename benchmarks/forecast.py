@@ -59,10 +59,9 @@ def reference_rates(session, truth, starts, window_ms: int, fp_ms: int, bin_ms: 
     """Eval-trial rates (spikes per bin, held-in units first) of the window and the forward bins:
     the truth, the condition path and the forecast, each ``(window, forward)``."""
     order = np.concatenate([np.flatnonzero(~truth.heldout), np.flatnonzero(truth.heldout)])
-    loadings, bias = truth.loadings[:, order].astype(np.float64), truth.bias[order].astype(np.float64)
     fluctuation = session.fluctuation
     added = fluctuation.latents()
-    rates = lambda latents: np.exp(latents @ loadings + bias)  # noqa: E731
+    rates = lambda latents: truth.rates(np.asarray(latents, np.float64), order)  # noqa: E731
     true, condition, forecast = ([], []), ([], []), []
     for start in starts:
         span = slice(start, start + window_ms + fp_ms)

@@ -30,7 +30,7 @@ def read_truth(path: Path) -> tuple[Truth, dict[str, dict[str, np.ndarray]]]:
         raise UserError(f"no ground truth at {path}: only datasets made by 'bin/nlbfab-synth' have an oracle")
     with h5py.File(path, "r") as h5:
         truth = Truth(h5["loadings"][()], h5["bias"][()], h5["heldout"][()], h5["readout"][()],
-                      int(h5.attrs["lag_ms"]))
+                      int(h5.attrs["lag_ms"]), float(h5.attrs.get("ceiling_per_ms", np.inf)))
         files = {k: {"latents": h5[k]["latents"][()], "trial_start_ms": h5[k]["trial_start_ms"][()]}
                  for k in ("train", "test")}
     return truth, files
@@ -52,7 +52,6 @@ def true_rate_dataset(folder: Path):
         names=("signal_type", "channel"))
     dataset.data = None
     order = np.concatenate([np.flatnonzero(~truth.heldout), np.flatnonzero(truth.heldout)])
-    loadings, bias = truth.loadings[:, order], truth.bias[order]
     rates = np.zeros((len(clock_ms), len(order)), np.float32)
     for which, content in files.items():
         in_file = trials["split"] == "test" if which == "test" else trials["split"] != "test"
@@ -61,7 +60,7 @@ def true_rate_dataset(folder: Path):
         local = clock_ms - offset
         rows = np.flatnonzero((local >= 0) & (local < len(content["latents"])))
         for chunk in np.array_split(rows, max(1, len(rows) // RATE_CHUNK_MS)):
-            rates[chunk] = np.exp(content["latents"][local[chunk]] @ loadings + bias)
+            rates[chunk] = truth.rates(content["latents"][local[chunk]], order)
     dataset.data = pd.DataFrame(rates, index=index, columns=columns, copy=False)
     return dataset
 

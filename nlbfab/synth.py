@@ -6,6 +6,8 @@ held-in/held-out units. Spikes are Poisson draws at 1 ms from
 
     rate(t) = exp(latents(t) @ loadings + bias)        (spikes per ms)
 
+bent smoothly onto a ceiling on realistic data (``rate_law``).
+
 where ``latents(t)`` follows low-dimensional, condition-dependent dynamics and behaviour is a
 noisy linear readout of the latents ``lag`` ms earlier: ``behavior(t) = latents(t - lag) @
 readout``. The latents are kept, so the true rates of any trial can be rebuilt exactly.
@@ -13,7 +15,8 @@ readout``. The latents are kept, so the true rates of any trial can be rebuilt e
 With ``variability="low"`` the trials of one condition differ only by their timing and the
 Poisson draws. ``"realistic"`` adds single-trial variability (see ``Variability``): slow noise and
 input pulses along a few input directions of the latents (so in the rates and the behaviour), at
-lower firing rates; on the maze datasets the population also holds a posture after the reach.
+lower firing rates, which saturate as real neurons' do; on the maze datasets the population also
+holds a posture after the reach.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from nlbfab.splits import Dataset
 LATENT_DIM = 8
 LOADING_SD = 0.55  # s.d. of a unit's loading on one latent
 POSTURE_MS = 200.0  # time constant of the maze latents' settling into a posture after movement onset
+CEILING_SHARPNESS = 4.0  # how close to the ceiling rates follow the exponential (rate_law)
 SCALES = ("tiny", "small", "full")
 LAGS_MS = {"mc_maze": 100, "mc_rtt": 140, "area2_bump": -20, "dmfc_rsg": 0,
            "mc_maze_large": 120, "mc_maze_medium": 120, "mc_maze_small": 120}
@@ -53,6 +57,9 @@ class Variability:
       initial condition predicts;
     - ``rate_scale`` multiplies every unit's rate: fewer spikes a bin leave smoothing less to
       average, while a model of the dynamics pools over time and trials;
+    - ``ceiling_hz``: rates bend onto this ceiling (``rate_law``). Without it the exponential
+      sends a unit's rate to thousands of spikes a second whenever a pulse lands on a strong
+      condition, and those few bins, which no neuron fires, outweigh all others in co-bps;
     - ``posture`` (maze datasets): after movement onset the preparatory dims settle (time
       constant ``POSTURE_MS``) into a condition's posture state of this norm, as motor cortex
       holds the arm at the target, instead of falling silent. Not variability, but what makes
@@ -68,13 +75,14 @@ class Variability:
     pulse_ms: float
     rate_scale: float
     posture: float = 0.0  # norm of the posture state (the preparatory state's is 1.2)
+    ceiling_hz: float = np.inf
 
 
 # low: today's data (none added, bit for bit); realistic: calibrated on mc_maze (README)
 VARIABILITIES: dict[str, Variability | None] = {
     "low": None,
     "realistic": Variability(input_dims=4, slow=0.5, slow_ms=300.0, pulse=1.5, pulse_hz=2.0, pulse_ms=40.0,
-                             rate_scale=0.5, posture=1.2),
+                             rate_scale=0.5, posture=1.2, ceiling_hz=200.0),
 }
 
 
@@ -115,19 +123,32 @@ class SessionFile:
     fluctuation: Fluctuation | None = None  # realistic data, when generate is asked to keep it
 
 
+def rate_law(log_rates: np.ndarray, ceiling: float) -> np.ndarray:
+    """``exp(log_rates)`` below ``ceiling`` (the same units), bent smoothly onto it above: a soft
+    minimum of the two, ``(exp(-k z) + ceiling^-k)^(-1/k)`` with ``k = CEILING_SHARPNESS``. The
+    exponential alone where the ceiling is infinite (low-variability data, as before it existed)."""
+    if np.isinf(ceiling):
+        return np.exp(log_rates)
+    k = CEILING_SHARPNESS
+    return np.exp(log_rates - np.logaddexp(0, k * (log_rates - np.log(ceiling))) / k)
+
+
 @dataclass
 class Truth:
-    """What generated the spikes: all units' loadings, bias and held-out flags."""
+    """What generated the spikes: all units' loadings, bias, held-out flags and rate ceiling."""
 
     loadings: np.ndarray  # (latents, units)
     bias: np.ndarray  # (units,) log spikes per ms
     heldout: np.ndarray  # (units,) bool
     readout: np.ndarray  # (latents, 2) latents -> behaviour
     lag_ms: int
+    ceiling: float = np.inf  # spikes per ms
 
-    def rates(self, latents: np.ndarray) -> np.ndarray:
-        """Expected spikes per ms, ``(ms, units)``, for latents ``(ms, latents)``."""
-        return np.exp(latents @ self.loadings + self.bias).astype(np.float32)
+    def rates(self, latents: np.ndarray, units: np.ndarray | None = None) -> np.ndarray:
+        """Expected spikes per ms, ``(ms, units)``, for latents ``(ms, latents)``; all units in
+        order, or those indexed by ``units``."""
+        loadings, bias = (self.loadings, self.bias) if units is None else (self.loadings[:, units], self.bias[units])
+        return rate_law(latents @ loadings + bias, self.ceiling)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,6 +501,7 @@ def generate(dataset: Dataset, scale: str = "tiny", seed: int = 0, variability: 
     if v is not None:  # one circuit for both files: its input directions, rates and postures
         directions = np.linalg.qr(fluctuation_rng.standard_normal((LATENT_DIM, v.input_dims)))[0].T
         truth.bias += np.float32(np.log(v.rate_scale))
+        truth.ceiling = v.ceiling_hz / 1000
         if v.posture:
             posture_rng = np.random.default_rng([seed, sum(map(ord, dataset.name)), 3])
             cv["posture"] = _condition_vectors(posture_rng, 200, 4, v.posture)
@@ -537,10 +559,8 @@ def poisson_spike_times(latents: np.ndarray, truth: Truth, units: np.ndarray, rn
                         chunk_ms: int = 100_000) -> list[np.ndarray]:
     """Spike times in s for ``units`` (indices into the truth), drawn chunk by chunk at 1 ms."""
     found = [[] for _ in units]
-    loadings, bias = truth.loadings[:, units], truth.bias[units]
     for start in range(0, len(latents), chunk_ms):
-        rates = np.exp(latents[start:start + chunk_ms] @ loadings + bias)
-        draws = rng.poisson(rates)
+        draws = rng.poisson(truth.rates(latents[start:start + chunk_ms], units))
         ms, unit = np.nonzero(draws)
         ms = np.repeat(ms, draws[ms, unit]) + start
         unit = np.repeat(unit, draws[draws > 0])

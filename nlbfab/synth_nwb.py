@@ -93,11 +93,12 @@ def write_nwb(path: Path, dataset: Dataset, which: str, session: SessionFile, tr
 def write_truth(path: Path, files: dict[str, SessionFile], truth: Truth, scale: str, seed: int,
                 variability: str = "low") -> None:
     """The ground truth beside the NWB files: per file its 1 ms latents and trial starts, and the
-    loadings that turn latents into every unit's rate (see ``nlbfab.oracle``); its attributes say
-    how it was made (scale, seed, variability and the variability's parameters)."""
+    loadings and ceiling that turn latents into every unit's rate (see ``nlbfab.oracle``); its
+    attributes say how it was made (scale, seed, variability and the variability's parameters)."""
     partial = path.with_name(path.name + ".partial")
     with h5py.File(partial, "w") as h5:
-        h5.attrs.update(scale=scale, seed=seed, variability=variability, lag_ms=truth.lag_ms)
+        h5.attrs.update(scale=scale, seed=seed, variability=variability, lag_ms=truth.lag_ms,
+                        ceiling_per_ms=truth.ceiling)
         if VARIABILITIES[variability] is not None:
             h5.attrs["variability_params"] = json.dumps(asdict(VARIABILITIES[variability]))
         for name in ("loadings", "bias", "heldout", "readout"):

@@ -12,7 +12,7 @@ from pynwb import NWBHDF5IO
 from nlbfab import cli
 from nlbfab.oracle import read_truth
 from nlbfab.splits import DATASETS
-from nlbfab.synth import LATENT_DIM, POSTURE_MS, VARIABILITIES, counts, generate
+from nlbfab.synth import CEILING_SHARPNESS, LATENT_DIM, POSTURE_MS, VARIABILITIES, counts, generate, rate_law
 from nlbfab.synth_nwb import existing_synthesis, synthesize
 from nlbfab.layout import TRUTH_FILE, dataset_dir
 from tests.conftest import run_cli
@@ -311,12 +311,36 @@ def test_realistic_truth_holds_the_rates_that_made_the_spikes(realistic_homes):
     dataset = DATASETS["mc_maze"]
     folder = dataset_dir(realistic_homes / "a", dataset)
     truth, files = read_truth(folder / TRUTH_FILE)
+    assert truth.ceiling == VARIABILITIES["realistic"].ceiling_hz / 1000
     expected = truth.rates(files["train"]["latents"]).sum(axis=0)
     io, nwb = read(folder / dataset.file_name("train"))
     with io:
         observed = np.array([len(t) for t in nwb.units.to_dataframe()["spike_times"]])
     assert np.allclose(observed, expected, rtol=0.15)
     assert np.corrcoef(observed, expected)[0, 1] > 0.99
+
+
+def test_rates_follow_the_exponential_below_the_ceiling_and_never_pass_it():
+    ceiling = 0.2
+    log_rates = np.linspace(-8, 6, 2001)
+    rates = rate_law(log_rates, ceiling)
+    assert np.all(np.diff(rates) >= 0)
+    assert rates.max() <= ceiling
+    assert np.allclose(rates[-1], ceiling, rtol=1e-6)
+    far_below = np.exp(log_rates) < ceiling / 10
+    assert np.allclose(rates[far_below], np.exp(log_rates[far_below]), rtol=1e-4)
+    assert np.isclose(rate_law(np.log(ceiling), ceiling), ceiling * 2 ** (-1 / CEILING_SHARPNESS))
+    assert np.array_equal(rate_law(log_rates, np.inf), np.exp(log_rates))
+
+
+def test_realistic_rates_stay_under_the_ceiling_where_the_exponential_passes_it():
+    files, truth = generate(DATASETS["mc_maze"], "tiny", 0, "realistic")
+    exponential = np.exp(files["train"].latents @ truth.loadings + truth.bias)
+    rates = truth.rates(files["train"].latents)
+    assert exponential.max() > truth.ceiling
+    assert rates.max() <= truth.ceiling == VARIABILITIES["realistic"].ceiling_hz / 1000
+    _, low_truth = generate(DATASETS["mc_maze"], "tiny", 0, "low")
+    assert np.isinf(low_truth.ceiling)
 
 
 EVENTS = {"mc_maze": ("move_onset_time", -250, 450), "area2_bump": ("move_onset_time", -100, 500),
