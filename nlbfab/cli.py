@@ -32,7 +32,7 @@ def _report(line: str) -> None:
 @click.option("--variability", type=click.Choice(["low", "realistic"]), default="low", show_default=True,
               help="low: trials of a condition differ only by timing and Poisson noise; realistic: plus "
                    "slow latent noise and input pulses at random times along a few input directions, at half the "
-                   "firing rates.")
+                   "firing rates, which saturate at 200 spikes/s.")
 @click.option("--force", is_flag=True,
               help="Rewrite datasets that already exist with this scale, seed and variability.")
 @friendly_errors
