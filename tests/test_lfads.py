@@ -231,7 +231,8 @@ def test_lfads_ranks_agree_under_ddp(prepared, tmp_path):
 
 def test_each_dataset_gets_lfads_torchs_sizes_and_options_override_them():
     model = MODELS["lfads"]
-    assert model.settle({})["gen_dim"] == 200 and model.settle({}, "mc_maze")["fac_dim"] == 100
+    maze = model.settle({}, "mc_maze")
+    assert model.settle({}) == maze and (maze["ic_enc_dim"], maze["gen_dim"], maze["fac_dim"]) == (64, 100, 40)
     small = model.settle({}, "mc_maze_small")
     assert (small["gen_dim"], small["fac_dim"], small["ci_enc_dim"]) == (100, 40, 80)
     assert model.settle({"gen_dim": 50}, "dmfc_rsg")["gen_dim"] == 50
