@@ -35,7 +35,7 @@ from nlbfab.train_config import Hyperparameter, Valid
 POSITIVE, AT_LEAST_ONE, NON_NEGATIVE = Valid(low=0, low_open=True), Valid(low=1), Valid(low=0)
 # defaults: lfads-torch's configs/model/nlb_mc_maze.yaml, but for the generator and factors, which
 # take the size of its other NLB configs (100 and 40 rather than 200 and 100): on realistic
-# synthetic mc_maze as good or better at three quarters of the epoch time (benchmarks/README.md)
+# synthetic mc_maze they score higher and cost less (benchmarks/README.md, "A generator of 100 units")
 HPARAMS = {
     "ic_enc_dim": Hyperparameter(64, "Units of each direction of the initial-condition encoder.", AT_LEAST_ONE),
     "ci_enc_dim": Hyperparameter(64, "Units of each direction of the controller-input encoder.", AT_LEAST_ONE),
