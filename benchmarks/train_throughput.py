@@ -36,7 +36,7 @@ from nlb_tools.evaluation import bits_per_spike  # noqa: E402
 from nlbfab.data import SplitData  # noqa: E402
 from nlbfab.memory import keep_freed_buffers  # noqa: E402
 from nlbfab.splits import get_split  # noqa: E402
-from nlbfab.train import Run, TrainConfig, create_train_state, train_epoch, validate  # noqa: E402
+from nlbfab.train import Run, TrainConfig, create_train_state, evaluating, train_epoch, validate  # noqa: E402
 
 TRAIN, EVAL, HELDIN, HELDOUT, HIDDEN, BATCH = 1721, 574, 137, 45, 64, 64
 
@@ -140,7 +140,8 @@ def nlbfab_epochs(data: SplitData, epochs: int, precision: str, compiled: bool, 
     for _ in range(epochs):
         started = time.perf_counter()
         train_epoch(state, data, run)
-        validate(state.module, data)
+        with evaluating(state):
+            validate(state.module, data)
         times.append(time.perf_counter() - started)
     return times
 

@@ -24,7 +24,7 @@ KINDS = ("uniform", "loguniform", "int", "choice")
 # the TrainConfig fields a search may vary: how a model learns, not where or how long it runs
 # (--max-epochs bounds the scheduler's trials) or what it is
 SEARCHABLE = ("batch_size", "learning_rate", "weight_decay", "dropout", "grad_clip", "seed", "patience", "lr_decay",
-              "lr_patience", "min_lr")
+              "lr_patience", "min_lr", "average_decay")
 
 
 @dataclass(frozen=True)

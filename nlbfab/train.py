@@ -4,7 +4,8 @@
 ``after_epoch`` makes the epoch's decisions (best, plateau, stop) as a pure function of what was
 measured; ``train(config, homes, hooks)`` is the single entry point, whose loop reads top to
 bottom in the order things run. At the end the best checkpoint predicts the rates that go into
-the run's submission.
+the run's submission. With ``--average-decay`` (LFADS's default) validation, the best checkpoint
+and the submission see an exponential moving average of the weights (``WeightAverage``).
 
 An ensemble (``--ensemble K``) is K members in the same loop: one forward and backward for all
 (batched where the model has ``apply_members``), each member with its own optimizer param group,
@@ -17,6 +18,7 @@ import math
 import os
 import pickle
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -108,6 +110,33 @@ class RNG:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class WeightAverage:
+    """An exponential moving average of the members' weights (``--average-decay``), which
+    validation, the hooks, the best checkpoint and the submission use in place of the weights as
+    trained: the optimizer's noisy steps wander over the plateau they reach, their average sits
+    nearer its middle. Its decay grows with the steps taken, ``(1 + t) / (10 + t)`` up to
+    ``decay`` (TensorFlow's ``ExponentialMovingAverage``), so the random initial weights are soon
+    forgotten. Fabric saves and restores it with the checkpoint, like the RNG streams."""
+
+    def __init__(self, decay: float, weights: dict[str, torch.Tensor]):
+        self.decay, self.steps = decay, 0
+        self.weights = {key: value.detach().clone() for key, value in weights.items()}
+
+    def update(self, weights: dict[str, torch.Tensor]) -> None:
+        weight = 1 - min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for key, value in self.weights.items():
+            value.lerp_(weights[key], weight)
+        self.steps += 1
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+        for key, value in self.weights.items():  # in place: the saved tensors may sit on another device
+            value.copy_(state["weights"][key])
+
+
 @dataclass(frozen=True)
 class Progress:
     """Where a model (an ensemble's member) stands: epochs done, the best monitored value and its
@@ -126,8 +155,9 @@ class Progress:
 class TrainState:
     """All state of a run in one value: Fabric, the members (set up by Fabric), their optimizer
     (one param group per member, holding its current learning rate), the RNG streams, each
-    member's progress, the per-epoch history and the best weights (each member's from its own
-    best epoch). ``checkpoint()`` is what a checkpoint holds and ``--resume`` restores."""
+    member's progress, the per-epoch history, the best weights (each member's from its own best
+    epoch) and, with ``--average-decay``, the weights' average. ``checkpoint()`` is what a
+    checkpoint holds and ``--resume`` restores."""
 
     fabric: Fabric
     module: ParamsModule
@@ -136,6 +166,7 @@ class TrainState:
     members: tuple[Progress, ...]
     history: list[dict]
     best: dict[str, torch.Tensor]
+    average: WeightAverage | None = None
 
     @property
     def epoch(self) -> int:
@@ -147,7 +178,27 @@ class TrainState:
 
     def checkpoint(self) -> dict:
         return {"model": self.module, "optimizer": self.optimizer, "rng": self.rng,
-                "members": [asdict(p) for p in self.members], "history": self.history, "best": self.best}
+                "members": [asdict(p) for p in self.members], "history": self.history, "best": self.best,
+                **({"average": self.average} if self.average is not None else {})}
+
+    @property
+    def evaluated_weights(self) -> dict[str, torch.Tensor]:
+        """The weights that validation and the hooks see: the average's, else the weights as trained."""
+        return self.average.weights if self.average is not None else self.module.state_dict()
+
+
+@contextmanager
+def evaluating(state: TrainState):
+    """The module holds ``state.evaluated_weights`` within, the weights as trained again after."""
+    if state.average is None:
+        yield
+        return
+    trained = {key: value.clone() for key, value in state.module.state_dict().items()}
+    state.module.load_state_dict(state.average.weights)
+    try:
+        yield
+    finally:
+        state.module.load_state_dict(trained)
 
 
 @dataclass(frozen=True)
@@ -206,7 +257,7 @@ def create_fabric(config: TrainConfig, run_dir: Path) -> Fabric:
 def create_train_state(fabric: Fabric, config: TrainConfig, data: SplitData) -> TrainState:
     """Each member's parameters from the model's ``init`` (member k seeded ``seed + k``),
     wrapped for Fabric with a fused AdamW (one kernel for all parameters; a param group per
-    member), fresh RNG streams and progress."""
+    member), fresh RNG streams, progress and, with ``--average-decay``, the weights' average."""
     model = get_model(config.model)
     fabric.seed_everything(config.seed, verbose=False)
     sizes = Sizes(data.heldin, data.heldout, data.bins, data.fwd_steps,
@@ -216,7 +267,9 @@ def create_train_state(fabric: Fabric, config: TrainConfig, data: SplitData) -> 
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
     module, optimizer = fabric.setup(module, optimizer)
     best = {key: value.detach().clone() for key, value in module.state_dict().items()}
-    return TrainState(fabric, module, optimizer, RNG(config.seed), (Progress(),) * config.ensemble, [], best)
+    decay = model.average_decay(config.average_decay)
+    average = WeightAverage(decay, best) if decay else None
+    return TrainState(fabric, module, optimizer, RNG(config.seed), (Progress(),) * config.ensemble, [], best, average)
 
 
 def restore(state: TrainState, path: Path) -> None:
@@ -265,6 +318,8 @@ def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor], conf
         raise NonFiniteLoss(f"{what} at epoch {state.epoch}: stopped before the update, the best checkpoint "
                             f"is kept. Try a lower --learning-rate or --grad-clip")
     state.optimizer.step()
+    if state.average is not None:
+        state.average.update(state.module.state_dict())
     return loss.detach(), terms
 
 
@@ -456,9 +511,12 @@ def set_up(config: TrainConfig, homes: Homes, hooks, resume: bool, quiet: bool) 
     if resume and not last.is_file():
         raise UserError(f"nothing to resume: no {last}; drop --resume to start afresh")
     data = load_split(split, homes).to(fabric.device)
-    # every setting the run uses is in its config.json: the batch size and the model's hyperparameters settled
+    # every setting the run uses is in its config.json: the batch size, the weights' average and the
+    # model's hyperparameters settled
+    model = get_model(config.model)
     config = replace(with_batch_size(config, data.train_heldin.shape[0]),
-                     hparams=get_model(config.model).settle(config.hparams, split.dataset.name))
+                     average_decay=model.average_decay(config.average_decay),
+                     hparams=model.settle(config.hparams, split.dataset.name))
     run = Run(config, run_dir, tuple(hooks), quiet)
     if fabric.is_global_zero:
         for old in ([] if resume else layout.old_run_files(run_dir)):
@@ -489,14 +547,15 @@ def train(config: TrainConfig, homes: Homes, hooks=HOOKS, resume: bool = False, 
     while stop is None:
         epoch, lrs = state.epoch, state.lrs
         train_loss, terms = train_epoch(state, data, run)
-        members, (val_loss, value) = validate(state.module, data)
+        with evaluating(state):
+            members, (val_loss, value) = validate(state.module, data)
         decisions = [member_decision(p, v, lr, run.config) for p, (_, v), lr in zip(state.members, members, lrs)]
         state.members = tuple(d.progress for d in decisions)
         stop = run_stop(state.members, run.config)
         for group, decision in zip(state.optimizer.param_groups, decisions):  # the checkpoint holds each lr
             group["lr"] = decision.lr
         improved = [k for k, d in enumerate(decisions) if d.improved]
-        state.best = keep_best(state.best, state.module.state_dict(), improved)
+        state.best = keep_best(state.best, state.evaluated_weights, improved)
         record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "monitored": value, "lr": lrs[0]}
         scalars = {"loss/train": train_loss, "loss/val": val_loss, "monitored": value, "lr": lrs[0],
                    **{f"loss/{name}": term for name, term in terms.items()}}
@@ -516,7 +575,8 @@ def train(config: TrainConfig, homes: Homes, hooks=HOOKS, resume: bool = False, 
         if not run.quiet:
             print_epoch(state, data, time.perf_counter() - started)
         if (epoch + 1) % run.config.log_every_n_epochs == 0:
-            scores, _ = run_hooks(state, data, run.hooks, epoch, everyone)
+            with evaluating(state):
+                scores, _ = run_hooks(state, data, run.hooks, epoch, everyone)
             if scores and not run.quiet:
                 state.fabric.print(f"epoch {epoch:4d}  nlb: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     return finish(state, data, run, homes, stop, time.perf_counter() - started)

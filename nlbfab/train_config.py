@@ -101,6 +101,10 @@ class TrainConfig:
     ensemble_top: int | None = setting(
         None, "Submit the mean of at most this many members, chosen greedily by val co-bps while each raises the "
               "mean's; the test phase reuses its val run's choice [default: all members].", AT_LEAST_ONE)
+    average_decay: float | None = setting(
+        None, "Validate, keep and submit an exponential moving average of the weights, updated after every step "
+              "with this decay (0: off, the weights as trained) [default: the model's AVERAGE_DECAY: 0.995 for "
+              "lfads, 0 for the others].", Valid(low=0, high=1, high_open=True))
     max_epochs: int = setting(400, "Stop after this many epochs at the latest.", AT_LEAST_ONE)
     # over two plateaus, so that a decayed rate gets its own: at 25 with 15-epoch plateaus,
     # mc_maze_medium stopped 10 epochs after its first decay, 0.001 co-bps short of 2,000 epochs

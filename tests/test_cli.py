@@ -84,6 +84,7 @@ BAD_VALUES = [("--hidden-size", "0", ">= 1"), ("--batch-size", "0", ">= 1"), ("-
               ("--max-epochs", "0", ">= 1"), ("--patience", "0", ">= 1"), ("--lr-decay", "0", "in (0, 1]"),
               ("--lr-decay", "1.5", "in (0, 1]"), ("--lr-patience", "0", ">= 1"), ("--min-lr", "-1", ">= 0"),
               ("--log-every-n-epochs", "0", ">= 1"), ("--learning-rate", "nan", "> 0"),
+              ("--average-decay", "1", "in [0, 1)"),
               ("--devices", "0", "positive number"), ("--run-tag", "a/b", "names a folder"),
               ("--precision", "64", "'32-true'"), ("--accelerator", "tpu", "'cuda'"), ("--hidden-size", "abc", "integer")]
 

@@ -1,7 +1,9 @@
 """LFADS: its KL terms, prior and coordinated dropout against hand computations, deterministic
 inference, the decoder's autograd Function against gradcheck and the step-by-step autograd loop,
 and training through the loop (loss terms logged, resume, DDP)."""
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,6 +199,10 @@ def test_lfads_trains_through_the_loop_and_logs_its_loss_terms(prepared, homes):
     checkpoint = torch.load(f"{summary['run_dir']}/checkpoints/best.ckpt", weights_only=False)
     assert "members.0.fixed_cell_clip" in checkpoint["model"] and "cell_clip" not in [
         k.split(".")[-1] for k in checkpoint["model"] if k.startswith("members.0.params.")]
+    # the model's own default for the weights' average, recorded with the run's settings
+    assert json.loads(Path(summary["run_dir"], "config.json").read_text())["average_decay"] == lfads.AVERAGE_DECAY
+    last = torch.load(f"{summary['run_dir']}/checkpoints/last.ckpt", weights_only=False)
+    assert last["average"]["steps"] > 0 and last["average"]["weights"].keys() == last["model"].keys()
 
 
 def test_a_resumed_lfads_run_ends_with_the_same_weights(prepared, homes):

@@ -117,6 +117,7 @@ def test_a_run_without_a_batch_size_records_the_one_it_chose(homes, prepared):
         trials = h5["train_spikes_heldin"].shape[0]
     saved = json.loads((homes["RUNS_HOME"] / "auto-batch" / "area2_bump-20ms-val" / "config.json").read_text())
     assert saved["batch_size"] == auto_batch_size(trials)
+    assert saved["average_decay"] == 0  # the SAE's default: no average
 
 
 def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_best(homes, prepared, monkeypatch):
@@ -216,35 +217,64 @@ def test_checkpoints_are_written_after_the_first_epoch_then_at_most_every_n_seco
     assert last["members"][0]["epoch"] == 5 and len(last["history"]) == 5
 
 
-@pytest.mark.parametrize("members", ["1", "2"])
-def test_a_killed_run_resumed_ends_with_the_same_weights(homes, prepared, members):
+@pytest.mark.parametrize("members, average", [("1", "0"), ("2", "0"), ("1", "0.9")])
+def test_a_killed_run_resumed_ends_with_the_same_weights(homes, prepared, members, average):
     # a high lr with --lr-patience 1 lowers the lr in the first epochs, so that the run is killed
     # after a decay and resume must carry the lowered lr (no floor: all 12 epochs run)
     schedule = ("--max-epochs", "12", "--learning-rate", "0.05", "--lr-patience", "1", "--min-lr", "0",
-                "--ensemble", members, "--checkpoint-every", "0")
-    whole = cli_train(homes, "--run-tag", f"whole{members}", *schedule)
+                "--ensemble", members, "--checkpoint-every", "0", "--average-decay", average)
+    name = f"{members}-{average}"
+    whole = cli_train(homes, "--run-tag", f"whole{name}", *schedule)
     assert whole.wait(timeout=300) == 0, whole.stdout.read()
 
-    killed = cli_train(homes, "--run-tag", f"killed{members}", *schedule)
-    last = homes["RUNS_HOME"] / f"killed{members}" / "dmfc_rsg-20ms-val" / "checkpoints" / "last.ckpt"
+    killed = cli_train(homes, "--run-tag", f"killed{name}", *schedule)
+    last = homes["RUNS_HOME"] / f"killed{name}" / "dmfc_rsg-20ms-val" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while last_epoch(last) < 4 and killed.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert 4 <= last_epoch(last) < 12  # really stopped part-way
-    resumed = cli_train(homes, "--run-tag", f"killed{members}", *schedule, "--resume")
+    resumed = cli_train(homes, "--run-tag", f"killed{name}", *schedule, "--resume")
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
 
     def checkpoint(tag):
         return torch.load(homes["RUNS_HOME"] / tag / "dmfc_rsg-20ms-val" / "checkpoints" / "last.ckpt", weights_only=False)
-    a, b = checkpoint(f"whole{members}"), checkpoint(f"killed{members}")
+    a, b = checkpoint(f"whole{name}"), checkpoint(f"killed{name}")
     assert [p["epoch"] for p in a["members"]] == [p["epoch"] for p in b["members"]] == [12] * int(members)
     assert a["members"] == b["members"]
     assert all(torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["best"][k], b["best"][k]) for k in a["model"])
+    if average != "0":
+        assert a["average"]["steps"] == b["average"]["steps"] > 0
+        assert all(torch.equal(a["average"]["weights"][k], b["average"]["weights"][k]) for k in a["model"])
     lrs = [epoch["lr"] for epoch in a["history"]]
     assert lrs == [epoch["lr"] for epoch in b["history"]]
     assert lrs[4] < lrs[0]  # lowered before the earliest kill
+
+
+def test_the_weights_average_forgets_the_initial_weights_at_first_then_decays_at_its_rate():
+    average = loop.WeightAverage(0.2, {"w": torch.tensor([0.0])})
+    for value in (1.0, 2.0, 3.0):
+        average.update({"w": torch.tensor([value])})
+    # decays min(0.2, (1 + t) / (10 + t)): 0.1, 2/11, then 0.2 (not 3/12)
+    first = 0.9 * 1.0
+    second = 2 / 11 * first + 9 / 11 * 2.0
+    assert average.steps == 3 and float(average.weights["w"]) == pytest.approx(0.2 * second + 0.8 * 3.0)
+
+
+def test_a_run_with_a_weights_average_validates_keeps_and_submits_the_average(homes, prepared):
+    summary = run(homes, prepared, split="mc_maze-20ms-val", run_tag="average", max_epochs=3, learning_rate=0.02,
+                  average_decay=0.9, checkpoint_every=0)
+    last = torch.load(homes["RUNS_HOME"] / "average" / "mc_maze-20ms-val" / "checkpoints" / "last.ckpt",
+                      weights_only=False)
+    averaged, trained = last["average"]["weights"], last["model"]
+    assert last["average"]["steps"] == 3 * len(range(0, 36, 16))  # 3 epochs of 36 train trials in batches of 16
+    # training goes on from the weights as trained; validation saw the average, best at the last epoch
+    assert any(not torch.equal(averaged[k], trained[k]) for k in trained)
+    assert summary["best_epoch"] == 2
+    assert all(torch.equal(last["best"][k], averaged[k]) for k in trained)
+    assert summary["best_monitored"] == pytest.approx(last["history"][-1]["monitored"], rel=1e-6)
+    assert summary["metrics"]["co-bps"] == pytest.approx(summary["best_monitored"], rel=1e-4)
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed"])  # 16-mixed needs a GPU: benchmarks/gpu_check.py

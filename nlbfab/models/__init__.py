@@ -10,12 +10,13 @@ nothing else; ``SEARCH_SPACE``, where a model declares one, is what ``nlbfab-sea
 trials from (``nlbfab.search_space``). Register one in ``MODELS``, or name an importable module with ``--model
 my_package.my_model``.
 
-Two optional parts let a model train in its own way (the SAE and ``gru_readout`` have neither):
+Three optional parts let a model train in its own way (the SAE and ``gru_readout`` have none):
 ``training_loss(params, heldin, target, *, dropout, epoch) -> (loss, terms)`` replaces the
 Poisson loss of ``apply``'s training-mode rates: it may transform the batch (LFADS's coordinated
 dropout), add loss terms (KL, L2; ``terms``, a dict of scalars, is logged as ``loss/{name}``)
-and use the epoch for warm-ups; and ``FIXED``, the names of entries of ``params`` that are not
-trained (settings and fixed priors, kept with the weights so that ``apply`` needs nothing else).
+and use the epoch for warm-ups; ``FIXED``, the names of entries of ``params`` that are not
+trained (settings and fixed priors, kept with the weights so that ``apply`` needs nothing else);
+and ``AVERAGE_DECAY``, the default of ``--average-decay`` for the model (0, off, where absent).
 
 An ensemble (``--ensemble K``) runs K members, each with its own parameter dict. A model may
 give their batched form, ``apply_members(members, heldin, fwd_steps, *, dropout, training) ->
@@ -35,7 +36,7 @@ import torch
 
 from nlbfab.errors import UserError
 from nlbfab.models import gru_readout, lfads, sae
-from nlbfab.train_config import Hyperparameter, check_value, option_name
+from nlbfab.train_config import Hyperparameter, Valid, check_value, option_name
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,12 @@ class Model:
     @property
     def fixed(self) -> tuple[str, ...]:
         return tuple(getattr(self.module, "FIXED", ()))
+
+    def average_decay(self, given: float | None) -> float:
+        """``--average-decay``: ``given``, else the model's ``AVERAGE_DECAY`` (0, off, where it has none)."""
+        decay = getattr(self.module, "AVERAGE_DECAY", 0.0) if given is None else given
+        check_value("average_decay", decay, Valid(low=0, high=1, high_open=True))
+        return decay
 
     def apply_members(self, members: list[dict], heldin, fwd_steps: int, *, dropout: float, training: bool):
         """``apply`` of each member, stacked: ``(logrates (K, ...), latents (K, ...))``; the model's
