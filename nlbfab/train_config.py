@@ -79,6 +79,7 @@ def setting(default, help: str, valid: Valid = Valid(), option: bool = True):
 POSITIVE = Valid(low=0, low_open=True)
 AT_LEAST_ONE = Valid(low=1)
 NON_NEGATIVE = Valid(low=0)
+BELOW_ONE = Valid(low=0, high=1, high_open=True)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class TrainConfig:
     learning_rate: float = setting(5e-3, "AdamW's initial learning rate.", POSITIVE)
     weight_decay: float = setting(1e-4, "AdamW's decoupled weight decay.", NON_NEGATIVE)
     dropout: float = setting(0.2, "Dropout probability (inputs, encoder states, initial condition).",
-                             Valid(low=0, high=1, high_open=True))
+                             BELOW_ONE)
     grad_clip: float = setting(5.0, "Max gradient norm (0: off).", NON_NEGATIVE)
     seed: int = setting(0, "Random seed: initialisation, batches and dropout.", Valid(low=0, high=MAX_SEED))
     ensemble: int = setting(
@@ -104,7 +105,7 @@ class TrainConfig:
     average_decay: float | None = setting(
         None, "Validate, keep and submit an exponential moving average of the weights, updated after every step "
               "with this decay (0: off, the weights as trained) [default: the model's AVERAGE_DECAY: 0.995 for "
-              "lfads, 0 for the others].", Valid(low=0, high=1, high_open=True))
+              "lfads, 0 for the others].", BELOW_ONE)
     max_epochs: int = setting(400, "Stop after this many epochs at the latest.", AT_LEAST_ONE)
     # over two plateaus, so that a decayed rate gets its own: at 25 with 15-epoch plateaus,
     # mc_maze_medium stopped 10 epochs after its first decay, 0.001 co-bps short of 2,000 epochs

@@ -36,7 +36,7 @@ import torch
 
 from nlbfab.errors import UserError
 from nlbfab.models import gru_readout, lfads, sae
-from nlbfab.train_config import Hyperparameter, Valid, check_value, option_name
+from nlbfab.train_config import BELOW_ONE, Hyperparameter, check_value, option_name
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class Model:
     def average_decay(self, given: float | None) -> float:
         """``--average-decay``: ``given``, else the model's ``AVERAGE_DECAY`` (0, off, where it has none)."""
         decay = getattr(self.module, "AVERAGE_DECAY", 0.0) if given is None else given
-        check_value("average_decay", decay, Valid(low=0, high=1, high_open=True))
+        check_value("average_decay", decay, BELOW_ONE)
         return decay
 
     def apply_members(self, members: list[dict], heldin, fwd_steps: int, *, dropout: float, training: bool):
