@@ -28,10 +28,12 @@ def inference_batch(device: torch.device) -> int:
 
 
 @torch.no_grad()
-def predict(forward, data: SplitData) -> dict[str, np.ndarray]:
-    """Rates (spikes per bin, float32) in the submission's layout plus ``eval_latents``.
+def predict(forward, data: SplitData, inputs=None) -> dict[str, np.ndarray]:
+    """Rates (spikes per bin, float32) in the submission's layout plus ``eval_latents`` and, given
+    ``inputs``, ``eval_inputs``.
 
-    ``forward(heldin) -> (logrates, latents)`` is the model in eval mode (no dropout)."""
+    ``forward(heldin) -> (logrates, latents)`` is the model in eval mode (no dropout);
+    ``inputs(heldin) -> (trials, steps, inputs)``, where the model infers inputs, its inferred inputs."""
     batch_size = inference_batch(data.train_heldin.device)
     out = {}
     for prefix, heldin in (("train", data.train_heldin), ("eval", data.eval_heldin)):
@@ -44,6 +46,9 @@ def predict(forward, data: SplitData) -> dict[str, np.ndarray]:
         out[f"{prefix}_rates_heldout_forward"] = rates[:, bins:, n_in:]
         if prefix == "eval":
             out["eval_latents"] = torch.cat(latents).float().cpu().numpy()
+            if inputs is not None:
+                chunks = [inputs(chunk) for chunk in heldin.split(batch_size)]
+                out["eval_inputs"] = torch.cat(chunks).float().cpu().numpy()
     return out
 
 

@@ -113,4 +113,44 @@ def trajectory_hook(logger, data: SplitData, predictions, epoch: int) -> None:
     plt.close(figure)
 
 
-HOOKS = (evaluation_hook, raster_hook, trajectory_hook)
+def inputs_figure(data: SplitData, predictions):
+    """A model's inferred inputs (``eval_inputs``): one panel of lines per input for each of the
+    first eval trials, and below them each bin's root mean square over the inputs, averaged over
+    all eval trials, where the model says pushes from outside land in a trial: at its task's events
+    where they do, spread over the trial where they come at random (the dotted line starts the
+    forward bins). Sized and lettered like ``raster_figure``, fixed margins."""
+    inputs = predictions["eval_inputs"]
+    trials, steps, count = inputs.shape
+    shown = min(RASTER_TRIALS, trials)
+    figure, axes = plt.subplots(shown + 1, 1, figsize=(6, 1.15 * (shown + 1) + 0.75), sharex=True,
+                                gridspec_kw=dict(left=0.12, right=0.8, bottom=0.1, top=0.88, hspace=0.5))
+    time = np.arange(steps)
+    colours = plt.get_cmap("tab10")(np.arange(count) % 10)
+    for trial, ax in enumerate(axes[:shown]):
+        for k in range(count):
+            ax.plot(time, inputs[trial, :, k], color=colours[k], lw=1.2, label=f"input {k + 1}")
+        ax.set_title(f"trial {trial}", fontsize=10, pad=3)
+    axes[0].legend(loc="upper left", bbox_to_anchor=(1.02, 1.05), fontsize=9, frameon=False,
+                   handlelength=1.2)
+    rms = np.sqrt(np.mean(inputs ** 2, axis=-1))
+    axes[-1].plot(time, rms.mean(0), color="k", lw=1.5)
+    axes[-1].set_title(f"root mean square over inputs, mean of {trials} trials", fontsize=10, pad=3)
+    for ax in axes:
+        ax.axvline(data.bins - 0.5, color="0.4", lw=1, ls=":")
+        ax.axhline(0, color="0.8", lw=0.8, zorder=0)
+        ax.tick_params(labelsize=9)
+    figure.suptitle(f"inferred inputs of eval trials ({count})", fontsize=11)
+    figure.supxlabel("time bin (forward bins after the dotted line)", fontsize=10)
+    return figure
+
+
+def inputs_hook(logger, data: SplitData, predictions, epoch: int) -> None:
+    """``inputs_figure`` where the model infers inputs (``nlbfab.models``: ``inferred_inputs``)."""
+    if "eval_inputs" not in predictions:
+        return
+    figure = inputs_figure(data, predictions)
+    logger.experiment.add_figure("inputs/inferred", figure, global_step=epoch)
+    plt.close(figure)
+
+
+HOOKS = (evaluation_hook, raster_hook, trajectory_hook, inputs_hook)

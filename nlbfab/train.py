@@ -73,13 +73,18 @@ class ParamsModule(torch.nn.Module):
         self.model = model
         self.members = torch.nn.ModuleList(MemberParams(model, params) for params in members)
 
-    def forward(self, heldin, fwd_steps: int, dropout: float = 0.0, target=None, epoch: int = 0, members=None):
+    def forward(self, heldin, fwd_steps: int, dropout: float = 0.0, target=None, epoch: int = 0, members=None,
+                inputs: bool = False):
         """The members' ``apply`` outputs stacked, ``(logrates (K, ...), latents (K, ...))``, of all
         members or of those indexed by ``members``. Given a ``target``, the training objective
         ``(loss, terms)`` instead: the sum over members of the model's ``training_loss`` or of
-        the Poisson loss (each member's gradient is its own loss's), its terms averaged."""
+        the Poisson loss (each member's gradient is its own loss's), its terms averaged. With
+        ``inputs``, the model's ``inferred_inputs`` stacked, ``(K, trials, steps, inputs)``: through
+        ``forward`` like the rest, so that Fabric's precision and DDP wrappers see every use."""
         chosen = self.members if members is None else [self.members[k] for k in members]
         params = [member.all_params() for member in chosen]
+        if inputs:
+            return torch.stack([self.model.inferred_inputs(p, heldin, fwd_steps) for p in params])
         if target is None:
             return self.model.apply_members(params, heldin, fwd_steps, dropout=dropout, training=self.training)
         if self.model.training_loss:
@@ -439,11 +444,21 @@ def ensemble_forward(module, fwd_steps: int, members: list[int]):
     return forward
 
 
+def first_member_inputs(module, fwd_steps: int, members: list[int]):
+    """``predict``'s ``inputs``: the first of ``members``' inferred inputs (an ensemble's members
+    each infer their own, in their own coordinates, as with the latents); None where the model
+    infers none."""
+    if module.model.inferred_inputs is None:
+        return None
+    return lambda heldin: module(heldin, fwd_steps, members=members[:1], inputs=True)[0]
+
+
 def run_hooks(state: TrainState, data: SplitData, hooks, epoch: int, members: list[int]) -> tuple[dict, dict]:
     """Predict all trials with the mean of ``members`` in eval mode and run every hook (on rank 0);
     returns (metrics, predictions)."""
     state.module.eval()
-    predictions = predict(ensemble_forward(state.module, data.fwd_steps, members), data)
+    predictions = predict(ensemble_forward(state.module, data.fwd_steps, members), data,
+                          first_member_inputs(state.module, data.fwd_steps, members))
     scores = {}
     if state.fabric.is_global_zero:
         for hook in hooks:

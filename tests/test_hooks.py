@@ -1,6 +1,7 @@
 """Raster figures read at a glance in TensorBoard's image card (about 500 px wide): every
 neuron's inferred rates on its own colour scale, the scaling named, text large enough, the
-held-in/held-out and observed/forward lines kept, no layout engine."""
+held-in/held-out and observed/forward lines kept, no layout engine. The inferred inputs' figure
+draws each input of each trial and their mean size, where the model infers inputs at all."""
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 from matplotlib.text import Text
 
 from nlbfab.data import SplitData
-from nlbfab.hooks import raster_figure
+from nlbfab.hooks import inputs_figure, inputs_hook, raster_figure
 from nlbfab.splits import get_split
 
 HELDIN, HELDOUT, BINS, FWD = 137, 45, 35, 10  # mc_maze at 20 ms
@@ -81,6 +82,10 @@ def test_spike_counts_keep_one_scale_that_one_burst_does_not_set(figure):
 
 
 def test_text_is_readable_at_the_card_width_and_inside_the_figure(figure):
+    assert_readable_at_the_card_width(figure)
+
+
+def assert_readable_at_the_card_width(figure):
     width, height = figure.canvas.get_width_height()
     assert width == pytest.approx(figure.get_figwidth() * plt.rcParams["figure.dpi"])  # the dpi add_figure renders at
     texts = _texts(figure)
@@ -108,3 +113,52 @@ def test_test_phase_shows_the_heldin_spikes_beside_all_rates(rates):
     assert np.asarray(figure.axes[0].images[0].get_array()).shape == (HELDIN, BINS)
     assert np.asarray(figure.axes[1].images[0].get_array()).shape == (HELDIN + HELDOUT, BINS + FWD)
     plt.close(figure)
+
+
+@pytest.fixture
+def inputs() -> np.ndarray:
+    """Five trials of 8 inferred inputs (mc_rtt's count), input 2 kicked at bin 10 of every trial."""
+    inputs = np.random.default_rng(3).normal(0, 0.2, (5, BINS + FWD, 8)).astype(np.float32)
+    inputs[:, 10, 2] += 2
+    return inputs
+
+
+def test_the_inputs_figure_draws_each_input_of_the_first_trials_and_their_mean_size(rates, inputs):
+    figure = inputs_figure(_split_data("val", np.zeros_like(rates)), {"eval_inputs": inputs})
+    figure.canvas.draw()
+    assert figure.get_layout_engine() is None
+    trial_axes, summary = figure.axes[:-1], figure.axes[-1]
+    assert len(trial_axes) == 3  # the first three of five trials
+    for trial, ax in enumerate(trial_axes):
+        drawn = [line for line in ax.lines if line.get_linestyle() == "-" and len(line.get_xdata()) == BINS + FWD]
+        assert len(drawn) == 8
+        for k, line in enumerate(drawn):
+            np.testing.assert_array_equal(line.get_ydata(), inputs[trial, :, k])
+    (size,) = [line for line in summary.lines if len(line.get_xdata()) == BINS + FWD]
+    np.testing.assert_allclose(size.get_ydata(), np.sqrt((inputs ** 2).mean(-1)).mean(0), rtol=1e-6)
+    assert int(np.argmax(size.get_ydata())) == 10  # the kick stands out in the mean of all trials
+    for ax in figure.axes:
+        assert any(line.get_linestyle() == ":" and tuple(line.get_xdata()) == (BINS - 0.5, BINS - 0.5)
+                   for line in ax.lines)
+    assert "input 8" in [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    assert_readable_at_the_card_width(figure)
+    plt.close(figure)
+
+
+class FigureLog:
+    """Fabric's TensorBoard logger as far as the hooks use it: ``experiment.add_figure``."""
+
+    def __init__(self):
+        self.experiment, self.figures = self, []
+
+    def add_figure(self, tag, figure, global_step):
+        self.figures.append((tag, global_step))
+
+
+def test_the_inputs_hook_logs_only_where_the_model_infers_inputs(rates, inputs):
+    data, predictions = _split_data("val", np.zeros_like(rates)), _predictions(rates)
+    log = FigureLog()
+    inputs_hook(log, data, predictions, epoch=4)  # the SAE's predictions: no eval_inputs
+    assert log.figures == []
+    inputs_hook(log, data, predictions | {"eval_inputs": inputs}, epoch=4)
+    assert log.figures == [("inputs/inferred", 4)]

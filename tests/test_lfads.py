@@ -76,6 +76,29 @@ def test_inference_uses_the_posterior_means_and_is_deterministic():
     assert not torch.equal(first, sampled)
 
 
+def test_the_inferred_inputs_are_what_drives_the_generator():
+    """Unrolled by hand from the initial condition's posterior mean, a generator fed the inferred
+    inputs gives ``apply``'s factors; the inputs are deterministic and reach the forward bins."""
+    model = MODELS["lfads"]
+    params = model.init(SIZES, 0, **SMALL)
+    heldin = torch.poisson(torch.full((4, 12, 6), 0.5))
+    inputs = model.inferred_inputs(params, heldin, 4)
+    assert inputs.shape == (4, 16, SMALL["co_dim"]) and torch.equal(inputs, model.inferred_inputs(params, heldin, 4))
+    assert inputs.abs().sum() > 0
+    ic_mean, _, _ = lfads._encode(params, heldin, 0.0, training=False)
+    clip = float(params["cell_clip"])
+    gen = torch.nn.functional.linear(ic_mean, params["g0_w"], params["g0_b"]).clamp(-clip, clip)
+    readout = torch.nn.functional.normalize(params["fac_w"], dim=1)
+    factors = []
+    for t in range(16):
+        gen = lfads._cell(torch.nn.functional.linear(inputs[:, t], params["gen_w_ih"], params["gen_b_ih"]), gen,
+                          params["gen_w_hh"], clip)
+        factors.append(torch.nn.functional.linear(gen, readout))
+    _, applied = model.apply(params, heldin, 4)
+    assert torch.allclose(torch.stack(factors, 1), applied, atol=1e-5)
+    assert MODELS["sae"].inferred_inputs is None and MODELS["gru_readout"].inferred_inputs is None
+
+
 def test_the_training_loss_adds_warmed_up_kl_and_l2_terms():
     model = MODELS["lfads"]
     params = model.init(SIZES, 0, **SMALL, l2_scale=1.0, kl_ic_scale=1.0, kl_co_scale=1.0, kl_increase_epoch=1,
@@ -196,6 +219,7 @@ def test_lfads_trains_through_the_loop_and_logs_its_loss_terms(prepared, homes):
     assert summary["model"] == "lfads" and math.isfinite(summary["metrics"]["co-bps"])
     events = EventAccumulator(summary["run_dir"]).Reload()
     assert {"loss/recon", "loss/kl_ic", "loss/kl_co", "loss/l2", "nlb/co-bps"} <= set(events.Tags()["scalars"])
+    assert {"inputs/inferred", "raster/trial_0"} <= set(events.Tags()["images"])
     checkpoint = torch.load(f"{summary['run_dir']}/checkpoints/best.ckpt", weights_only=False)
     assert "members.0.fixed_cell_clip" in checkpoint["model"] and "cell_clip" not in [
         k.split(".")[-1] for k in checkpoint["model"] if k.startswith("members.0.params.")]

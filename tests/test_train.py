@@ -54,6 +54,7 @@ def test_a_run_writes_checkpoints_logs_and_a_scored_submission(homes, prepared):
     assert events.Scalars("final/co-bps")[0].value == pytest.approx(on_file["co-bps"], rel=1e-6)
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(events.PluginTagToContent("hparams"))
     assert {"raster/trial_0", "latents/trajectories"} <= set(events.Tags()["images"])
+    assert "inputs/inferred" not in events.Tags()["images"]  # the SAE infers no inputs
     assert len(events.Scalars("loss/train")) == 6
 
 

@@ -10,13 +10,17 @@ nothing else; ``SEARCH_SPACE``, where a model declares one, is what ``nlbfab-sea
 trials from (``nlbfab.search_space``). Register one in ``MODELS``, or name an importable module with ``--model
 my_package.my_model``.
 
-Three optional parts let a model train in its own way (the SAE and ``gru_readout`` have none):
+Four optional parts let a model train in its own way and show more of itself (the SAE and
+``gru_readout`` have none):
 ``training_loss(params, heldin, target, *, dropout, epoch) -> (loss, terms)`` replaces the
 Poisson loss of ``apply``'s training-mode rates: it may transform the batch (LFADS's coordinated
 dropout), add loss terms (KL, L2; ``terms``, a dict of scalars, is logged as ``loss/{name}``)
 and use the epoch for warm-ups; ``FIXED``, the names of entries of ``params`` that are not
 trained (settings and fixed priors, kept with the weights so that ``apply`` needs nothing else);
-and ``AVERAGE_DECAY``, the default of ``--average-decay`` for the model (0, off, where absent).
+``AVERAGE_DECAY``, the default of ``--average-decay`` for the model (0, off, where absent); and
+``inferred_inputs(params, heldin, fwd_steps) -> (trials, bins + fwd_steps, inputs)``, the inputs
+from outside the dynamics that the model infers at each step (LFADS's controller outputs,
+posterior means), which the hooks plot (``nlbfab.hooks.inputs_hook``).
 
 An ensemble (``--ensemble K``) runs K members, each with its own parameter dict. A model may
 give their batched form, ``apply_members(members, heldin, fwd_steps, *, dropout, training) ->
@@ -74,6 +78,11 @@ class Model:
     def training_loss(self):
         """The model's own training objective, or None for the Poisson loss of ``apply``."""
         return getattr(self.module, "training_loss", None)
+
+    @property
+    def inferred_inputs(self):
+        """The model's ``inferred_inputs``, or None where it infers none."""
+        return getattr(self.module, "inferred_inputs", None)
 
     @property
     def fixed(self) -> tuple[str, ...]:

@@ -249,6 +249,14 @@ def apply(params, heldin, fwd_steps: int, *, dropout: float = 0.0, training: boo
     return logrates, factors
 
 
+def inferred_inputs(params, heldin, fwd_steps: int) -> torch.Tensor:
+    """The inferred inputs' posterior means, ``(trials, bins + fwd_steps, co_dim)``: what the
+    controller says pushed each trial off the path its initial condition sets, step by step the
+    generator's only input in ``apply``."""
+    _, _, _, (co_mean, _, _) = _forward(params, heldin, fwd_steps, 0.0, training=False, sample=False)
+    return co_mean
+
+
 def kl_normal(mean, std, prior_mean, prior_logvar) -> torch.Tensor:
     """KL(N(mean, std^2) || N(prior_mean, exp(prior_logvar))), summed over the last axis and
     averaged over trials: the initial condition's KL term."""
