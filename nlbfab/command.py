@@ -48,6 +48,10 @@ def train_options(command):
     for f in reversed([f for f in fields(TrainConfig) if f.metadata["option"]]):
         kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
         valid = f.metadata["valid"]
+        if kind is bool:  # a flag: given or not
+            command = click.option(option_name(f.name), f.name, is_flag=True, default=f.default,
+                                   help=f.metadata["help"])(command)
+            continue
         command = click.option(option_name(f.name), f.name, default=f.default, show_default=f.default is not None,
                                type=click.Choice(valid.choices) if valid.choices else kind,
                                help=f.metadata["help"] + valid.help_suffix())(command)

@@ -17,6 +17,7 @@ TRUTH_FILE = "synthetic_truth.h5"  # a synthetic dataset's ground truth, beside 
 TRAIN_WINDOW_TARGET = "eval_target_train_window.h5"  # dmfc_rsg's NaN-free eval target, for the loss
 PREP_MARKER = "prep.json"  # written last into a split folder: what it was made from
 RATES_FILE = "rates.h5"
+LATENTS_FILE = "latents.h5"
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -135,15 +136,20 @@ def rates_file(run_dir: Path) -> Path:
     return Path(run_dir) / RATES_FILE
 
 
+def latents_file(run_dir: Path) -> Path:
+    return Path(run_dir) / LATENTS_FILE
+
+
 def train_log(run_dir: Path) -> Path:
     return Path(run_dir) / TRAIN_LOG
 
 
 def old_run_files(run_dir: Path) -> list[Path]:
-    """What a new run with the same tag and split replaces: logs, checkpoints and scores."""
+    """What a new run with the same tag and split replaces: logs, checkpoints, scores and latents."""
     run_dir = Path(run_dir)
     logs = [path for pattern in TENSORBOARD_FILES for path in run_dir.glob(pattern)]
-    return [*logs, metrics_file(run_dir), checkpoint(run_dir, "best"), checkpoint(run_dir, "last")]
+    return [*logs, metrics_file(run_dir), checkpoint(run_dir, "best"), checkpoint(run_dir, "last"),
+            latents_file(run_dir)]
 
 
 def write_json(path: Path, value: dict) -> None:

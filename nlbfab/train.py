@@ -34,6 +34,7 @@ from nlbfab.ensemble import greedy_selection, mean_logrates, val_choice
 from nlbfab.errors import UserError
 from nlbfab.evaluation import co_bps, inference_batch, metrics, predict
 from nlbfab.hooks import HOOKS
+from nlbfab.latents import predict_latents, write_latents
 from nlbfab.layout import Homes
 from nlbfab.loss import poisson_nll
 from nlbfab.memory import keep_freed_buffers
@@ -650,6 +651,12 @@ def finish(state: TrainState, data: SplitData, run: Run, homes: Homes, stop_reas
     chosen = choose_members(state, data, run, homes)
     best_epoch = max(state.members[k].best_epoch for k in chosen)
     scores, predictions = run_hooks(state, data, run.hooks, best_epoch, chosen)
+    if run.config.save_latents:  # the first chosen member's, as the hooks show; every rank predicts, as DDP needs
+        arrays = predict_latents(ensemble_forward(state.module, data.fwd_steps, chosen[:1]),
+                                 first_member_inputs(state.module, data.fwd_steps, chosen), data)
+        if state.fabric.is_global_zero:
+            write_latents(run.run_dir, arrays, split=data.split.name, model=run.config.model,
+                          seed=run.config.seed + chosen[0])
     _, monitored = loss_and_value(data, mean_logrates(eval_logrates(state.module, data, chosen)))
     summary = {"split": data.split.name, "model": run.config.model, "epochs": state.epoch, "best_epoch": best_epoch,
                "best_monitored": monitored, "stop_reason": stop_reason, "seconds": round(seconds, 2),

@@ -126,6 +126,9 @@ class TrainConfig:
               "run stops (0: every epoch); a killed run resumes from the last one written.", NON_NEGATIVE)
     log_every_n_epochs: int = setting(25, "Run the hooks (metrics, rasters, trajectories) this often, and at the end.",
                                       AT_LEAST_ONE)
+    save_latents: bool = setting(
+        False, "Write the submitted model's latents (and inferred inputs, for a model that infers them) of every "
+               "train and eval trial to latents.h5 in the run folder.")
     precision: str = setting("32-true", "Numeric precision (Fabric's names).", Valid(choices=PRECISIONS))
     accelerator: str = setting("auto", "Device type; auto picks a GPU where there is one.", Valid(choices=ACCELERATORS))
     devices: str = setting("1", "How many devices (a positive number, or auto), or GPU indices such as 0,2.")

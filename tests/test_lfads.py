@@ -5,12 +5,14 @@ import json
 import math
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
 from torch.distributions import Independent, Normal, kl_divergence
 
 from nlbfab.loss import poisson_nll
 from nlbfab.models import MODELS, Sizes, lfads, lfads_decoder
+from tests.conftest import homes_with
 
 SIZES = Sizes(heldin=6, heldout=3, bins=12, fwd_steps=4, mean_counts=torch.full((9,), 0.3))
 SMALL = dict(ic_enc_dim=8, ci_enc_dim=8, con_dim=8, co_dim=2, ic_dim=8, gen_dim=16, fac_dim=4)
@@ -207,7 +209,6 @@ def test_inference_without_gradients_runs_the_decoder_forward_alone():
 
 def lfads_run(tag, max_epochs, resume=False, **options):
     from nlbfab.train import TrainConfig, train
-    from tests.conftest import homes_with
     config = TrainConfig(split="mc_rtt-20ms-val", model="lfads", hparams=SMALL, batch_size=16, accelerator="cpu",
                          max_epochs=max_epochs, log_every_n_epochs=2, run_tag=tag, **options)
     return train(config, homes_with(), resume=resume, quiet=True)
@@ -215,11 +216,23 @@ def lfads_run(tag, max_epochs, resume=False, **options):
 
 def test_lfads_trains_through_the_loop_and_logs_its_loss_terms(prepared, homes):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    summary = lfads_run("lfads-loop", 3)
+    summary = lfads_run("lfads-loop", 3, save_latents=True)
     assert summary["model"] == "lfads" and math.isfinite(summary["metrics"]["co-bps"])
     events = EventAccumulator(summary["run_dir"]).Reload()
     assert {"loss/recon", "loss/kl_ic", "loss/kl_co", "loss/l2", "nlb/co-bps"} <= set(events.Tags()["scalars"])
     assert {"inputs/inferred", "raster/trial_0"} <= set(events.Tags()["images"])
+    # --save-latents keeps the submitted model's factors and inferred inputs of every trial
+    from benchmarks.inputs import best_params
+    from nlbfab.data import load_split
+    from nlbfab.splits import get_split
+    _, params = best_params(Path(summary["run_dir"]))
+    data = load_split(get_split("mc_rtt-20ms-val"), homes_with())
+    with h5py.File(Path(summary["run_dir"], "latents.h5")) as h5, torch.no_grad():
+        assert set(h5) == {"train_latents", "eval_latents", "train_inputs", "eval_inputs"}
+        inputs = lfads.inferred_inputs(params, data.eval_heldin, data.fwd_steps)
+        assert h5["eval_inputs"].shape == (len(data.eval_heldin), data.bins + data.fwd_steps, SMALL["co_dim"])
+        assert torch.allclose(torch.from_numpy(h5["eval_inputs"][()]), inputs, atol=1e-5)
+        assert h5["train_latents"].shape == (len(data.train_heldin), data.bins + data.fwd_steps, SMALL["fac_dim"])
     checkpoint = torch.load(f"{summary['run_dir']}/checkpoints/best.ckpt", weights_only=False)
     assert "members.0.fixed_cell_clip" in checkpoint["model"] and "cell_clip" not in [
         k.split(".")[-1] for k in checkpoint["model"] if k.startswith("members.0.params.")]

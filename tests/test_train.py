@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -276,6 +277,36 @@ def test_a_run_with_a_weights_average_validates_keeps_and_submits_the_average(ho
     assert all(torch.equal(last["best"][k], averaged[k]) for k in trained)
     assert summary["best_monitored"] == pytest.approx(last["history"][-1]["monitored"], rel=1e-6)
     assert summary["metrics"]["co-bps"] == pytest.approx(summary["best_monitored"], rel=1e-4)
+
+
+def test_save_latents_writes_the_submitted_models_latents_of_every_trial(homes, prepared):
+    from benchmarks.inputs import best_params
+    from nlbfab.data import load_split
+    from nlbfab.models import get_model
+    split = loop.get_split("mc_maze-20ms-val")
+    run(homes, prepared, split=split.name, run_tag="latents", max_epochs=2, save_latents=True)
+    run_dir = homes["RUNS_HOME"] / "latents" / split.name
+    data = load_split(split, homes_with())
+    name, params = best_params(run_dir)
+    with h5py.File(run_dir / "latents.h5") as h5, torch.no_grad():
+        assert set(h5) == {"train_latents", "eval_latents"}  # the SAE infers no inputs
+        assert dict(h5.attrs) == {"split": split.name, "model": "sae", "seed": 0}
+        for prefix, heldin in (("train", data.train_heldin), ("eval", data.eval_heldin)):
+            _, latents = get_model(name).apply(params, heldin, data.fwd_steps)
+            assert h5[f"{prefix}_latents"].shape == (len(heldin), data.bins + data.fwd_steps, 16)
+            np.testing.assert_allclose(h5[f"{prefix}_latents"][()], latents.numpy(), rtol=1e-5, atol=1e-6)
+    run(homes, prepared, split=split.name, run_tag="latents", max_epochs=1)  # the same run again, no latents asked
+    assert not (run_dir / "latents.h5").exists()  # none left over from the run it replaced
+
+
+def test_save_latents_is_a_flag_of_the_command_line(homes, prepared):
+    from nlbfab import cli
+    from tests.conftest import run_cli
+    result = run_cli(cli.train, "--split", "mc_maze-20ms-val", "--max-epochs", "1", "--quiet", "--hidden-size", "16",
+                     "--run-tag", "latents-cli", "--save-latents")
+    assert result.exit_code == 0, result.output
+    run_dir = homes["RUNS_HOME"] / "latents-cli" / "mc_maze-20ms-val"
+    assert (run_dir / "latents.h5").exists() and json.loads((run_dir / "config.json").read_text())["save_latents"]
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed"])  # 16-mixed needs a GPU: benchmarks/gpu_check.py
