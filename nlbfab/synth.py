@@ -54,7 +54,10 @@ class Variability:
       direction, which a model can follow from the spikes of a few bins;
     - input pulses: at Poisson times (``pulse_hz``), each a kick in a random input direction
       whose damped response peaks ``pulse_ms`` later (an alpha kernel): perturbations that no
-      initial condition predicts;
+      initial condition predicts. With ``ring_hz`` the response also turns at that frequency in
+      each plane of a pair of input directions, as a kicked dynamical system rings (a damped
+      rotation, its norm the alpha kernel's): what a model of the dynamics follows from the
+      kick on, and a 50 ms smoothing kernel blurs;
     - ``rate_scale`` multiplies every unit's rate: fewer spikes a bin leave smoothing less to
       average, while a model of the dynamics pools over time and trials;
     - ``ceiling_hz``: rates bend onto this ceiling (``rate_law``). Without it the exponential
@@ -74,6 +77,7 @@ class Variability:
     pulse_hz: float
     pulse_ms: float
     rate_scale: float
+    ring_hz: float = 0.0  # with it, input_dims must be even: its directions pair into planes
     posture: float = 0.0  # norm of the posture state (the preparatory state's is 1.2)
     ceiling_hz: float = np.inf
 
@@ -82,7 +86,7 @@ class Variability:
 VARIABILITIES: dict[str, Variability | None] = {
     "low": None,
     "realistic": Variability(input_dims=4, slow=0.5, slow_ms=300.0, pulse=1.5, pulse_hz=2.0, pulse_ms=40.0,
-                             rate_scale=0.5, posture=1.2, ceiling_hz=200.0),
+                             rate_scale=0.5, posture=1.2, ceiling_hz=200.0, ring_hz=8.0),
 }
 
 
@@ -376,11 +380,28 @@ def _ornstein_uhlenbeck(rng, length: int, dims: int, tau_ms: float) -> np.ndarra
     return np.concatenate([noise[:1], rest])
 
 
-def pulse_filter(pulse_ms: float) -> tuple[list[float], list[float]]:
+def pulse_filter(pulse_ms: float, ring_hz: float = 0.0) -> tuple[list, list]:
     """``lfilter``'s ``(b, a)`` that turns kicks into pulse responses: the alpha kernel (t / tau)
-    exp(1 - t / tau), peaking ``pulse_ms`` after the kick; a double pole at exp(-1 / tau)."""
-    r = np.exp(-1 / pulse_ms)
+    exp(1 - t / tau), peaking ``pulse_ms`` after the kick; a double pole at exp(-1 / tau). With
+    ``ring_hz`` the pole is complex, exp(-1 / tau + 2 pi i ring_hz / 1000), for kicks given as
+    complex numbers (``planes``): the response turns at ``ring_hz``, its modulus unchanged."""
+    r = np.exp(-1 / pulse_ms + 2j * np.pi * ring_hz / 1000) if ring_hz else np.exp(-1 / pulse_ms)
     return [0, np.e / pulse_ms * r], [1, -2 * r, r * r]
+
+
+def planes(x: np.ndarray, ring_hz: float) -> np.ndarray:
+    """``(..., input_dims)`` -> the complex ``(..., input_dims / 2)`` of its pairs of directions
+    where pulses ring; ``x`` itself where they do not."""
+    return x[..., 0::2] + 1j * x[..., 1::2] if ring_hz else x
+
+
+def from_planes(z: np.ndarray, ring_hz: float) -> np.ndarray:
+    """``planes``' inverse."""
+    if not ring_hz:
+        return z
+    x = np.empty(z.shape[:-1] + (2 * z.shape[-1],))
+    x[..., 0::2], x[..., 1::2] = z.real, z.imag
+    return x
 
 
 @dataclass
@@ -399,7 +420,9 @@ class Fluctuation:
     @cached_property
     def pulses(self) -> np.ndarray:
         """``(ms, input_dims)`` the kicks' responses."""
-        return lfilter(*pulse_filter(self.variability.pulse_ms), self.kicks, axis=0)
+        v = self.variability
+        return from_planes(lfilter(*pulse_filter(v.pulse_ms, v.ring_hz), planes(self.kicks, v.ring_hz), axis=0),
+                           v.ring_hz)
 
     def latents(self) -> np.ndarray:
         """``(ms, LATENT_DIM)`` float32 to add to the latents."""
@@ -425,11 +448,14 @@ class Fluctuation:
         samples = len(innovations)
         slow_state = np.broadcast_to(a * self.slow[start - 1], (samples, 1, v.input_dims))
         slow, _ = lfilter([np.sqrt(1 - a * a) * self.slow_sd], [1, -a], innovations, axis=1, zi=slow_state)
-        b, a_pulse = pulse_filter(v.pulse_ms)
-        past_pulses, past_kicks = self.pulses[start - 2:start][::-1], self.kicks[start - 2:start][::-1]  # latest first
-        pulse_state = np.stack([lfiltic(b, a_pulse, past_pulses[:, d], past_kicks[:, d]) for d in range(v.input_dims)], -1)
-        pulses, _ = lfilter(b, a_pulse, kicks, axis=1, zi=np.broadcast_to(pulse_state, (samples, *pulse_state.shape)))
-        return (slow + pulses) @ self.directions
+        b, a_pulse = pulse_filter(v.pulse_ms, v.ring_hz)
+        past_pulses, past_kicks = (planes(x[start - 2:start][::-1], v.ring_hz)  # latest first
+                                   for x in (self.pulses, self.kicks))
+        pulse_state = np.stack([lfiltic(b, a_pulse, past_pulses[:, d], past_kicks[:, d])
+                                for d in range(past_pulses.shape[1])], -1)
+        pulses, _ = lfilter(b, a_pulse, planes(kicks, v.ring_hz), axis=1,
+                            zi=np.broadcast_to(pulse_state, (samples, *pulse_state.shape)))
+        return (slow + from_planes(pulses, v.ring_hz)) @ self.directions
 
 
 def _fluctuation(length: int, signal_rms: float, v: Variability, directions: np.ndarray, rng) -> Fluctuation:

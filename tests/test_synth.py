@@ -12,7 +12,8 @@ from pynwb import NWBHDF5IO
 from nlbfab import cli
 from nlbfab.oracle import read_truth
 from nlbfab.splits import DATASETS
-from nlbfab.synth import CEILING_SHARPNESS, LATENT_DIM, POSTURE_MS, VARIABILITIES, counts, generate, rate_law
+from nlbfab.synth import (CEILING_SHARPNESS, LATENT_DIM, POSTURE_MS, VARIABILITIES, Fluctuation, counts, generate,
+                          rate_law)
 from nlbfab.synth_nwb import existing_synthesis, synthesize
 from nlbfab.layout import TRUTH_FILE, dataset_dir
 from tests.conftest import run_cli
@@ -250,6 +251,21 @@ def test_realistic_maze_latents_settle_into_a_condition_posture_after_movement_o
     cond = trials["_cond"].to_numpy()
     assert all(np.allclose(settled[cond == c], settled[cond == c][0], atol=1e-5) for c in np.unique(cond))
     assert len(np.unique(settled.round(4), axis=0)) == len(np.unique(cond))  # a posture per condition
+
+
+@pytest.mark.parametrize("ring_hz", [0.0, 8.0])
+def test_a_pulse_has_the_alpha_kernels_size_and_turns_in_its_planes_at_the_ring_frequency(ring_hz):
+    v = replace(VARIABILITIES["realistic"], ring_hz=ring_hz)
+    kicks = np.zeros((300, 4))
+    kicks[10] = [1.0, 0.0, 0.0, 2.0]  # planes 1 + 0i and 0 + 2i
+    pulses = Fluctuation(np.zeros_like(kicks), kicks, np.eye(4, LATENT_DIM), v, 1.0, np.sqrt(5)).pulses
+    m = np.arange(300) - 10  # ms since the kick
+    alpha = np.where(m > 0, m / v.pulse_ms * np.exp(1 - m / v.pulse_ms), 0.0)
+    np.testing.assert_allclose(np.linalg.norm(pulses, axis=1), np.sqrt(5) * alpha, atol=1e-12)
+    after = m > 0
+    turn = np.exp(2j * np.pi * ring_hz / 1000 * m[after])
+    np.testing.assert_allclose((pulses[after, 0] + 1j * pulses[after, 1]) / alpha[after], turn, atol=1e-9)
+    np.testing.assert_allclose((pulses[after, 2] + 1j * pulses[after, 3]) / alpha[after], 2j * turn, atol=1e-9)
 
 
 def test_the_kept_fluctuation_is_what_the_latents_got_and_continues_into_futures(monkeypatch):
