@@ -40,6 +40,21 @@ UNSUPPORTED = {"dmfc_rsg": "its eval windows vary in length",
                "mc_rtt": "its latents are one random process, with no condition path to forecast from"}
 
 
+def realistic_files(homes, name: str, unsupported: dict[str, str]):
+    """``generate``'s ``(files, truth)`` of the realistic synthetic ``name`` in ``homes.data``,
+    made again with its fluctuations kept; exits with one line where ``name`` is ``unsupported``
+    (a reason by name) or there is no such data."""
+    from nlbfab.splits import DATASETS
+    from nlbfab.synth import generate
+    from nlbfab.synth_nwb import existing_synthesis
+    if name in unsupported:
+        sys.exit(f"error: {name}: {unsupported[name]}: choose other --datasets")
+    made = existing_synthesis(homes.data, DATASETS[name])
+    if made is None or made[2] != "realistic":
+        sys.exit(f"error: no realistic synthetic {name} in {homes.data}: run models.py with this --workdir first")
+    return generate(DATASETS[name], made[0], made[1], made[2], keep_fluctuation=True)
+
+
 def eval_window_starts(trials, dataset: str, bin_ms: int) -> tuple[np.ndarray, int]:
     """The first ms (in the file's latents) of each eval trial's window, and the window's length:
     nlb_tools aligns each window to the bin grid, which starts at the file's first ms."""
@@ -103,17 +118,10 @@ def forecast_rows(homes, datasets: list[str], bins: list[int], samples: int, see
 
     from nlbfab.data import load_split
     from nlbfab.layout import submission_file
-    from nlbfab.splits import DATASETS, get_split
-    from nlbfab.synth import generate
-    from nlbfab.synth_nwb import existing_synthesis
+    from nlbfab.splits import get_split
     rows = []
     for name in datasets:
-        if name in UNSUPPORTED:
-            sys.exit(f"error: {name}: {UNSUPPORTED[name]}: choose other --datasets")
-        made = existing_synthesis(homes.data, DATASETS[name])
-        if made is None or made[2] != "realistic":
-            sys.exit(f"error: no realistic synthetic {name} in {homes.data}: run models.py with this --workdir first")
-        files, truth = generate(DATASETS[name], made[0], made[1], made[2], keep_fluctuation=True)
+        files, truth = realistic_files(homes, name, UNSUPPORTED)
         for bin_ms in bins:
             split = get_split(f"{name}-{bin_ms:02d}ms-val")
             data = load_split(split, homes)

@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import save, table  # noqa: E402
-from benchmarks.forecast import binned, eval_window_starts  # noqa: E402
+from benchmarks.forecast import binned, eval_window_starts, realistic_files  # noqa: E402
 
 LAGS_MS = (-100, 100)  # each bin's pulse response is decoded from the inputs of these ms around it
 PEAK_MS = 40
@@ -97,17 +97,10 @@ def eval_pulses(session, dataset: str, bin_ms: int, bins: int) -> tuple[np.ndarr
 def input_rows(homes, datasets: list[str], bins: list[int], seed: int) -> list[dict]:
     from nlbfab.data import load_split
     from nlbfab.models import get_model
-    from nlbfab.splits import DATASETS, get_split
-    from nlbfab.synth import generate
-    from nlbfab.synth_nwb import existing_synthesis
+    from nlbfab.splits import get_split
     rows = []
     for name in datasets:
-        if name in UNSUPPORTED:
-            sys.exit(f"error: {name}: {UNSUPPORTED[name]}: choose other --datasets")
-        made = existing_synthesis(homes.data, DATASETS[name])
-        if made is None or made[2] != "realistic":
-            sys.exit(f"error: no realistic synthetic {name} in {homes.data}: run models.py with this --workdir first")
-        files, _ = generate(DATASETS[name], made[0], made[1], made[2], keep_fluctuation=True)
+        files, _ = realistic_files(homes, name, UNSUPPORTED)
         for bin_ms in bins:
             split = get_split(f"{name}-{bin_ms:02d}ms-val")
             data = load_split(split, homes)
