@@ -52,3 +52,17 @@ def save(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=1))
     return path
+
+
+def add_workdir_options(parser) -> None:
+    """``--workdir``, ``--datasets`` and ``--bins`` of the scripts that read a ``models.py --workdir``."""
+    parser.add_argument("--workdir", type=Path, required=True, help="a models.py --workdir")
+    parser.add_argument("--datasets", default="mc_maze", help="comma-separated (default mc_maze)")
+    parser.add_argument("--bins", default="20", help="comma-separated bin widths: 5, 20 (default 20)")
+
+
+def workdir_homes(args):
+    """The ``Homes`` of ``args.workdir`` (its data, preprocessed splits and runs), the datasets and the bin widths."""
+    from nlbfab.layout import Homes
+    homes = Homes(args.workdir / "dandi", args.workdir / "prep", args.workdir / "runs")
+    return homes, args.datasets.split(","), [int(b) for b in args.bins.split(",")]

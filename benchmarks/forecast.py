@@ -33,7 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import save, table  # noqa: E402
+from benchmarks.common import add_workdir_options, save, table, workdir_homes  # noqa: E402
 
 EDGE_MS = 50  # fp-bps of the first and the last this many ms of the forward bins
 UNSUPPORTED = {"dmfc_rsg": "its eval windows vary in length",
@@ -151,16 +151,12 @@ def forecast_rows(homes, datasets: list[str], bins: list[int], samples: int, see
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, required=True, help="a models.py --workdir")
-    parser.add_argument("--datasets", default="mc_maze", help="comma-separated (default mc_maze)")
-    parser.add_argument("--bins", default="20", help="comma-separated bin widths: 5, 20 (default 20)")
+    add_workdir_options(parser)
     parser.add_argument("--samples", type=int, default=200, help="futures drawn per trial (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="of the futures' draws (default 0)")
     args = parser.parse_args()
-    from nlbfab.layout import Homes
-    homes = Homes(args.workdir / "dandi", args.workdir / "prep", args.workdir / "runs")
-    rows = forecast_rows(homes, args.datasets.split(","), [int(b) for b in args.bins.split(",")], args.samples,
-                         args.seed)
+    homes, datasets, bins = workdir_homes(args)
+    rows = forecast_rows(homes, datasets, bins, args.samples, args.seed)
     print(table(rows, list(rows[0])))
     print(f"saved {save('forecast', {'args': vars(args) | {'workdir': str(args.workdir)}, 'rows': rows})}")
 

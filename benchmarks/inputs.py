@@ -32,7 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import save, table  # noqa: E402
+from benchmarks.common import add_workdir_options, save, table, workdir_homes  # noqa: E402
 from benchmarks.forecast import binned, eval_window_starts, realistic_files  # noqa: E402
 
 LAGS_MS = (-100, 100)  # each bin's pulse response is decoded from the inputs of these ms around it
@@ -124,14 +124,11 @@ def input_rows(homes, datasets: list[str], bins: list[int], seed: int) -> list[d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, required=True, help="a models.py --workdir")
-    parser.add_argument("--datasets", default="mc_maze", help="comma-separated (default mc_maze)")
-    parser.add_argument("--bins", default="20", help="comma-separated bin widths: 5, 20 (default 20)")
+    add_workdir_options(parser)
     parser.add_argument("--seed", type=int, default=0, help="of the shuffle (default 0)")
     args = parser.parse_args()
-    from nlbfab.layout import Homes
-    homes = Homes(args.workdir / "dandi", args.workdir / "prep", args.workdir / "runs")
-    rows = input_rows(homes, args.datasets.split(","), [int(b) for b in args.bins.split(",")], args.seed)
+    homes, datasets, bins = workdir_homes(args)
+    rows = input_rows(homes, datasets, bins, args.seed)
     if not rows:
         sys.exit(f"error: no run of a model that infers inputs under {homes.runs}: train one (--model lfads) first")
     print(table(rows, list(rows[0])))
