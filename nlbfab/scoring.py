@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import h5py
 import joblib
 from nlb_tools.evaluation import evaluate
 from threadpoolctl import threadpool_limits
@@ -43,9 +44,13 @@ def score(target: Path | dict, submission_path: Path, split: Split) -> dict[str,
     or the target arrays already in memory as ``{group: {name: array}}``."""
     # GridSearchCV's small ridge fits are independent: one thread per core, each fit on a
     # single BLAS thread (benchmarks/README.md), with nlb_tools' numbers
-    with threadpool_limits(1), joblib.parallel_config(backend="threading", n_jobs=scoring_threads()):
-        # evaluate() opens files only when given str paths, and takes mappings as they are
-        results = evaluate(target if isinstance(target, dict) else str(target), str(submission_path))
+    with threadpool_limits(1), joblib.parallel_config(backend="threading", n_jobs=scoring_threads()), \
+            h5py.File(submission_path, "r") as submission:
+        # evaluate() opens files only when given str paths, and takes mappings as they are. It is
+        # shown the split's group alone: a run's file holds its other splits too, whose targets are
+        # not here, and for each of those evaluate() would log a warning that its data is missing
+        groups = {split.group: submission[split.group]} if split.group in submission else {}
+        results = evaluate(target if isinstance(target, dict) else str(target), groups)
     metrics = split_metrics(results, split)
     if not metrics:  # evaluate() silently skips a misnamed group
         raise UserError(f"no scores for {split.name} in {submission_path}: it needs a group named "

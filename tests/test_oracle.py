@@ -87,3 +87,18 @@ def test_score_gives_nlb_tools_own_numbers_with_its_ridge_fits_in_parallel(prepa
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert score(target, submission, split) == pytest.approx(plain, rel=1e-9, abs=1e-12)
     assert set(plain) == {"co-bps", "vel R2", "psth R2", "fp-bps"}
+
+
+def test_score_reads_only_its_splits_group_of_a_runs_file(prepared, synthetic, tmp_path, caplog):
+    """A run's submission file holds every split it trained; scoring one split must neither warn
+    that the others' targets are missing nor change the split's numbers."""
+    split, other = get_split("mc_maze-20ms-val"), get_split("mc_maze-05ms-val")
+    target = prepared / split.name / "eval_target.h5"
+    alone = score(target, write_rates(tmp_path / "alone.h5", split.group, split.phase, oracle_rates(synthetic, split)),
+                  split)
+    both = write_rates(tmp_path / "both.h5", other.group, other.phase, oracle_rates(synthetic, other))
+    with h5py.File(both, "a") as h5, h5py.File(tmp_path / "alone.h5") as source:
+        source.copy(split.group, h5)
+    with caplog.at_level("WARNING", logger="nlb_tools.evaluation"):  # the commands keep it at ERROR
+        assert score(target, both, split) == alone
+    assert "not found" not in caplog.text
