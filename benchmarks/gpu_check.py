@@ -284,7 +284,7 @@ def ddp_worker(out: Path, cpu: bool) -> None:
     from lightning_fabric import Fabric
 
     from nlbfab.config import homes
-    from nlbfab.data import load_split
+    from nlbfab.data import load_split, train_trials_only
     from nlbfab.splits import get_split
     from nlbfab.train import Run, TrainConfig, create_train_state, train_epoch
     devices = 2 if cpu else torch.cuda.device_count()
@@ -295,7 +295,7 @@ def ddp_worker(out: Path, cpu: bool) -> None:
     state = create_train_state(fabric, config, data)
     initial = {k: v.detach().cpu().clone() for k, v in state.module.members[0].params.items()}
     for _ in range(3):
-        train_epoch(state, data, Run(config, out, hooks=(), quiet=True))
+        train_epoch(state, train_trials_only(data), Run(config, out, hooks=(), quiet=True))
     final = {k: v.detach().cpu().clone() for k, v in state.module.members[0].params.items()}
     torch.save({"initial": initial, "final": final, "device": str(fabric.device)}, out / f"rank{fabric.global_rank}.pt")
 

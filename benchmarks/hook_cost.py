@@ -25,7 +25,7 @@ from lightning_fabric import Fabric  # noqa: E402
 from lightning_fabric.loggers import TensorBoardLogger  # noqa: E402
 
 from nlbfab import config  # noqa: E402
-from nlbfab.data import load_split  # noqa: E402
+from nlbfab.data import load_split, train_trials_only  # noqa: E402
 from nlbfab.evaluation import predict  # noqa: E402
 from nlbfab.hooks import evaluation_hook, inputs_hook, raster_hook, trajectory_hook  # noqa: E402
 from nlbfab.splits import get_split  # noqa: E402
@@ -56,8 +56,8 @@ def main():
         train_config = with_batch_size(TrainConfig(split=split.name, model=args.model), data.train_heldin.shape[0])
         state = create_train_state(fabric, train_config, data)
         module = state.module
-        epoch = timed(lambda: train_epoch(state, data, Run(train_config, Path(logs), hooks=(), quiet=True)),
-                      args.repeats)
+        run = Run(train_config, Path(logs), hooks=(), quiet=True)
+        epoch = timed(lambda: train_epoch(state, train_trials_only(data), run), args.repeats)
         module.eval()
         inputs = first_member_inputs(module, data.fwd_steps, [0])
         forward = ensemble_forward(module, data.fwd_steps, [0])

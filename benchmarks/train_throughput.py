@@ -33,7 +33,7 @@ from benchmarks.common import device_description, matmul_peak_gflops, save, tabl
 from lightning_fabric import Fabric  # noqa: E402
 from nlb_tools.evaluation import bits_per_spike  # noqa: E402
 
-from nlbfab.data import SplitData  # noqa: E402
+from nlbfab.data import SplitData, train_trials_only  # noqa: E402
 from nlbfab.memory import keep_freed_buffers  # noqa: E402
 from nlbfab.splits import get_split  # noqa: E402
 from nlbfab.train import Run, TrainConfig, create_train_state, evaluating, train_epoch, validate  # noqa: E402
@@ -139,7 +139,7 @@ def nlbfab_epochs(data: SplitData, epochs: int, precision: str, compiled: bool, 
     times = []
     for _ in range(epochs):
         started = time.perf_counter()
-        train_epoch(state, data, run)
+        train_epoch(state, train_trials_only(data), run)
         with evaluating(state):
             validate(state.module, data)
         times.append(time.perf_counter() - started)

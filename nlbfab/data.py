@@ -5,7 +5,7 @@ The whole split lives on the training device (NLB splits are small: mc_maze at 5
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import h5py
@@ -26,7 +26,8 @@ class SplitData:
       ``train_recon``: (train trials, bins + fwd, heldin + heldout) - the reconstruction target;
       ``eval_heldin``: (eval trials, bins, heldin);
       ``eval_recon``: (eval trials, bins + fwd, heldin + heldout) on the val phase, NaN-free
-        (for dmfc_rsg built with the training window), else the held-in observed bins only.
+        (for dmfc_rsg built with the training window), else the held-in observed bins only
+        (``with_eval_heldin`` leaves NaN where it trains on them).
     ``target``: the official eval target group as numpy arrays (val phase; ``{}`` on test),
     what ``nlb_tools.evaluation.evaluate`` scores; ``train_behavior`` goes with it.
     """
@@ -138,6 +139,45 @@ def _check_shapes(data: SplitData, folder: Path, rebuild: str) -> None:
     for name in ("train_recon", "eval_recon"):
         if torch.isnan(getattr(data, name)).any():
             raise UserError(f"NaN spikes in the {name.split('_')[0]} tensors of {folder}: run '{rebuild}'")
+
+
+# the share of the test-phase eval trials' held-in entries that --train-eval-heldin keeps out of
+# training to monitor instead (lfads-torch's sample validation)
+MONITORED_SHARE = 0.2
+
+
+@dataclass(frozen=True)
+class TrainingPool:
+    """The trials a training epoch draws its batches from: ``heldin (trials, bins, heldin)``, the
+    model's input, and ``target (trials, bins + fwd, heldin + heldout)``, whose NaN entries are
+    unknown and train nothing (``nlbfab.loss.poisson_nll``)."""
+
+    heldin: torch.Tensor
+    target: torch.Tensor
+
+
+def train_trials_only(data: SplitData) -> TrainingPool:
+    return TrainingPool(data.train_heldin, data.train_recon)
+
+
+def with_eval_heldin(data: SplitData, seed: int) -> tuple[SplitData, TrainingPool]:
+    """Training on the eval trials' held-in spikes as well as the train trials, as NLB allows:
+    the pool adds each eval trial with its held-in observed bins as the target, its held-out
+    neurons and forward bins unknown. The val phase monitors val co-bps on the held-out neurons,
+    which training never sees. The test phase monitors the held-in loss of its eval trials,
+    which training would now fit: a fixed ``MONITORED_SHARE`` of those entries (drawn with
+    ``seed``) leaves the pool, and the returned split's ``eval_recon`` keeps only them, so that
+    the monitor scores entries no step trained on. Both tensors on ``data``'s device."""
+    trials, bins, heldin = data.eval_heldin.shape
+    eval_target = data.eval_heldin.new_full((trials, *data.train_recon.shape[1:]), float("nan"))
+    eval_target[:, :bins, :heldin] = data.eval_heldin
+    if data.split.phase == "test":
+        generator = torch.Generator().manual_seed(seed)
+        monitored = (torch.rand(data.eval_heldin.shape, generator=generator) < MONITORED_SHARE).to(data.eval_heldin.device)
+        eval_target[:, :bins, :heldin] = data.eval_heldin.masked_fill(monitored, float("nan"))
+        data = replace(data, eval_recon=data.eval_recon.masked_fill(~monitored, float("nan")))
+    pool = TrainingPool(torch.cat([data.train_heldin, data.eval_heldin]), torch.cat([data.train_recon, eval_target]))
+    return data, pool
 
 
 def batch_indices(n_trials: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:

@@ -29,7 +29,7 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from tqdm import tqdm
 
 from nlbfab import layout
-from nlbfab.data import SplitData, batch_indices, load_split
+from nlbfab.data import SplitData, TrainingPool, batch_indices, load_split, train_trials_only, with_eval_heldin
 from nlbfab.ensemble import greedy_selection, mean_logrates, val_choice
 from nlbfab.errors import UserError
 from nlbfab.evaluation import co_bps, inference_batch, metrics, predict
@@ -329,19 +329,20 @@ def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor], conf
     return loss.detach(), terms
 
 
-def train_epoch(state: TrainState, data: SplitData, run: Run) -> tuple[float, dict[str, float]]:
-    """One pass over the train trials in seeded random batches; each rank takes its share of
-    every global batch. Returns the mean training loss over ranks and members, and the mean of
-    each of the model's loss terms (on rank 0)."""
+def train_epoch(state: TrainState, pool: TrainingPool, run: Run) -> tuple[float, dict[str, float]]:
+    """One pass over the pool's trials (the train trials, and with ``--train-eval-heldin`` the eval
+    trials) in seeded random batches; each rank takes its share of every global batch. Returns
+    the mean training loss over ranks and members, and the mean of each of the model's loss
+    terms (on rank 0)."""
     fabric = state.fabric
     state.module.train()
-    batches = batch_indices(data.train_heldin.shape[0], run.config.batch_size, state.rng.batches)
+    batches = batch_indices(pool.heldin.shape[0], run.config.batch_size, state.rng.batches)
     total, term_totals = torch.zeros((), device=fabric.device), {}
     # a bar within each epoch, on a terminal only (None: tqdm turns itself off when piped)
     hide = True if run.quiet or not fabric.is_global_zero else None
     for index in tqdm(batches, leave=False, disable=hide, unit="batch", desc="epoch"):
         shard = index[fabric.global_rank::fabric.world_size].to(fabric.device)
-        loss, terms = train_step(state, (data.train_heldin[shard], data.train_recon[shard]), run.config)
+        loss, terms = train_step(state, (pool.heldin[shard], pool.target[shard]), run.config)
         total += loss
         for name, value in terms.items():
             term_totals[name] = term_totals.get(name, 0) + value
@@ -361,7 +362,8 @@ def eval_logrates(module, data: SplitData, members=None) -> torch.Tensor:
 def loss_and_value(data: SplitData, logrates: torch.Tensor) -> tuple[float, float]:
     """(validation loss, monitored value) of one model's eval ``logrates``. The loss covers the
     eval trials' neurons and forward bins on the val phase, their held-in observed bins on the
-    test phase. The monitored value, higher is better, is the val co-bps, or on the test phase
+    test phase (those of them ``eval_recon`` knows: with ``--train-eval-heldin``, the ones kept
+    out of training). The monitored value, higher is better, is the val co-bps, or on the test phase
     minus the loss."""
     if data.split.phase == "test":
         loss = float(poisson_nll(logrates[:, :data.bins, :data.heldin], data.eval_recon))
@@ -513,10 +515,11 @@ def print_epoch(state: TrainState, data: SplitData, seconds: float) -> None:
     state.fabric.print(f"{line}  {seconds:6.1f} s")
 
 
-def set_up(config: TrainConfig, homes: Homes, hooks, resume: bool, quiet: bool) -> tuple[TrainState, SplitData, Run]:
-    """Fabric, the split on its device, the run folder and the train state (from the last
-    checkpoint with ``resume``; else a new run replacing an old one's files); the process's
-    heap set to reuse big buffers (``nlbfab.memory``)."""
+def set_up(config: TrainConfig, homes: Homes, hooks, resume: bool,
+           quiet: bool) -> tuple[TrainState, SplitData, TrainingPool, Run]:
+    """Fabric, the split on its device, the trials training draws from, the run folder and the
+    train state (from the last checkpoint with ``resume``; else a new run replacing an old one's
+    files); the process's heap set to reuse big buffers (``nlbfab.memory``)."""
     split = get_split(config.split)
     get_model(config.model).settle(config.hparams)  # a wrong name or value fails before Fabric starts
     keep_freed_buffers()
@@ -527,6 +530,7 @@ def set_up(config: TrainConfig, homes: Homes, hooks, resume: bool, quiet: bool) 
     if resume and not last.is_file():
         raise UserError(f"nothing to resume: no {last}; drop --resume to start afresh")
     data = load_split(split, homes).to(fabric.device)
+    data, pool = with_eval_heldin(data, config.seed) if config.train_eval_heldin else (data, train_trials_only(data))
     # every setting the run uses is in its config.json: the batch size, the weights' average and the
     # model's hyperparameters settled
     model = get_model(config.model)
@@ -546,7 +550,7 @@ def set_up(config: TrainConfig, homes: Homes, hooks, resume: bool, quiet: bool) 
         p = max(state.members, key=lambda member: member.best)
         fabric.print(f"resuming {split.name} at epoch {state.epoch} (best {p.best:.4f} at {p.best_epoch}, "
                      f"lr {max(state.lrs):.3g})")
-    return state, data, run
+    return state, data, pool, run
 
 
 def train(config: TrainConfig, homes: Homes, hooks=HOOKS, resume: bool = False, quiet: bool = False,
@@ -555,14 +559,14 @@ def train(config: TrainConfig, homes: Homes, hooks=HOOKS, resume: bool = False, 
     and the submission under the run's folder. Returns the run's summary. ``on_epoch(record)``,
     where given, gets each epoch's record (epoch, losses, monitored value, lr) on rank 0 once its
     checkpoint is written: a hyperparameter search reports it to its scheduler."""
-    state, data, run = set_up(config, homes, hooks, resume, quiet)
+    state, data, pool, run = set_up(config, homes, hooks, resume, quiet)
     started = time.perf_counter()
     everyone = list(range(len(state.members)))
     stop = run_stop(state.members, run.config)
     written, unwritten_best = time.perf_counter(), False
     while stop is None:
         epoch, lrs = state.epoch, state.lrs
-        train_loss, terms = train_epoch(state, data, run)
+        train_loss, terms = train_epoch(state, pool, run)
         with evaluating(state):
             members, (val_loss, value) = validate(state.module, data)
         decisions = [member_decision(p, v, lr, run.config) for p, (_, v), lr in zip(state.members, members, lrs)]

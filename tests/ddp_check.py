@@ -10,7 +10,7 @@ import torch
 from lightning_fabric import Fabric
 
 from nlbfab.config import homes
-from nlbfab.data import load_split
+from nlbfab.data import load_split, train_trials_only
 from nlbfab.splits import get_split
 from nlbfab.train import Run, TrainConfig, create_train_state, train_epoch
 
@@ -26,6 +26,6 @@ data = load_split(get_split(config.split), replace(homes(), prep=prep_home))
 state = create_train_state(fabric, config, data)
 initial = {k: v.detach().clone() for k, v in state.module.state_dict().items()}
 for epoch in range(3):
-    train_epoch(state, data, Run(config, out, hooks=(), quiet=True))
+    train_epoch(state, train_trials_only(data), Run(config, out, hooks=(), quiet=True))
 final = {k: v.detach().clone() for k, v in state.module.state_dict().items()}
 torch.save({"initial": initial, "final": final}, out / f"rank{fabric.global_rank}-of-{devices}.pt")

@@ -5,7 +5,7 @@ import h5py
 import pytest
 import torch
 
-from nlbfab.data import batch_indices, load_split
+from nlbfab.data import MONITORED_SHARE, batch_indices, load_split, with_eval_heldin
 from nlbfab.errors import UserError
 from nlbfab.splits import get_split
 from tests.conftest import homes_with
@@ -83,3 +83,31 @@ def test_batches_are_a_seeded_permutation():
     assert [len(b) for b in first] == [4, 4, 2]
     assert sorted(torch.cat(first).tolist()) == list(range(10))
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_training_on_eval_heldin_adds_the_eval_trials_with_only_their_heldin_known(prepared):
+    data = load_split(get_split("mc_maze-20ms-val"), homes_with(prep=prepared))
+    same, pool = with_eval_heldin(data, seed=0)
+    train, evaluation = data.train_heldin.shape[0], data.eval_heldin.shape[0]
+    assert same is data  # the val phase monitors the held-out neurons, which training never sees
+    assert torch.equal(pool.heldin, torch.cat([data.train_heldin, data.eval_heldin]))
+    assert torch.equal(pool.target[:train], data.train_recon)
+    added = pool.target[train:]
+    assert added.shape == (evaluation, *data.train_recon.shape[1:])
+    assert torch.equal(added[:, :data.bins, :data.heldin], data.eval_heldin)
+    assert torch.isnan(added[:, data.bins:]).all() and torch.isnan(added[:, :, data.heldin:]).all()
+
+
+def test_on_the_test_phase_a_fixed_fifth_of_the_eval_heldin_is_monitored_and_never_trained(prepared):
+    data = load_split(get_split("mc_rtt-20ms-test"), homes_with(prep=prepared))
+    monitored_data, pool = with_eval_heldin(data, seed=3)
+    train = data.train_heldin.shape[0]
+    trained = ~torch.isnan(pool.target[train:, :data.bins, :data.heldin])
+    monitored = ~torch.isnan(monitored_data.eval_recon)
+    assert not (trained & monitored).any() and (trained | monitored).all()  # each entry one or the other
+    assert torch.equal(monitored_data.eval_recon[monitored], data.eval_recon[monitored])
+    assert monitored.float().mean() == pytest.approx(MONITORED_SHARE, abs=0.02)
+    again, _ = with_eval_heldin(data, seed=3)
+    other, _ = with_eval_heldin(data, seed=4)
+    assert torch.equal(torch.isnan(again.eval_recon), ~monitored)  # fixed by the seed: resume sees the same
+    assert not torch.equal(torch.isnan(other.eval_recon), ~monitored)

@@ -67,6 +67,24 @@ def test_coordinated_dropout_hides_entries_and_trains_only_on_them():
     assert torch.allclose(grad[~visible], full[~visible])
 
 
+def test_coordinated_dropout_trains_nothing_on_unknown_entries():
+    """An eval trial's held-out neurons and forward bins are NaN under --train-eval-heldin: they
+    give no gradient, and the loss is that of the known entries."""
+    torch.manual_seed(0)
+    heldin = torch.poisson(torch.full((20, 12, 6), 1.0))
+    _, hidden = lfads.coordinated_dropout(heldin, 0.3)
+    logrates = torch.randn(20, 16, 9, requires_grad=True)
+    target = torch.poisson(torch.full((20, 16, 9), 1.0))
+    unknown = torch.zeros_like(target, dtype=torch.bool)
+    unknown[10:, 12:] = True
+    unknown[10:, :, 6:] = True
+    loss = lfads.coordinated_dropout_loss(logrates, target.masked_fill(unknown, float("nan")), hidden)
+    assert torch.isfinite(loss)
+    assert torch.allclose(loss, torch.nn.functional.poisson_nll_loss(logrates[~unknown], target[~unknown]))
+    (grad,) = torch.autograd.grad(loss, logrates)
+    assert torch.all(grad[unknown] == 0) and torch.all(grad[10:, :12, :6][hidden[10:]] != 0)
+
+
 def test_inference_uses_the_posterior_means_and_is_deterministic():
     model = MODELS["lfads"]
     params = model.init(SIZES, 0, **SMALL)

@@ -159,6 +159,22 @@ def test_poisson_loss_and_its_gradient_equal_torchs():
     assert grad.dtype == torch.float64 and torch.allclose(grad, expected, atol=1e-7)
 
 
+def test_poisson_loss_leaves_unknown_entries_out_of_its_mean_and_gradient():
+    """NaN spikes (an eval trial's held-out neurons, trained on with --train-eval-heldin) count
+    nowhere: the loss and gradient are those of the known entries alone."""
+    logrates = torch.randn(4, 6, 5, dtype=torch.float64, requires_grad=True)
+    spikes = torch.poisson(torch.full((4, 6, 5), 1.5, dtype=torch.float64))
+    unknown = torch.zeros_like(spikes, dtype=torch.bool)
+    unknown[2:, :, 3:] = True
+    ours = poisson_nll(logrates, spikes.masked_fill(unknown, float("nan")))
+    (grad,) = torch.autograd.grad(ours, logrates)
+    known = ~unknown
+    reference = torch.nn.functional.poisson_nll_loss(logrates[known].float(), spikes[known].float(), log_input=True)
+    (expected,) = torch.autograd.grad(reference, logrates)
+    assert torch.isfinite(ours) and torch.allclose(ours, reference, rtol=1e-6)
+    assert torch.all(grad[unknown] == 0) and torch.allclose(grad, expected, atol=1e-7)
+
+
 def test_an_unknown_model_lists_the_known_ones():
     with pytest.raises(UserError, match="choose one of sae, gru_readout, lfads"):
         get_model("ndt")

@@ -169,6 +169,40 @@ def test_a_second_model_trains_through_the_same_loop(homes, prepared):
         assert h5["mc_maze_20/eval_rates_heldout"].shape == (16, 35, 4)
 
 
+def test_train_eval_heldin_draws_batches_from_the_eval_trials_too(homes, prepared, monkeypatch):
+    real, batches = loop.train_step, []
+
+    def recording(state, batch, config):
+        batches.append(batch)
+        return real(state, batch, config)
+
+    monkeypatch.setattr(loop, "train_step", recording)
+    records = []
+    summary = train(TrainConfig(split="mc_maze-20ms-val", run_tag="eval-heldin", train_eval_heldin=True, max_epochs=2,
+                                **FAST), homes_with(), quiet=True, on_epoch=records.append)
+    heldin = torch.cat([b[0] for b in batches])
+    targets = torch.cat([b[1] for b in batches])
+    assert heldin.shape[0] == 2 * (40 + 16)  # two epochs of the 40 train and 16 eval trials
+    unknown = torch.isnan(targets).flatten(1).any(1)
+    assert int(unknown.sum()) == 2 * 16 and torch.isnan(targets[unknown][:, 35:]).all()
+    assert np.isfinite(summary["metrics"]["co-bps"]) and all(np.isfinite(r["train_loss"]) for r in records)
+    with h5py.File(summary["submission"]) as h5:  # the submission's train trials are the split's
+        assert h5["mc_maze_20/train_rates_heldin"].shape[0] == 40
+
+
+def test_train_eval_heldin_on_the_test_phase_monitors_entries_it_never_trains(homes, prepared):
+    small = {"ic_enc_dim": 8, "ci_enc_dim": 8, "con_dim": 8, "ic_dim": 8, "gen_dim": 16, "fac_dim": 4}
+    losses = {}
+    for tag, flag in (("eval-heldin", True), ("plain", False)):
+        records = []
+        train(TrainConfig(split="mc_rtt-20ms-test", run_tag=tag, model="lfads", train_eval_heldin=flag, max_epochs=3,
+                          **{**FAST, "hparams": small}), homes_with(), quiet=True, on_epoch=records.append)
+        losses[tag] = [r["val_loss"] for r in records]
+    assert np.isfinite(losses["eval-heldin"]).all() and losses["eval-heldin"] != losses["plain"]
+    assert json.loads((homes["RUNS_HOME"] / "eval-heldin" / "mc_rtt-20ms-test" / "config.json").read_text())[
+        "train_eval_heldin"] is True
+
+
 def test_resume_without_a_checkpoint_says_so(homes, prepared):
     with pytest.raises(UserError, match="nothing to resume"):
         train(TrainConfig(split="mc_rtt-20ms-val", run_tag="fresh", **FAST), homes_with(), resume=True, quiet=True)
