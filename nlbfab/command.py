@@ -48,8 +48,9 @@ def train_options(command):
     for f in reversed([f for f in fields(TrainConfig) if f.metadata["option"]]):
         kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
         valid = f.metadata["valid"]
-        if kind is bool:  # a flag: given or not
-            command = click.option(option_name(f.name), f.name, is_flag=True, default=f.default,
+        if kind is bool:  # a flag: given or not; with no default of its own, --name/--no-name
+            names = option_name(f.name) + ("" if f.default is not None else f"/--no-{option_name(f.name)[2:]}")
+            command = click.option(names, f.name, is_flag=True, default=f.default,
                                    help=f.metadata["help"])(command)
             continue
         command = click.option(option_name(f.name), f.name, default=f.default, show_default=f.default is not None,

@@ -530,13 +530,14 @@ def set_up(config: TrainConfig, homes: Homes, hooks, resume: bool,
     if resume and not last.is_file():
         raise UserError(f"nothing to resume: no {last}; drop --resume to start afresh")
     data = load_split(split, homes).to(fabric.device)
-    data, pool = with_eval_heldin(data, config.seed) if config.train_eval_heldin else (data, train_trials_only(data))
-    # every setting the run uses is in its config.json: the batch size, the weights' average and the
-    # model's hyperparameters settled
+    # every setting the run uses is in its config.json: the batch size, the weights' average, the
+    # eval trials' training and the model's hyperparameters settled
     model = get_model(config.model)
     config = replace(with_batch_size(config, data.train_heldin.shape[0]),
                      average_decay=model.average_decay(config.average_decay),
+                     train_eval_heldin=model.train_eval_heldin(config.train_eval_heldin),
                      hparams=model.settle(config.hparams, split.dataset.name))
+    data, pool = with_eval_heldin(data, config.seed) if config.train_eval_heldin else (data, train_trials_only(data))
     run = Run(config, run_dir, tuple(hooks), quiet)
     if fabric.is_global_zero:
         for old in ([] if resume else layout.old_run_files(run_dir)):

@@ -106,10 +106,10 @@ class TrainConfig:
         None, "Validate, keep and submit an exponential moving average of the weights, updated after every step "
               "with this decay (0: off, the weights as trained) [default: the model's AVERAGE_DECAY: 0.995 for "
               "lfads, 0 for the others].", BELOW_ONE)
-    train_eval_heldin: bool = setting(
-        False, "Also train on the eval trials' held-in spikes, as NLB allows (their held-out neurons and forward "
-               "bins stay unknown); on the test phase a fixed fifth of those entries is monitored instead of "
-               "trained on.")
+    train_eval_heldin: bool | None = setting(
+        None, "Also train on the eval trials' held-in spikes, the model's input in any case (their held-out neurons "
+              "and forward bins stay unknown); on the test phase a fixed fifth of those entries is monitored "
+              "instead of trained on [default: the model's TRAIN_EVAL_HELDIN: on for lfads, off for the others].")
     max_epochs: int = setting(400, "Stop after this many epochs at the latest.", AT_LEAST_ONE)
     # over two plateaus, so that a decayed rate gets its own: at 25 with 15-epoch plateaus,
     # mc_maze_medium stopped 10 epochs after its first decay, 0.001 co-bps short of 2,000 epochs

@@ -120,6 +120,7 @@ def test_a_run_without_a_batch_size_records_the_one_it_chose(homes, prepared):
     saved = json.loads((homes["RUNS_HOME"] / "auto-batch" / "area2_bump-20ms-val" / "config.json").read_text())
     assert saved["batch_size"] == auto_batch_size(trials)
     assert saved["average_decay"] == 0  # the SAE's default: no average
+    assert saved["train_eval_heldin"] is False  # nor training on the eval trials
 
 
 def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_best(homes, prepared, monkeypatch):
@@ -201,6 +202,19 @@ def test_train_eval_heldin_on_the_test_phase_monitors_entries_it_never_trains(ho
     assert np.isfinite(losses["eval-heldin"]).all() and losses["eval-heldin"] != losses["plain"]
     assert json.loads((homes["RUNS_HOME"] / "eval-heldin" / "mc_rtt-20ms-test" / "config.json").read_text())[
         "train_eval_heldin"] is True
+
+
+def test_train_eval_heldin_takes_the_models_default_unless_given_either_way(homes, prepared):
+    from nlbfab import cli
+    from tests.conftest import run_cli
+    small = ["--ic-enc-dim", "8", "--ci-enc-dim", "8", "--con-dim", "8", "--ic-dim", "8", "--gen-dim", "16",
+             "--fac-dim", "4"]
+    for tag, given, expected in (("lfads-default", [], True), ("lfads-off", ["--no-train-eval-heldin"], False)):
+        result = run_cli(cli.train, "--split", "mc_rtt-20ms-val", "--model", "lfads", "--max-epochs", "1", "--quiet",
+                         "--run-tag", tag, *given, *small)
+        assert result.exit_code == 0, result.output
+        config = json.loads((homes["RUNS_HOME"] / tag / "mc_rtt-20ms-val" / "config.json").read_text())
+        assert config["train_eval_heldin"] is expected
 
 
 def test_resume_without_a_checkpoint_says_so(homes, prepared):

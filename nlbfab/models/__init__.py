@@ -10,14 +10,15 @@ nothing else; ``SEARCH_SPACE``, where a model declares one, is what ``nlbfab-sea
 trials from (``nlbfab.search_space``). Register one in ``MODELS``, or name an importable module with ``--model
 my_package.my_model``.
 
-Four optional parts let a model train in its own way and show more of itself (the SAE and
+Five optional parts let a model train in its own way and show more of itself (the SAE and
 ``gru_readout`` have none):
 ``training_loss(params, heldin, target, *, dropout, epoch) -> (loss, terms)`` replaces the
 Poisson loss of ``apply``'s training-mode rates: it may transform the batch (LFADS's coordinated
 dropout), add loss terms (KL, L2; ``terms``, a dict of scalars, is logged as ``loss/{name}``)
 and use the epoch for warm-ups; ``FIXED``, the names of entries of ``params`` that are not
 trained (settings and fixed priors, kept with the weights so that ``apply`` needs nothing else);
-``AVERAGE_DECAY``, the default of ``--average-decay`` for the model (0, off, where absent); and
+``AVERAGE_DECAY``, the default of ``--average-decay`` for the model (0, off, where absent);
+``TRAIN_EVAL_HELDIN``, the default of ``--train-eval-heldin`` (off where absent); and
 ``inferred_inputs(params, heldin, fwd_steps) -> (trials, bins + fwd_steps, inputs)``, the inputs
 from outside the dynamics that the model infers at each step (LFADS's controller outputs,
 posterior means), which the hooks plot (``nlbfab.hooks.inputs_hook``).
@@ -93,6 +94,10 @@ class Model:
         decay = getattr(self.module, "AVERAGE_DECAY", 0.0) if given is None else given
         check_value("average_decay", decay, BELOW_ONE)
         return decay
+
+    def train_eval_heldin(self, given: bool | None) -> bool:
+        """``--train-eval-heldin``: ``given``, else the model's ``TRAIN_EVAL_HELDIN`` (off where it has none)."""
+        return bool(getattr(self.module, "TRAIN_EVAL_HELDIN", False)) if given is None else given
 
     def apply_members(self, members: list[dict], heldin, fwd_steps: int, *, dropout: float, training: bool):
         """``apply`` of each member, stacked: ``(logrates (K, ...), latents (K, ...))``; the model's
