@@ -21,8 +21,9 @@ class _PoissonNLL(torch.autograd.Function):
     def forward(ctx, logrates, spikes):
         x, k = logrates.float(), spikes.float()
         rates = x.exp()
-        unknown, known = torch.isnan(k), k.numel()
-        if unknown.any():
+        known = k.numel()
+        if torch.isnan(k.sum()):  # a NaN anywhere makes the sum NaN: one cheap pass when there is none
+            unknown = torch.isnan(k)
             known -= int(unknown.sum())
             k = k.masked_fill(unknown, 0)
             rates = rates.masked_fill(unknown, 0)  # the exp(x) of an unknown entry counts nowhere
