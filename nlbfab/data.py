@@ -157,25 +157,27 @@ class TrainingPool:
 
 
 def train_trials_only(data: SplitData) -> TrainingPool:
+    """The pool of a run without ``--train-eval-heldin``: the train trials and their targets."""
     return TrainingPool(data.train_heldin, data.train_recon)
 
 
 def with_eval_heldin(data: SplitData, seed: int) -> tuple[SplitData, TrainingPool]:
-    """Training on the eval trials' held-in spikes as well as the train trials, as NLB allows:
-    the pool adds each eval trial with its held-in observed bins as the target, its held-out
-    neurons and forward bins unknown. The val phase monitors val co-bps on the held-out neurons,
+    """Training on the eval trials' held-in spikes (the model's input in any case) as well as the
+    train trials: the pool adds each eval trial with its held-in observed bins as the target, its
+    held-out neurons and forward bins unknown. The val phase monitors val co-bps on the held-out neurons,
     which training never sees. The test phase monitors the held-in loss of its eval trials,
     which training would now fit: a fixed ``MONITORED_SHARE`` of those entries (drawn with
     ``seed``) leaves the pool, and the returned split's ``eval_recon`` keeps only them, so that
     the monitor scores entries no step trained on. Both tensors on ``data``'s device."""
     trials, bins, heldin = data.eval_heldin.shape
-    eval_target = data.eval_heldin.new_full((trials, *data.train_recon.shape[1:]), float("nan"))
-    eval_target[:, :bins, :heldin] = data.eval_heldin
+    trained = data.eval_heldin
     if data.split.phase == "test":
         generator = torch.Generator().manual_seed(seed)
         monitored = (torch.rand(data.eval_heldin.shape, generator=generator) < MONITORED_SHARE).to(data.eval_heldin.device)
-        eval_target[:, :bins, :heldin] = data.eval_heldin.masked_fill(monitored, float("nan"))
+        trained = data.eval_heldin.masked_fill(monitored, float("nan"))
         data = replace(data, eval_recon=data.eval_recon.masked_fill(~monitored, float("nan")))
+    eval_target = data.eval_heldin.new_full((trials, *data.train_recon.shape[1:]), float("nan"))
+    eval_target[:, :bins, :heldin] = trained
     pool = TrainingPool(torch.cat([data.train_heldin, data.eval_heldin]), torch.cat([data.train_recon, eval_target]))
     return data, pool
 
