@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TRUTH_FILE = "synthetic_truth.h5"  # a synthetic dataset's ground truth, beside its NWB files
+HIDDEN_DIR = "evalai"  # beside them: a synthetic dataset's test file as EvalAI holds it (nlbfab.evalai_target)
 TRAIN_WINDOW_TARGET = "eval_target_train_window.h5"  # dmfc_rsg's NaN-free eval target, for the loss
 PREP_MARKER = "prep.json"  # written last into a split folder: what it was made from
 RATES_FILE = "rates.h5"
@@ -103,6 +104,12 @@ def dataset_dir(data_home: Path, dataset) -> Path:
 
 def truth_file(data_home: Path, dataset) -> Path:
     return dataset_dir(data_home, dataset) / TRUTH_FILE
+
+
+def hidden_test_file(data_home: Path, dataset) -> Path:
+    """A synthetic dataset's test file with everything DANDI's copy leaves out, which scores the
+    test phase as EvalAI does; in a folder of its own, so that loading the dataset skips it."""
+    return dataset_dir(data_home, dataset) / HIDDEN_DIR / dataset.file_name("test")
 
 
 def submission_file(tag_dir: Path, phase: str) -> Path:

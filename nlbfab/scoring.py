@@ -15,6 +15,7 @@ from nlb_tools.evaluation import evaluate
 from threadpoolctl import threadpool_limits
 
 from nlbfab.errors import UserError
+from nlbfab.evalai_target import evalai_target
 from nlbfab.layout import Homes, submission_file
 from nlbfab.splits import Split
 from nlbfab.submission import submit
@@ -71,16 +72,20 @@ def submit_and_score(split: Split, rates: dict, run_dir: Path, expected: dict, t
 
 def score_table(split: Split, run_tags: list[str], homes: Homes) -> str:
     """A table of each run's metrics on ``split``; with a run tagged ``oracle``, a column gives
-    co-bps as a share of the oracle's."""
-    target_path = homes.split_file(split, "eval_target")
-    if not target_path.is_file():
-        raise UserError(f"missing {target_path}: run 'bin/nlbfab-prep --split {split.name}'")
+    co-bps as a share of the oracle's. A test split is scored against the target EvalAI would
+    hold (synthetic datasets only: ``nlbfab.evalai_target``)."""
+    if split.phase == "test":
+        target = evalai_target(homes, split)
+    else:
+        target = homes.split_file(split, "eval_target")
+        if not target.is_file():
+            raise UserError(f"missing {target}: run 'bin/nlbfab-prep --split {split.name}'")
     rows = {}
     for tag in run_tags:
-        path = submission_file(homes.tag_dir(tag), "val")
+        path = submission_file(homes.tag_dir(tag), split.phase)
         if not path.is_file():
             raise UserError(f"no submission for run '{tag}' at {path}: train or run a baseline with --run-tag {tag}")
-        rows[tag] = score(target_path, path, split)
+        rows[tag] = score(target, path, split)
     names = list(dict.fromkeys(k for metrics in rows.values() for k in metrics))
     oracle = rows.get("oracle", {}).get("co-bps")
     header = f"{'run':14s}" + "".join(f"{n:>10s}" for n in names) + ("  of oracle" if oracle else "")

@@ -125,6 +125,17 @@ class SessionFile:
     behavior: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = field(default_factory=dict)
     # name -> (timestamps in s, data (samples, channels), channel names)
     fluctuation: Fluctuation | None = None  # realistic data, when generate is asked to keep it
+    hidden: HiddenTest | None = None  # the test file: what DANDI's copy leaves out
+
+
+@dataclass
+class HiddenTest:
+    """What the test file on DANDI leaves out and EvalAI keeps to score the test phase: every
+    trial field (conditions for PSTHs, dmfc_rsg's timing) and the behaviour. The held-out units'
+    spikes are drawn when the file is written (``synth_nwb``)."""
+
+    trials: pd.DataFrame
+    behavior: dict[str, tuple[np.ndarray, np.ndarray, list[str]]]
 
 
 def rate_law(log_rates: np.ndarray, ceiling: float) -> np.ndarray:
@@ -504,7 +515,8 @@ def generate(dataset: Dataset, scale: str = "tiny", seed: int = 0, variability: 
     """Synthesize the train and test files of ``dataset``; deterministic in ``seed``.
     ``variability``: a key of ``VARIABILITIES``. Its fluctuations draw from a random stream of
     their own, so ``"realistic"`` keeps the trials, units, conditions and loadings of ``"low"``;
-    ``keep_fluctuation`` keeps them, as ``SessionFile.fluctuation``, for forecasts.
+    ``keep_fluctuation`` keeps them, as ``SessionFile.fluctuation``, for forecasts. The test
+    file's ``hidden`` part (EvalAI's copy) draws from a stream of its own too.
 
     Returns ``({"train": SessionFile, "test": SessionFile}, Truth)``.
     """
@@ -513,6 +525,7 @@ def generate(dataset: Dataset, scale: str = "tiny", seed: int = 0, variability: 
     n = counts(dataset, scale)
     rng = np.random.default_rng([seed, sum(map(ord, dataset.name))])
     fluctuation_rng = np.random.default_rng([seed, sum(map(ord, dataset.name)), 2])
+    hidden_rng = np.random.default_rng([seed, sum(map(ord, dataset.name)), 4])  # the test file's hidden part
     units = n.heldin + n.heldout
     mean_hz = np.exp(rng.normal(np.log(8.0), 0.6, units))
     truth = Truth(
@@ -550,10 +563,12 @@ def generate(dataset: Dataset, scale: str = "tiny", seed: int = 0, variability: 
                 signal_rms = np.sqrt(np.mean(latents[_in_trials(placed, length)] ** 2))
             fluctuation = _fluctuation(length, signal_rms, v, directions, fluctuation_rng)
             latents += fluctuation.latents()
-        if which == "test":  # the hidden test file carries only timing fields
+        hidden = None
+        if which == "test":  # DANDI's test file carries only timing fields; EvalAI's copy all
+            hidden = HiddenTest(placed, _behavior(dataset, placed, latents, truth, hidden_rng) if dataset.behavior else {})
             keep = ["start", "stop", "split"] + [c for c in placed if c.endswith("_time")]
             placed = placed[keep]
-        files[which] = SessionFile(trials=placed, latents=latents)
+        files[which] = SessionFile(trials=placed, latents=latents, hidden=hidden)
         if v is not None and keep_fluctuation:
             files[which].fluctuation = fluctuation
         if which == "train" and dataset.behavior:

@@ -7,6 +7,7 @@ dataset's fields and ``split``, and behaviour TimeSeries in ``/processing/behavi
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import uuid
@@ -21,7 +22,7 @@ from hdmf.common import VectorData, VectorIndex
 from pynwb.file import Subject
 from pynwb.misc import Units
 
-from nlbfab.layout import TRUTH_FILE, dataset_dir
+from nlbfab.layout import TRUTH_FILE, dataset_dir, hidden_test_file
 from nlbfab.splits import Dataset
 from nlbfab.synth import VARIABILITIES, SessionFile, Truth, generate, poisson_spike_times
 
@@ -69,9 +70,13 @@ def _add_behavior(nwbfile: NWBFile, behavior) -> None:
                               comments=f"columns=[{','.join(columns)}]", description=f"synthetic {name}"))
 
 
-def write_nwb(path: Path, dataset: Dataset, which: str, session: SessionFile, truth: Truth, rng) -> None:
+def write_nwb(path: Path, dataset: Dataset, which: str, session: SessionFile, truth: Truth, rng,
+              hidden_rng=None) -> None:
     """One NWB file: the train file holds all units (heldout flagged) and behaviour; the test
-    file holds held-in units only and no behaviour, as on DANDI. Written atomically."""
+    file holds held-in units only and no behaviour, as on DANDI. With ``hidden_rng``, the test
+    file as EvalAI holds it instead: the held-out units too (drawn from ``hidden_rng`` after the
+    held-in ones, so that ``rng`` in the state it has for DANDI's copy gives the same held-in
+    spikes), the behaviour and every trial field. Written atomically."""
     units = np.flatnonzero(~truth.heldout) if which == "test" else np.arange(len(truth.heldout))
     nwbfile = NWBFile(
         session_description=f"synthetic {dataset.name} ({which}), made by nlbfab-synth",
@@ -79,11 +84,18 @@ def write_nwb(path: Path, dataset: Dataset, which: str, session: SessionFile, tr
         session_start_time=datetime(2021, 1, 1, tzinfo=timezone.utc),
         subject=Subject(subject_id=dataset.subject, species=SPECIES.get(dataset.subject, "Macaca mulatta")),
     )
-    _add_trials(nwbfile, session.trials)
+    whole = hidden_rng is not None
+    _add_trials(nwbfile, session.hidden.trials if whole else session.trials)
     end_s = len(session.latents) / 1000
-    nwbfile.units = _units_table(poisson_spike_times(session.latents, truth, units, rng), truth.heldout[units], end_s)
-    if session.behavior:
-        _add_behavior(nwbfile, session.behavior)
+    spike_times = poisson_spike_times(session.latents, truth, units, rng)
+    if whole:
+        heldout = np.flatnonzero(truth.heldout)
+        spike_times += poisson_spike_times(session.latents, truth, heldout, hidden_rng)
+        units = np.concatenate([units, heldout])
+    nwbfile.units = _units_table(spike_times, truth.heldout[units], end_s)
+    behavior = session.hidden.behavior if whole else session.behavior
+    if behavior:
+        _add_behavior(nwbfile, behavior)
     partial = path.with_name(f".{path.name}")  # hidden: NWBDataset's '*.nwb' glob skips it
     with NWBHDF5IO(str(partial), "w") as io:
         io.write(nwbfile)
@@ -116,7 +128,8 @@ def existing_synthesis(data_home: Path, dataset: Dataset) -> tuple[str, int, str
     with parameters other than today's for its variability says so (``"realistic, earlier
     parameters"``), so that it is made again rather than taken for today's."""
     folder = dataset_dir(data_home, dataset)
-    complete = all((folder / dataset.file_name(w)).is_file() for w in ("train", "test"))
+    complete = all(path.is_file() for path in (folder / dataset.file_name("train"), folder / dataset.file_name("test"),
+                                                hidden_test_file(data_home, dataset)))
     if not complete or not (folder / TRUTH_FILE).is_file():
         return None
     with h5py.File(folder / TRUTH_FILE, "r") as h5:
@@ -140,6 +153,11 @@ def synthesize(dataset: Dataset, data_home: Path, scale: str = "tiny", seed: int
     files, truth = generate(dataset, scale, seed, variability)
     rng = np.random.default_rng([seed, sum(map(ord, dataset.name)), 1])
     for which, session in files.items():
+        if which == "test":  # EvalAI's copy first, from a copy of the state DANDI's copy is drawn in
+            hidden = hidden_test_file(data_home, dataset)
+            hidden.parent.mkdir(exist_ok=True)
+            write_nwb(hidden, dataset, which, session, truth, copy.deepcopy(rng),
+                      hidden_rng=np.random.default_rng([seed, sum(map(ord, dataset.name)), 5]))
         write_nwb(folder / dataset.file_name(which), dataset, which, session, truth, rng)
     write_truth(folder / TRUTH_FILE, files, truth, scale, seed, variability)
     return folder

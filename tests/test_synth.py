@@ -15,7 +15,7 @@ from nlbfab.splits import DATASETS
 from nlbfab.synth import (CEILING_SHARPNESS, LATENT_DIM, POSTURE_MS, VARIABILITIES, Fluctuation, counts, generate,
                           rate_law)
 from nlbfab.synth_nwb import existing_synthesis, synthesize
-from nlbfab.layout import TRUTH_FILE, dataset_dir
+from nlbfab.layout import TRUTH_FILE, dataset_dir, hidden_test_file
 from tests.conftest import run_cli
 
 
@@ -406,6 +406,10 @@ def test_synth_skips_only_a_dataset_made_with_the_same_variability(homes, tmp_pa
     assert existing_synthesis(tmp_path, dataset) == ("tiny", 0, "realistic, earlier parameters")
     assert not synth("--variability", "realistic")
     assert existing_synthesis(tmp_path, dataset) == ("tiny", 0, "realistic")
+    hidden_test_file(tmp_path, dataset).unlink()  # made before EvalAI's copy of the test file existed
+    assert existing_synthesis(tmp_path, dataset) is None
+    assert not synth("--variability", "realistic")
+    assert hidden_test_file(tmp_path, dataset).is_file()
 
 
 def test_the_command_offers_every_variability():

@@ -298,10 +298,12 @@ def nwb_files(folder: Path) -> list[str]:
     return sorted(glob.glob(os.path.join(str(folder), "*.nwb")))
 
 
-def open_session(folder: Path, keep_values: tuple[str, ...] = ()) -> Session:
+def open_session(folder: Path, keep_values: tuple[str, ...] = (), paths: list[Path] | None = None) -> Session:
     """The folder's NWB files as one ``Session``; the values of the series named in
-    ``keep_values`` are kept (the others only say where they are NaN)."""
-    files = [_read_file(Path(p), set(keep_values)) for p in nwb_files(folder)]
+    ``keep_values`` are kept (the others only say where they are NaN). ``paths``: these files
+    instead, as if they lay in one folder (laid out in the order of their names)."""
+    found = sorted(paths, key=lambda p: Path(p).name) if paths is not None else nwb_files(folder)
+    files = [_read_file(Path(p), set(keep_values)) for p in found]
     if not files:
         raise UserError(f"no NWB files in {folder}")
     offsets, trial_infos, trials = [0], [files[0].trial_info], len(files[0].trial_info)

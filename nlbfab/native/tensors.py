@@ -219,16 +219,16 @@ def eval_input(binned: Binned, name: str, trial_split, seed: int = 0) -> dict[st
 
 
 def eval_target(binned: Binned, name: str, update_params: dict | None = None, include_psth: bool = False,
-                seed: int = 0) -> dict[str, dict]:
-    """``make_eval_target_tensors(train_trial_split="train", eval_trial_split="val")``: the val
-    trials' held-out and forward spikes, both splits' behaviour and, where asked, PSTHs."""
+                seed: int = 0, train_split="train", eval_split="val") -> dict[str, dict]:
+    """``make_eval_target_tensors(train_trial_split, eval_trial_split)``: the eval trials'
+    held-out and forward spikes, both splits' behaviour and, where asked, PSTHs."""
     params = {**PARAMS[name], **(update_params or {})}
     make_params = params["eval_make_params"].copy()
     behavior_source, behavior_field = params["behavior_source"], params["behavior_field"]
     jitter = params.get("jitter", None)
     bin_width = binned.bin_width
     suffix = "" if bin_width == 5 else f"_{bin_width}"
-    train_mask, eval_mask = _prep_mask(binned, "train"), _prep_mask(binned, "val")
+    train_mask, eval_mask = _prep_mask(binned, train_split), _prep_mask(binned, eval_split)
     ignore_mask = ~(train_mask | eval_mask)
     if jitter is not None:
         binned, _, train_jitter_vals = _jittered(binned, make_params, train_mask, jitter, seed)
