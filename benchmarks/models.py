@@ -1,14 +1,16 @@
 """Models side by side: the SAE, gru_readout and LFADS against spike smoothing and the oracle
 (the true rates) on synthetic data, with all of a split's NLB metrics, epochs and wall time.
 
-Each dataset is synthesized (``--variability``, ``--scale``) and its val splits preprocessed in
-a working folder; every model then trains with ``nlbfab-train``'s defaults (or
+Each dataset is synthesized (``--variability``, ``--scale``) and its splits of ``--phases``
+preprocessed in a working folder; every model then trains with ``nlbfab-train``'s defaults (or
 ``--max-epochs``) one after another, each with ``--threads`` torch threads, and is scored on
-its submission as EvalAI would. Prints one table and saves it under ``benchmarks/results/``.
+its submission as EvalAI would (a test split against EvalAI's copy of the synthetic test file,
+``nlbfab.evalai_target``). Prints one table and saves it under ``benchmarks/results/``.
 ``--epoch-cost`` instead times one epoch (training and validation) of each model on mc_maze-shaped
 tensors (``train_throughput.py``'s loop and data: 1721 train trials in batches of 64), no data needed.
 
     .venv/bin/python benchmarks/models.py --datasets mc_maze --bins 20 --variability realistic
+    .venv/bin/python benchmarks/models.py --datasets mc_maze_small --bins 20 --phases val,test --scale full
     .venv/bin/python benchmarks/models.py --epoch-cost --bins 20,5 --threads 1
 """
 from __future__ import annotations
@@ -38,13 +40,22 @@ def nlbfab(env: dict, *args: str) -> str:
     return done.stdout + done.stderr
 
 
-def submission_scores(homes, tag: str, split_name: str) -> dict[str, float]:
-    """A run's val submission scored on ``split_name`` as EvalAI would."""
+def split_target(homes, split_name: str):
+    """What EvalAI scores ``split_name`` against: the val target file, or a test split's target
+    cut from EvalAI's copy of the synthetic test file."""
+    from nlbfab.evalai_target import evalai_target
+    from nlbfab.splits import get_split
+    split = get_split(split_name)
+    return evalai_target(homes, split) if split.phase == "test" else homes.split_file(split, "eval_target")
+
+
+def submission_scores(homes, target, tag: str, split_name: str) -> dict[str, float]:
+    """A run's submission of the split's phase scored on ``split_name`` as EvalAI would."""
     from nlbfab.layout import submission_file
     from nlbfab.scoring import score
     from nlbfab.splits import get_split
     split = get_split(split_name)
-    return score(homes.split_file(split, "eval_target"), submission_file(homes.tag_dir(tag), "val"), split)
+    return score(target, submission_file(homes.tag_dir(tag), split.phase), split)
 
 
 def epoch_cost(bins: list[int], models: list[str], threads: int, epochs: int = 3) -> None:
@@ -75,6 +86,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default {','.join(MODELS)})")
     parser.add_argument("--variability", default="realistic", choices=["low", "realistic"])
     parser.add_argument("--scale", default="small", choices=["tiny", "small", "full"])
+    parser.add_argument("--phases", default="val", help="comma-separated: val, test (default val)")
     parser.add_argument("--max-epochs", type=int, help="cap on every run's epochs (default: nlbfab-train's)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of each run")
     parser.add_argument("--workdir", type=Path, help="data and runs here (default: a temporary folder)")
@@ -90,20 +102,21 @@ def main() -> None:
     rows = []
     for dataset in args.datasets.split(","):
         nlbfab(env, "synth", "--dataset", dataset, "--scale", args.scale, "--variability", args.variability)
-        for bin_ms in args.bins.split(","):
-            split = f"{dataset}-{int(bin_ms):02d}ms-val"
+        for split in [f"{dataset}-{int(b):02d}ms-{p}" for b in args.bins.split(",") for p in args.phases.split(",")]:
             nlbfab(env, "prep", "--split", split)
+            target = split_target(homes, split)
             for method in ("oracle", "smoothing"):
                 nlbfab(env, "baseline", "--split", split, "--method", method, "--run-tag", method)
-                rows.append({"split": split, "run": method, **submission_scores(homes, method, split)})
+                rows.append({"split": split, "run": method, **submission_scores(homes, target, method, split)})
             oracle = rows[-2]
             for model in args.models.split(","):
                 started = time.perf_counter()
                 cap = ["--max-epochs", str(args.max_epochs)] if args.max_epochs else []
                 nlbfab(env, "train", "--split", split, "--model", model, "--run-tag", model, "--quiet", *cap)
+                seconds = time.perf_counter() - started
                 summary = json.loads(metrics_file(homes.tag_dir(model) / split).read_text())
-                rows.append({"split": split, "run": model, **summary["metrics"], "epochs": summary["epochs"],
-                             "seconds": time.perf_counter() - started})
+                rows.append({"split": split, "run": model, **submission_scores(homes, target, model, split),
+                             "epochs": summary["epochs"], "seconds": seconds})
             for row in rows[-2 - len(args.models.split(",")):]:
                 row["of oracle"] = f"{100 * row['co-bps'] / oracle['co-bps']:.0f}%"
             print(table(rows[-2 - len(args.models.split(",")):],
@@ -112,7 +125,8 @@ def main() -> None:
     print(f"\ndevice: {device_description()}, {args.threads} threads a run; {args.variability} variability, "
           f"--scale {args.scale}; data and runs in {workdir}")
     print(table(rows, ["split", "run", *METRICS, "of oracle", "epochs", "seconds"]))
-    name = f"models-{args.variability}-{args.datasets.replace(',', '+')}-{args.bins.replace(',', '+')}ms"
+    name = f"models-{args.variability}-{args.datasets.replace(',', '+')}-{args.bins.replace(',', '+')}ms" \
+        + ("" if args.phases == "val" else f"-{args.phases.replace(',', '+')}")
     print(f"saved {save(name, {'device': device_description(), 'args': vars(args) | {'workdir': str(workdir)}, 'rows': rows})}")
 
 
