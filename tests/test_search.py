@@ -143,7 +143,9 @@ def test_resume_continues_an_interrupted_search_without_redoing_finished_trials(
     search.send_signal(signal.SIGINT)  # Tune saves its state and stops
     output, _ = search.communicate(timeout=120)
     assert search.returncode == 130 and "2 at a time" in output and "--resume" in output, output
-    done = {path.parts[-3]: path.stat().st_mtime_ns for path in folder.glob(f"trial_*/*/{layout.METRICS_FILE}")}
+    # finished as the search recorded them: a trial Tune stopped may still write its metrics as it goes
+    done = {r["trial"]: (folder / r["trial"] / SPLIT.name / layout.METRICS_FILE).stat().st_mtime_ns
+            for r in trials(folder) if r["status"] == "finished"}
     assert 1 <= len(done) < 4, output
 
     result = run_cli(cli.search, "--split", SPLIT.name, "--run-tag", "resumed", "--resume")
