@@ -102,7 +102,7 @@ class TrainCommand(Command):
 
     def format_epilog(self, ctx, formatter):
         from nlbfab.models import MODELS
-        rows = [(f"{option_name(name)} [{model.name}]", f"{h.help} [default: {h.default}]{h.valid.help_suffix()}")
+        rows = [(f"{option_name(name)} [{model.name}]", f"{h.help} {model.default_help(name)}{h.valid.help_suffix()}")
                 for model in MODELS.values() for name, h in model.hparams.items()]
         with formatter.section("Model hyperparameters (of the --model chosen; a module's own from its HPARAMS)"):
             formatter.write_dl(rows)

@@ -299,3 +299,12 @@ def test_each_dataset_gets_lfads_torchs_sizes_and_options_override_them():
     assert model.settle({"gen_dim": 50}, "dmfc_rsg")["gen_dim"] == 50
     assert model.settle({}, "dmfc_rsg")["l2_scale"] > 0
     assert model.settle({}, "mc_rtt")["co_dim"] == 8 and model.settle({}, "mc_maze")["co_dim"] == 4
+
+
+def test_help_names_the_datasets_where_a_default_differs():
+    model = MODELS["lfads"]
+    assert model.default_help("co_dim") == "[default: 4; 8 on mc_rtt]"
+    assert model.default_help("l2_scale") == "[default: 0.0; 0.001 on dmfc_rsg]"
+    assert model.default_help("cd_rate") == "[default: 0.3]"
+    ci_enc = model.default_help("ci_enc_dim")
+    assert "80 on mc_maze_large" in ci_enc and "64 on dmfc_rsg" in ci_enc and "mc_maze," not in ci_enc

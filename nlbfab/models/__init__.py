@@ -10,7 +10,7 @@ nothing else; ``SEARCH_SPACE``, where a model declares one, is what ``nlbfab-sea
 trials from (``nlbfab.search_space``). Register one in ``MODELS``, or name an importable module with ``--model
 my_package.my_model``.
 
-Five optional parts let a model train in its own way and show more of itself (the SAE and
+Six optional parts let a model train in its own way and show more of itself (the SAE and
 ``gru_readout`` have none):
 ``training_loss(params, heldin, target, *, dropout, epoch) -> (loss, terms)`` replaces the
 Poisson loss of ``apply``'s training-mode rates: it may transform the batch (LFADS's coordinated
@@ -18,7 +18,9 @@ dropout), add loss terms (KL, L2; ``terms``, a dict of scalars, is logged as ``l
 and use the epoch for warm-ups; ``FIXED``, the names of entries of ``params`` that are not
 trained (settings and fixed priors, kept with the weights so that ``apply`` needs nothing else);
 ``AVERAGE_DECAY``, the default of ``--average-decay`` for the model (0, off, where absent);
-``TRAIN_EVAL_HELDIN``, the default of ``--train-eval-heldin`` (off where absent); and
+``TRAIN_EVAL_HELDIN``, the default of ``--train-eval-heldin`` (off where absent);
+``DATASET_DEFAULTS``, per dataset name the hyperparameters whose defaults differ there (LFADS's
+sizes from lfads-torch's per-dataset configs); and
 ``inferred_inputs(params, heldin, fwd_steps) -> (trials, bins + fwd_steps, inputs)``, the inputs
 from outside the dynamics that the model infers at each step (LFADS's controller outputs,
 posterior means), which the hooks plot (``nlbfab.hooks.inputs_hook``).
@@ -86,6 +88,20 @@ class Model:
         return getattr(self.module, "inferred_inputs", None)
 
     @property
+    def dataset_defaults(self) -> dict[str, dict]:
+        """The model's ``DATASET_DEFAULTS``: per dataset, the hyperparameters whose defaults differ there."""
+        return getattr(self.module, "DATASET_DEFAULTS", {})
+
+    def default_help(self, name: str) -> str:
+        """``name``'s default for ``--help``, with the datasets where it differs."""
+        per_value: dict = {}
+        for dataset, overrides in self.dataset_defaults.items():
+            if name in overrides:
+                per_value.setdefault(overrides[name], []).append(dataset)
+        elsewhere = "".join(f"; {value} on {', '.join(datasets)}" for value, datasets in per_value.items())
+        return f"[default: {self.hparams[name].default}{elsewhere}]"
+
+    @property
     def fixed(self) -> tuple[str, ...]:
         return tuple(getattr(self.module, "FIXED", ()))
 
@@ -119,7 +135,7 @@ class Model:
         for name, value in given.items():
             check_value(name, value, self.hparams[name].valid)
         defaults = {name: h.default for name, h in self.hparams.items()}
-        defaults |= getattr(self.module, "DATASET_DEFAULTS", {}).get(dataset, {})
+        defaults |= self.dataset_defaults.get(dataset, {})
         return defaults | given
 
     def init(self, sizes: Sizes, seed: int, **hparams) -> dict[str, torch.Tensor]:
