@@ -73,6 +73,16 @@ def test_bin_scripts_run_the_commands(name):
     assert done.returncode == 0 and f"nlbfab-{name}" in done.stdout
 
 
+def test_the_demo_explains_itself_and_refuses_arguments():
+    import subprocess
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "bin" / "nlbfab-demo"
+    helped = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=10)
+    assert helped.returncode == 0 and "NLBFAB_DEMO_SPLIT" in helped.stdout
+    refused = subprocess.run([str(script), "--split", "x"], capture_output=True, text=True, timeout=10)
+    assert refused.returncode == 2 and refused.stderr.startswith("error:") and len(refused.stderr.splitlines()) == 1
+
+
 def test_every_dataset_has_a_dandi_url():
     assert {download.dandi_url(d).split("/")[0] for d in DATASETS.values()} == {
         "DANDI:000128", "DANDI:000129", "DANDI:000127", "DANDI:000130", "DANDI:000138", "DANDI:000139", "DANDI:000140"}
