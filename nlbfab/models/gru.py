@@ -13,7 +13,6 @@ directions) step together as one batched matmul. The maths is PyTorch's GRU exac
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 # backward computes the gate derivatives of this many steps at once: few ops, still in cache
 BACKWARD_CHUNK = 8

@@ -102,9 +102,6 @@ class Intervals:
     def __hash__(self) -> int:
         return hash((self.starts.tobytes(), self.stops.tobytes()))
 
-    def shifted(self, rows: int) -> "Intervals":
-        return Intervals(self.starts + rows, self.stops + rows)
-
 
 @dataclass
 class SpikeField:
