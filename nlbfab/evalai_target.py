@@ -29,8 +29,9 @@ def evalai_target(homes: Homes, split: Split) -> dict[str, dict]:
     if not hidden.is_file():
         if truth_file(homes.data, dataset).is_file():
             raise UserError(f"{dataset.name} was synthesized before its test file for scoring existed: run "
-                            f"'bin/nlbfab-synth --dataset {dataset.name} --force' with the same --scale, --seed "
-                            f"and --variability (its DANDI files come out the same: runs need not train again)")
+                            f"'bin/nlbfab-synth --dataset {dataset.name}' with the same --scale, --seed and "
+                            f"--variability, which adds it (its DANDI files come out the same: runs need not train "
+                            f"again)")
         raise UserError(f"{split.name} is a test split of a real dataset: only EvalAI can score it "
                         f"(upload the run's submission-test.h5)")
     name = dataset.name

@@ -105,7 +105,7 @@ def test_scores_command_scores_a_synthetic_test_split_and_says_why_not_elsewhere
     monkeypatch.setenv("DATA_HOME", str(tmp_path))
     shutil.rmtree(hidden_test_file(tmp_path, dataset).parent)  # synthesized before the file existed
     result = run_cli(cli.scores, "--split", "mc_rtt-20ms-test", "--run-tag", "oracle")
-    assert result.exit_code == 2 and "nlbfab-synth --dataset mc_rtt --force" in result.stderr
+    assert result.exit_code == 2 and "nlbfab-synth --dataset mc_rtt' with the same" in result.stderr
     (copy / "synthetic_truth.h5").unlink()  # a real dataset
     result = run_cli(cli.scores, "--split", "mc_rtt-20ms-test", "--run-tag", "oracle")
     assert result.exit_code == 2 and "only EvalAI can score it" in result.stderr
