@@ -229,7 +229,7 @@ def sweep(ctx, datasets, bins, phases, run_tag, resume, no_prep, search_trials, 
 @click.option("--trials", default=20, show_default=True, type=click.IntRange(min=1),
               help="Trials (training runs) to draw.")
 @click.option("--space", type=click.Path(dir_okay=False),
-              help="JSON file that changes the model's search space (README: Hyperparameter search).")
+              help="JSON (or .yaml) file that changes the model's search space (README: Hyperparameter search).")
 @click.option("--run-tag", default="search", show_default=True,
               help="The search goes to RUNS_HOME/RUN_TAG/search/SPLIT, --submit-top into RUNS_HOME/RUN_TAG.")
 @click.option("--cpus-per-trial", "cpus", default=1, show_default=True, type=click.IntRange(min=1),
