@@ -255,6 +255,9 @@ def create_fabric(config: TrainConfig, run_dir: Path) -> Fabric:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"Fabric cannot run --accelerator {config.accelerator} --devices {config.devices} --strategy "
                         f"{config.strategy} --precision {config.precision}: {reason}") from None
+    if fabric.device.type == "cpu" and fabric.world_size > (os.cpu_count() or 1):  # each one a process of its own
+        raise UserError(f"--devices {config.devices} on the CPU starts {fabric.world_size} training processes, more "
+                        f"than this machine's {os.cpu_count()} cores: use --devices {os.cpu_count()} or fewer")
     if config.precision == "16-mixed" and fabric.device.type == "cpu":  # Fabric would run bf16 and say 16-mixed
         raise UserError("--precision 16-mixed needs a GPU: CPUs have no float16 autocast; use bf16-mixed or 32-true")
     return fabric

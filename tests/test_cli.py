@@ -157,3 +157,10 @@ def test_a_missing_prep_home_or_data_home_says_what_makes_it(homes, tmp_path, mo
 def test_float16_on_a_cpu_is_refused_rather_than_run_as_bfloat16(prepared):
     one_line_error(run_cli(cli.train, "--split", "mc_rtt-20ms-val", "--accelerator", "cpu", "--precision", "16-mixed"),
                    "--precision 16-mixed needs a GPU", "bf16-mixed")
+
+
+def test_more_cpu_processes_than_cores_are_refused_before_any_starts(prepared):
+    import os
+    too_many = str((os.cpu_count() or 1) + 1)
+    one_line_error(run_cli(cli.train, "--split", "mc_rtt-20ms-val", "--accelerator", "cpu", "--devices", too_many),
+                   f"--devices {too_many} on the CPU starts {too_many} training processes", "or fewer")
