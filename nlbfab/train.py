@@ -173,6 +173,7 @@ class TrainState:
     history: list[dict]
     best: dict[str, torch.Tensor]
     average: WeightAverage | None = None
+    files_written: bool = False  # this run's config.json and checkpoints: before them, an earlier run's stay
 
     @property
     def epoch(self) -> int:
@@ -210,12 +211,15 @@ def evaluating(state: TrainState):
 @dataclass(frozen=True)
 class Run:
     """What a run was asked to do, fixed for its whole life: its settings (the batch size
-    settled), its folder, its hooks, and whether to print each epoch."""
+    settled), its folder, its hooks, whether to print each epoch, and the files of an earlier run
+    of the same tag and split that its first checkpoint replaces (until then, a run that fails
+    leaves them as they were)."""
 
     config: TrainConfig
     run_dir: Path
     hooks: tuple = HOOKS
     quiet: bool = False
+    replaces: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -324,8 +328,7 @@ def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor], conf
     overflow_is_routine = config.precision == "16-mixed" and torch.isfinite(loss)
     if not torch.isfinite(norm) and not overflow_is_routine:
         what = f"training loss became {float(loss)}" if not torch.isfinite(loss) else "gradients became non-finite"
-        raise NonFiniteLoss(f"{what} at epoch {state.epoch}: stopped before the update, the best checkpoint "
-                            f"is kept. Try a lower --learning-rate or --grad-clip")
+        raise NonFiniteLoss(f"{what} at epoch {state.epoch}: stopped before the update")
     state.optimizer.step()
     if state.average is not None:
         state.average.update(state.module.state_dict())
@@ -487,9 +490,23 @@ def checkpoint_due(epoch: int, since_write: float, config: TrainConfig, stopping
     return epoch == 0 or stopping or since_write >= config.checkpoint_every
 
 
+def start_writing(state: TrainState, run: Run) -> None:
+    """What a run writes before its first checkpoint: an earlier run's files of the same tag and
+    split go (``run.replaces``) and the run's ``config.json`` takes their place, on rank 0."""
+    if state.fabric.is_global_zero:
+        for old in run.replaces:
+            old.unlink(missing_ok=True)
+        layout.write_json(layout.config_file(run.run_dir), asdict(run.config))
+    state.fabric.barrier()
+    state.files_written = True
+
+
 def save_checkpoints(state: TrainState, run: Run, improved: bool) -> None:
     """``last`` and, when a member improved since the previous write, ``best`` (the best weights
-    and the members' progress), both written atomically."""
+    and the members' progress), both written atomically; the first write of a new run first
+    replaces an earlier run's files and writes the run's ``config.json``."""
+    if not state.files_written:
+        start_writing(state, run)
     _save_atomic(state.fabric, layout.checkpoint(run.run_dir, "last"), state.checkpoint())
     if improved:
         _save_atomic(state.fabric, layout.checkpoint(run.run_dir, "best"),
@@ -541,16 +558,14 @@ def set_up(config: TrainConfig, homes: Homes, hooks, resume: bool,
                      train_eval_heldin=model.train_eval_heldin(config.train_eval_heldin),
                      hparams=model.settle(config.hparams, split.dataset.name))
     data, pool = with_eval_heldin(data, config.seed) if config.train_eval_heldin else (data, train_trials_only(data))
-    run = Run(config, run_dir, tuple(hooks), quiet)
+    run = Run(config, run_dir, tuple(hooks), quiet, () if resume else tuple(layout.old_run_files(run_dir)))
     if fabric.is_global_zero:
-        for old in ([] if resume else layout.old_run_files(run_dir)):
-            old.unlink(missing_ok=True)
         last.parent.mkdir(parents=True, exist_ok=True)
-        layout.write_json(layout.config_file(run_dir), asdict(run.config))
     fabric.barrier()
     state = create_train_state(fabric, run.config, data)
     if resume:
-        restore(state, last)
+        restore(state, last)  # settings the checkpoint cannot take fail here, config.json untouched
+        start_writing(state, run)
         p = max(state.members, key=lambda member: member.best)
         fabric.print(f"resuming {split.name} at epoch {state.epoch} (best {p.best:.4f} at {p.best_epoch}, "
                      f"lr {max(state.lrs):.3g})")
@@ -563,6 +578,26 @@ def train(config: TrainConfig, homes: Homes, hooks=HOOKS, resume: bool = False, 
     and the submission under the run's folder. Returns the run's summary. ``on_epoch(record)``,
     where given, gets each epoch's record (epoch, losses, monitored value, lr) on rank 0 once its
     checkpoint is written: a hyperparameter search reports it to its scheduler."""
+    with memory_errors_as_user_errors(config):
+        return run_training(config, homes, hooks, resume, quiet, on_epoch)
+
+
+@contextmanager
+def memory_errors_as_user_errors(config: TrainConfig):
+    """A model or batch too large for the machine's memory is a setting to change: one line."""
+    try:
+        yield
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and not isinstance(error, torch.OutOfMemoryError) \
+                and "can't allocate memory" not in str(error):
+            raise
+        raise UserError(f"out of memory training {config.split} (--model {config.model}, --batch-size "
+                        f"{config.batch_size or 'auto'}, --ensemble {config.ensemble}, the model's sizes "
+                        f"{config.hparams or 'its defaults'}): choose smaller ones") from None
+
+
+def run_training(config: TrainConfig, homes: Homes, hooks, resume: bool, quiet: bool, on_epoch) -> dict:
+    """``train``'s loop, from the set-up to the finished run's summary."""
     state, data, pool, run = set_up(config, homes, hooks, resume, quiet)
     started = time.perf_counter()
     everyone = list(range(len(state.members)))
@@ -570,7 +605,12 @@ def train(config: TrainConfig, homes: Homes, hooks=HOOKS, resume: bool = False, 
     written, unwritten_best = time.perf_counter(), False
     while stop is None:
         epoch, lrs = state.epoch, state.lrs
-        train_loss, terms = train_epoch(state, pool, run)
+        try:
+            train_loss, terms = train_epoch(state, pool, run)
+        except NonFiniteLoss as error:
+            kept = "the best checkpoint is kept" if state.files_written else \
+                "nothing of this run was written (an earlier run's files are as they were)"
+            raise NonFiniteLoss(f"{error}, {kept}. Try a lower --learning-rate or --grad-clip") from None
         with evaluating(state):
             members, (val_loss, value) = validate(state.module, data)
         decisions = [member_decision(p, v, lr, run.config) for p, (_, v), lr in zip(state.members, members, lrs)]

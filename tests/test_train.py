@@ -142,6 +142,43 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_best(homes, prepare
         assert state["members"][0]["epoch"] <= 3
 
 
+def run_files(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_an_earlier_run_as_it_was(homes, prepared, monkeypatch):
+    run(homes, prepared, split="area2_bump-20ms-val", run_tag="kept", max_epochs=2)
+    run_dir = homes["RUNS_HOME"] / "kept" / "area2_bump-20ms-val"
+    before = run_files(run_dir)
+    real = loop.poisson_nll
+    monkeypatch.setattr(loop, "poisson_nll", lambda logrates, spikes: real(logrates, spikes) * float("nan"))
+    with pytest.raises(UserError, match=r"training loss became nan at epoch 0: stopped before the update, nothing "
+                                        r"of this run was written \(an earlier run's files are as they were\)"):
+        run(homes, prepared, split="area2_bump-20ms-val", run_tag="kept", max_epochs=3, seed=5)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(loop, "poisson_nll", real)
+    monkeypatch.setattr(loop, "train_epoch", out_of_memory)
+    with pytest.raises(UserError, match=r"out of memory training area2_bump-20ms-val .*choose smaller ones"):
+        run(homes, prepared, split="area2_bump-20ms-val", run_tag="kept", max_epochs=3, seed=6)
+    new_events = [name for name in run_files(run_dir) if name not in before]
+    assert all(name.startswith("events.out.tfevents") for name in new_events)  # the failed runs' empty logs
+    assert {name: data for name, data in run_files(run_dir).items() if name in before} == before
+
+
+def test_a_resume_its_checkpoint_refuses_leaves_the_run_config_as_it_was(homes, prepared):
+    run(homes, prepared, split="mc_rtt-20ms-test", run_tag="refused", max_epochs=1)
+    config = homes["RUNS_HOME"] / "refused" / "mc_rtt-20ms-test" / "config.json"
+    before = config.read_bytes()
+    other = TrainConfig(**{**FAST, "split": "mc_rtt-20ms-test", "run_tag": "refused", "max_epochs": 2,
+                           "model": "gru_readout"})
+    with pytest.raises(UserError, match="cannot resume from .*from another model"):
+        train(other, homes_with(), resume=True, quiet=True)
+    assert config.read_bytes() == before
+
+
 def test_a_caller_passes_its_own_hooks(homes, prepared):
     seen = []
 
