@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from nlbfab.errors import UserError
 
 TRUTH_FILE = "synthetic_truth.h5"  # a synthetic dataset's ground truth, beside its NWB files
 HIDDEN_DIR = "evalai"  # beside them: a synthetic dataset's test file as EvalAI holds it (nlbfab.evalai_target)
@@ -66,10 +69,18 @@ class Homes:
 
     def tag_dir(self, run_tag: str) -> Path:
         """``RUNS_HOME/{run_tag}``: the submission files and one folder per split."""
+        check_run_tag(run_tag)
         return Path(self.runs) / run_tag
 
     def run_dir(self, run_tag: str, split) -> Path:
         return self.tag_dir(run_tag) / split.name
+
+
+def check_run_tag(run_tag: str | None) -> None:
+    """A run tag names one folder inside RUNS_HOME: never a path, nor RUNS_HOME or its parent."""
+    if not re.fullmatch(r"[\w.+-]+", run_tag or "") or run_tag in (".", ".."):
+        raise UserError(f"--run-tag {run_tag!r}: use letters, digits, '.', '_', '+' or '-' (it names a folder "
+                        f"in RUNS_HOME)")
 
 
 def search_dir(tag_dir: Path, split) -> Path:

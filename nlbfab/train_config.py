@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field, fields, replace
 
 from nlbfab.errors import UserError
+from nlbfab.layout import check_run_tag
 
 # the stopping rule counts epochs, so an epoch should take a few optimizer steps on every dataset
 BATCHES_PER_EPOCH = 5
@@ -170,8 +171,7 @@ def check(config: TrainConfig) -> None:
                         f"most {MAX_SEED}")
     if not re.fullmatch(r"auto|[1-9][0-9]*|[0-9]+,|[0-9]+(,[0-9]+)+", config.devices):
         raise UserError(f"--devices {config.devices}: must be a positive number, auto, or GPU indices such as 0,2")
-    if not re.fullmatch(r"[\w.+-]+", config.run_tag or ""):
-        raise UserError(f"--run-tag {config.run_tag!r}: use letters, digits, '.', '_', '+' or '-' (it names a folder)")
+    check_run_tag(config.run_tag)
 
 
 def auto_batch_size(train_trials: int) -> int:

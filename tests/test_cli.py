@@ -164,3 +164,16 @@ def test_more_cpu_processes_than_cores_are_refused_before_any_starts(prepared):
     too_many = str((os.cpu_count() or 1) + 1)
     one_line_error(run_cli(cli.train, "--split", "mc_rtt-20ms-val", "--accelerator", "cpu", "--devices", too_many),
                    f"--devices {too_many} on the CPU starts {too_many} training processes", "or fewer")
+
+
+@pytest.mark.parametrize("tag", [".", "..", "../elsewhere", "/tmp/abs", "a b"])
+def test_a_run_tag_names_one_folder_in_runs_home_in_every_command(prepared, homes, tag):
+    from pathlib import Path
+    Path(homes["RUNS_HOME"]).mkdir(exist_ok=True)
+    outside = Path(homes["RUNS_HOME"]).parent
+    before = sorted(p.name for p in outside.iterdir())
+    for command, args in [(cli.train, ["--split", "mc_rtt-20ms-val"]), (cli.baseline, ["--split", "mc_rtt-20ms-val"]),
+                          (cli.sweep, ["--datasets", "mc_rtt", "--bins", "20", "--phases", "val"]),
+                          (cli.search, ["--split", "mc_rtt-20ms-val", "--trials", "2"]), (cli.submit, [])]:
+        one_line_error(run_cli(command, *args, "--run-tag", tag), f"--run-tag {tag!r}", "names a folder in RUNS_HOME")
+    assert sorted(p.name for p in outside.iterdir()) == before
