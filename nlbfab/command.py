@@ -152,10 +152,10 @@ def given_train_options(train_command: click.Command, split: str, args: list[str
     """The ``nlbfab-train`` options given in ``args`` (not those left at their defaults) and the
     model's hyperparameters given, by setting name: what ``nlbfab-search`` fixes for every trial.
     All of them are checked as a run's would be."""
-    refused = [a.split("=")[0] for a in args if a.split("=")[0] in ("--quiet", "--config")]
+    refused = [a.split("=")[0] for a in args if a.split("=")[0] in ("--quiet", "--config", "--accelerator", "--devices")]
     if refused:
-        raise UserError(f"{refused[0]} is not for nlbfab-search's trials (they run quietly, with the settings "
-                        f"given here and those drawn for them)")
+        raise UserError(f"{refused[0]} is not for nlbfab-search's trials (they run quietly on one device each, CPU "
+                        f"or GPU as --gpus-per-trial gives them, with the settings given here and those drawn for them)")
     context = train_command.make_context("nlbfab-train", ["--split", split, *args])
     options = {k: v for k, v in context.params.items() if k not in ("split_name", "resume", "quiet")}
     hparams = train_config(split, options, context.args).hparams

@@ -42,7 +42,7 @@ from nlbfab.scoring import submit_and_score
 from nlbfab.search_space import Distribution, space_from_json, space_to_json, split_settings
 from nlbfab.splits import Split, get_split
 from nlbfab.submission import expected_shapes
-from nlbfab.train import NonFiniteLoss, train
+from nlbfab.train import NonFiniteLoss, fabric_for, train
 from nlbfab.train_config import TrainConfig
 
 METRIC = "best_val_co_bps"  # the best val co-bps so far: ASHA compares trials by it, TPE learns from its last value
@@ -198,8 +198,13 @@ class Progress(tune.Callback):
 
 def settle_resources(plan: SearchPlan, cluster: dict) -> SearchPlan:
     """The plan with its GPU share (``GPU_SHARE`` where the cluster has GPUs, else 0) and its
-    concurrency (the cluster's CPUs over each trial's) settled."""
+    concurrency (the cluster's CPUs over each trial's) settled; a trial the cluster cannot hold
+    (Tune would wait for it for ever) fails in one line."""
     gpus = plan.gpus if plan.gpus is not None else GPU_SHARE if cluster.get("GPU", 0) else 0.0
+    for option, wanted, kind in (("--cpus-per-trial", plan.cpus, "CPU"), ("--gpus-per-trial", gpus, "GPU")):
+        if wanted > cluster.get(kind, 0):
+            raise UserError(f"{option} {wanted:g}: the Ray cluster has {cluster.get(kind, 0):g} {kind}s, so no trial "
+                            f"could start; ask for at most that many")
     concurrent = plan.concurrent or max(1, int(cluster.get("CPU", 1)) // plan.cpus)
     return replace(plan, gpus=gpus, concurrent=concurrent)
 
@@ -252,9 +257,12 @@ def search(plan: SearchPlan, homes: Homes, resume: bool,
     as settled and ``trial_rows``."""
     folder = search_folder(homes, plan)
     if not resume:
-        if folder.exists():
-            shutil.rmtree(folder)
         plan = settle_resources(plan, ray.cluster_resources())
+        base = trial_config(plan, {}, "base")
+        if base.accelerator == "cpu":  # a GPU trial's settings can only be tried where its GPU is
+            fabric_for(base)
+        if folder.exists():  # replaced once the new search can run
+            shutil.rmtree(folder)
         folder.mkdir(parents=True)
         layout.write_json(layout.search_plan(folder), plan.to_json())
     report(f"{plan.split}: {plan.trials} trials of {plan.model.name}, {plan.concurrent} at a time, each "

@@ -240,9 +240,15 @@ def available_accelerators() -> list[str]:
 
 
 def create_fabric(config: TrainConfig, run_dir: Path) -> Fabric:
-    """Fabric for the run's accelerator, devices, strategy and precision; what this machine or
-    Fabric cannot run fails in one line before any work. TensorBoard logs into the run folder,
-    so that ``tensorboard --logdir RUNS_HOME`` names each run ``{run_tag}/{split}``."""
+    """``fabric_for`` the run, TensorBoard logging into the run folder, so that ``tensorboard
+    --logdir RUNS_HOME`` names each run ``{run_tag}/{split}``."""
+    return fabric_for(config, TensorBoardLogger(run_dir.parent, name=run_dir.name, version="", default_hp_metric=False))
+
+
+def fabric_for(config: TrainConfig, logger=None) -> Fabric:
+    """Fabric for the run's accelerator, devices, strategy and precision, not launched; what this
+    machine or Fabric cannot run fails in one line before any work (a search or sweep asks before
+    it starts its runs)."""
     available = available_accelerators()
     if config.accelerator not in ("auto", *available):
         cuda = f"built for CUDA {torch.version.cuda} but sees no GPU" if torch.version.cuda else "a CPU-only build"
@@ -250,20 +256,23 @@ def create_fabric(config: TrainConfig, run_dir: Path) -> Fabric:
                         f"{', '.join(available)}; torch {torch.__version__} is {cuda}). For an NVIDIA GPU, install a "
                         f"CUDA build of torch into .venv, e.g. '.venv/bin/pip install torch --index-url "
                         f"https://download.pytorch.org/whl/cu128' (README: Set up)")
+    on_cpu = config.accelerator == "cpu" or config.accelerator == "auto" and available == ["cpu"]
+    if config.precision == "16-mixed" and on_cpu:  # Fabric would say so in a line of its own, then run bf16
+        raise UserError("--precision 16-mixed needs a GPU: CPUs have no float16 autocast; use bf16-mixed or 32-true")
+    if "spawn" in config.strategy or "fork" in config.strategy:
+        raise UserError(f"--strategy {config.strategy}: nlbfab's loop runs in the processes Fabric starts from the "
+                        f"command line (ddp, auto); spawned or forked ones would need a function to run")
     devices = int(config.devices) if config.devices.isdigit() else config.devices
-    logger = TensorBoardLogger(run_dir.parent, name=run_dir.name, version="", default_hp_metric=False)
     try:
         fabric = Fabric(accelerator=config.accelerator, devices=devices, strategy=config.strategy,
                         precision=config.precision, loggers=logger)
-    except (ValueError, RuntimeError, TypeError, MisconfigurationException) as error:
+    except (ValueError, RuntimeError, TypeError, ImportError, MisconfigurationException) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"Fabric cannot run --accelerator {config.accelerator} --devices {config.devices} --strategy "
                         f"{config.strategy} --precision {config.precision}: {reason}") from None
     if fabric.device.type == "cpu" and fabric.world_size > (os.cpu_count() or 1):  # each one a process of its own
         raise UserError(f"--devices {config.devices} on the CPU starts {fabric.world_size} training processes, more "
                         f"than this machine's {os.cpu_count()} cores: use --devices {os.cpu_count()} or fewer")
-    if config.precision == "16-mixed" and fabric.device.type == "cpu":  # Fabric would run bf16 and say 16-mixed
-        raise UserError("--precision 16-mixed needs a GPU: CPUs have no float16 autocast; use bf16-mixed or 32-true")
     return fabric
 
 

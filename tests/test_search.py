@@ -242,3 +242,22 @@ def test_asha_first_rung_is_later_at_5_ms_unless_given():
     five = SearchPlan("mc_maze_small-05ms-val", 4, {}, {})
     assert five.grace_epochs == 75 and SearchPlan.from_json(five.to_json()) == five  # resumed as started
     assert SearchPlan("mc_maze_small-05ms-val", 4, {}, {}, grace_epochs=10).grace_epochs == 10
+
+
+def test_a_search_its_trials_cannot_run_leaves_the_earlier_search_as_it_was(searched, homes):
+    import ray
+    folder = searched[1]
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and "tune" not in p.parts}
+    refused = run_cli(cli.search, "--split", SPLIT.name, "--trials", "2", "--run-tag", "srch", "--accelerator", "gpu")
+    assert refused.exit_code == 2 and "--accelerator is not for nlbfab-search's trials" in refused.stderr
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for options, message in [(("--precision", "16-mixed"), "--precision 16-mixed needs a GPU"),
+                                 (("--gpus-per-trial", "0.5"), "--gpus-per-trial 0.5: the Ray cluster has 0 GPUs"),
+                                 (("--cpus-per-trial", "3"), "--cpus-per-trial 3: the Ray cluster has 2 CPUs")]:
+            result = run_cli(cli.search, "--split", SPLIT.name, "--trials", "2", "--run-tag", "srch", *options)
+            assert result.exit_code == 2 and message in result.stderr, result.output
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    finally:
+        ray.shutdown()
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and "tune" not in p.parts} == before
