@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 
 import click
 
@@ -201,8 +202,11 @@ def sweep(ctx, datasets, bins, phases, run_tag, resume, no_prep, search_trials, 
     """Train all 28 splits (or a subset) over every GPU, or the CPU cores. Other options
     (e.g. --max-epochs 50 --hidden-size 64) pass through to every nlbfab-train run."""
     from nlbfab import sweep as sw
-    check_pass_through(train, ctx.args)
+    run_settings = check_pass_through(train, ctx.args)
     where, splits = sw.Placement(**placement), sw.select_splits(datasets, bins, phases)
+    if where.backend == "local":  # Fabric's settings tried here, where the runs will be (a cluster's, there)
+        from nlbfab.train import available_accelerators, fabric_for
+        fabric_for(replace(run_settings, accelerator="gpu" if "gpu" in available_accelerators() else "cpu"))
     if search_trials and resume:
         raise UserError("--resume with --search: continue each interrupted search with 'bin/nlbfab-search --split "
                         f"SPLIT --run-tag {run_tag} --resume'")

@@ -138,14 +138,18 @@ def train_config(split: str, options: dict, extra_args: list[str]) -> TrainConfi
     return TrainConfig(split=split, hparams=hparams, **options)
 
 
-def check_pass_through(train_command: click.Command, args: list[str]) -> None:
+def check_pass_through(train_command: click.Command, args: list[str]) -> TrainConfig:
     """``nlbfab-all``'s options for every ``nlbfab-train`` run, checked before any split is
-    prepared or trained."""
+    prepared or trained; returns a run's settings with them."""
     if any(a in ("--split", "--run-tag", "--resume") for a in args):
         raise UserError("--split, --run-tag and --resume are nlbfab-all's own: use --datasets/--bins/--phases")
+    placed = [a.split("=")[0] for a in args if a.split("=")[0] in ("--accelerator", "--devices")]
+    if placed:
+        raise UserError(f"{placed[0]} is not for nlbfab-all's runs: each gets one GPU or CPU worker of its placement "
+                        f"(--jobs-per-gpu, --workers, --gpus-per-run)")
     context = train_command.make_context("nlbfab-train", ["--split", "mc_maze-20ms-val", *args])
     options = {k: v for k, v in context.params.items() if k not in ("split_name", "resume", "quiet")}
-    train_config("mc_maze-20ms-val", options, context.args)
+    return train_config("mc_maze-20ms-val", options, context.args)
 
 
 def given_train_options(train_command: click.Command, split: str, args: list[str]) -> dict:

@@ -177,3 +177,14 @@ def test_a_run_tag_names_one_folder_in_runs_home_in_every_command(prepared, home
                           (cli.search, ["--split", "mc_rtt-20ms-val", "--trials", "2"]), (cli.submit, [])]:
         one_line_error(run_cli(command, *args, "--run-tag", tag), f"--run-tag {tag!r}", "names a folder in RUNS_HOME")
     assert sorted(p.name for p in outside.iterdir()) == before
+
+
+@pytest.mark.parametrize("options, message", [(["--precision", "16-mixed"], "--precision 16-mixed needs a GPU"),
+                                              (["--strategy", "ddp_spawn"], "--strategy ddp_spawn"),
+                                              (["--accelerator", "gpu"], "--accelerator is not for nlbfab-all's runs"),
+                                              (["--devices", "2"], "--devices is not for nlbfab-all's runs")])
+def test_nlbfab_all_refuses_settings_its_runs_cannot_use_before_any_starts(prepared, homes, options, message):
+    from pathlib import Path
+    result = run_cli(cli.sweep, "--datasets", "mc_rtt", "--bins", "20", "--phases", "val", "--run-tag", "never", *options)
+    one_line_error(result, message)
+    assert not (Path(homes["RUNS_HOME"]) / "never").exists()
