@@ -98,30 +98,41 @@ def load_split(split: Split, homes: Homes) -> SplitData:
     evaluation = _read(paths["eval_input"], rebuild)
     _require(evaluation, {"eval_spikes_heldin"} | ({"eval_spikes_heldout"} if split.phase == "val" else set()),
              paths["eval_input"], rebuild)
-    observed = np.concatenate([train["train_spikes_heldin"], train["train_spikes_heldout"]], -1)
-    forward = np.concatenate([train["train_spikes_heldin_forward"], train["train_spikes_heldout_forward"]], -1)
-    heldout, fwd_steps = train["train_spikes_heldout"].shape[2], forward.shape[1]
     target = {}
-    eval_heldin = evaluation["eval_spikes_heldin"]
     if split.phase == "val":
         target = _read(paths["eval_target"], rebuild).get(split.group)
         if target is None:
             raise UserError(f"{paths['eval_target']} has no group {split.group}: run '{rebuild}'")
         _require(target, TARGET_KEYS | ({"eval_cond_idx"} if "psth" in target else set()), paths["eval_target"], rebuild)
-        loss_target = target
-        window_target = homes.split_file(split, "eval_target_train_window")
-        if window_target.is_file():  # dmfc_rsg: the NaN-free variant for the loss
-            loss_target = _read(window_target, rebuild)[split.group]
+    window_target = homes.split_file(split, "eval_target_train_window")
+    # dmfc_rsg: the NaN-free variant of the target for the loss
+    loss_target = _read(window_target, rebuild)[split.group] if target and window_target.is_file() else target
+    try:
+        data = _assemble(split, train, evaluation, target, loss_target)
+    except ValueError as error:  # arrays of different trials, bins or units
+        raise UserError(f"tensors in {homes.split_dir(split)} do not fit together ({str(error).splitlines()[0]}): "
+                        f"run '{rebuild}'") from None
+    _check_shapes(data, homes.split_dir(split), rebuild)
+    return data
+
+
+def _assemble(split: Split, train: dict, evaluation: dict, target: dict, loss_target: dict) -> SplitData:
+    """The split's tensors from its files' arrays: the train target (observed and forward bins,
+    held-in and held-out units) and, on the val phase, the eval trials' likewise."""
+    if not len(train["train_spikes_heldin"]) or not len(evaluation["eval_spikes_heldin"]):
+        raise ValueError("no train or no eval trials")
+    observed = np.concatenate([train["train_spikes_heldin"], train["train_spikes_heldout"]], -1)
+    forward = np.concatenate([train["train_spikes_heldin_forward"], train["train_spikes_heldout_forward"]], -1)
+    heldout, fwd_steps = train["train_spikes_heldout"].shape[2], forward.shape[1]
+    eval_heldin = evaluation["eval_spikes_heldin"]
+    eval_recon = eval_heldin
+    if split.phase == "val":
         eval_recon = np.concatenate([
             np.concatenate([eval_heldin, evaluation["eval_spikes_heldout"]], -1),
             np.concatenate([loss_target["eval_spikes_heldin_forward"], loss_target["eval_spikes_heldout_forward"]], -1),
         ], 1)
-    else:
-        eval_recon = eval_heldin
-    data = SplitData(split, _float_tensor(train["train_spikes_heldin"]), _float_tensor(np.concatenate([observed, forward], 1)),
+    return SplitData(split, _float_tensor(train["train_spikes_heldin"]), _float_tensor(np.concatenate([observed, forward], 1)),
                      _float_tensor(eval_heldin), _float_tensor(eval_recon), heldout, fwd_steps, target)
-    _check_shapes(data, homes.split_dir(split), rebuild)
-    return data
 
 
 def _check_shapes(data: SplitData, folder: Path, rebuild: str) -> None:

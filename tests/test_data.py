@@ -2,6 +2,7 @@
 import shutil
 
 import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -63,6 +64,19 @@ def test_disagreeing_shapes_are_caught(prepared, tmp_path):
         h5["eval_spikes_heldin"] = data[:, :, :5]
     with pytest.raises(UserError, match="disagree"):
         load_split(get_split("mc_rtt-20ms-test"), homes_with(prep=home))
+
+
+@pytest.mark.parametrize("file, key, cut", [("train_input.h5", "train_spikes_heldout", np.s_[:, :, :3]),
+                                            ("eval_input.h5", "eval_spikes_heldout", np.s_[:, :20]),
+                                            ("train_input.h5", "train_spikes_heldin", np.s_[:0])])
+def test_tensors_of_other_units_bins_or_no_trials_are_one_line(prepared, tmp_path, file, key, cut):
+    home = copy_split(prepared, tmp_path, "area2_bump-20ms-val")
+    with h5py.File(home / "area2_bump-20ms-val" / file, "a") as h5:
+        data = h5[key][()]
+        del h5[key]
+        h5[key] = data[cut]
+    with pytest.raises(UserError, match=r"(do not fit together|disagree).*run 'bin/nlbfab-prep --split area2_bump-20ms-val --force'"):
+        load_split(get_split("area2_bump-20ms-val"), homes_with(prep=home))
 
 
 @pytest.mark.parametrize("file, group, key", [("eval_target.h5", "area2_bump_20", "train_behavior"),
