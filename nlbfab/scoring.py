@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import joblib
@@ -16,7 +17,7 @@ from threadpoolctl import threadpool_limits
 
 from nlbfab.errors import UserError
 from nlbfab.evalai_target import evalai_target
-from nlbfab.layout import Homes, submission_file
+from nlbfab.layout import Homes, hidden_test_file, submission_file
 from nlbfab.splits import Split
 from nlbfab.submission import submit
 
@@ -42,7 +43,22 @@ def scoring_threads() -> int:
 
 def score(target: Path | dict, submission_path: Path, split: Split) -> dict[str, float]:
     """Score the split's group of a submission file against its target: the split's target file,
-    or the target arrays already in memory as ``{group: {name: array}}``."""
+    or the target arrays already in memory as ``{group: {name: array}}``; a file nlb_tools cannot
+    score (damaged, of other shapes, NaN rates) fails in one line."""
+    try:
+        results = _evaluate(target, submission_path, split)
+    except (OSError, ValueError, KeyError, AssertionError) as error:  # nlb_tools asserts, e.g. on NaN rates
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot score {submission_path} on {split.name} ({reason}): a run's damaged submission is "
+                        f"rebuilt from its rates by 'bin/nlbfab-submit --run-tag TAG'") from None
+    metrics = split_metrics(results, split)
+    if not metrics:  # evaluate() silently skips a misnamed group
+        raise UserError(f"no scores for {split.name} in {submission_path}: it needs a group named "
+                        f"'{split.group}' with eval_rates_heldout")
+    return metrics
+
+
+def _evaluate(target: Path | dict, submission_path: Path, split: Split) -> list[dict]:
     # GridSearchCV's small ridge fits are independent: one thread per core, each fit on a
     # single BLAS thread (benchmarks/README.md), with nlb_tools' numbers
     with threadpool_limits(1), joblib.parallel_config(backend="threading", n_jobs=scoring_threads()), \
@@ -51,12 +67,7 @@ def score(target: Path | dict, submission_path: Path, split: Split) -> dict[str,
         # shown the split's group alone: a run's file holds its other splits too, whose targets are
         # not here, and for each of those evaluate() would log a warning that its data is missing
         groups = {split.group: submission[split.group]} if split.group in submission else {}
-        results = evaluate(target if isinstance(target, dict) else str(target), groups)
-    metrics = split_metrics(results, split)
-    if not metrics:  # evaluate() silently skips a misnamed group
-        raise UserError(f"no scores for {split.name} in {submission_path}: it needs a group named "
-                        f"'{split.group}' with eval_rates_heldout")
-    return metrics
+        return evaluate(target if isinstance(target, dict) else str(target), groups)
 
 
 def submit_and_score(split: Split, rates: dict, run_dir: Path, expected: dict, target: Path | dict) -> dict:
@@ -70,22 +81,25 @@ def submit_and_score(split: Split, rates: dict, run_dir: Path, expected: dict, t
     return result
 
 
-def score_table(split: Split, run_tags: list[str], homes: Homes) -> str:
+def score_table(split: Split, run_tags: list[str], homes: Homes, report: Callable[[str], None] = print) -> str:
     """A table of each run's metrics on ``split``; with a run tagged ``oracle``, a column gives
     co-bps as a share of the oracle's. A test split is scored against the target EvalAI would
-    hold (synthetic datasets only: ``nlbfab.evalai_target``)."""
+    hold (synthetic datasets only: ``nlbfab.evalai_target``), once every run's file is found
+    (``report`` says when the target is being cut)."""
+    paths = {tag: submission_file(homes.tag_dir(tag), split.phase) for tag in run_tags}
+    for tag, path in paths.items():
+        if not path.is_file():
+            raise UserError(f"no submission for run '{tag}' at {path}: train or run a baseline with --run-tag {tag}")
     if split.phase == "test":
+        hidden = hidden_test_file(homes.data, split.dataset)
+        if hidden.is_file():  # else evalai_target says why in one line
+            report(f"{split.name}: cutting its target from {hidden} ...")
         target = evalai_target(homes, split)
     else:
         target = homes.split_file(split, "eval_target")
         if not target.is_file():
             raise UserError(f"missing {target}: run 'bin/nlbfab-prep --split {split.name}'")
-    rows = {}
-    for tag in run_tags:
-        path = submission_file(homes.tag_dir(tag), split.phase)
-        if not path.is_file():
-            raise UserError(f"no submission for run '{tag}' at {path}: train or run a baseline with --run-tag {tag}")
-        rows[tag] = score(target, path, split)
+    rows = {tag: score(target, path, split) for tag, path in paths.items()}
     names = list(dict.fromkeys(k for metrics in rows.values() for k in metrics))
     oracle = rows.get("oracle", {}).get("co-bps")
     header = f"{'run':14s}" + "".join(f"{n:>10s}" for n in names) + ("  of oracle" if oracle else "")

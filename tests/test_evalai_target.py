@@ -99,6 +99,10 @@ def test_scores_command_scores_a_synthetic_test_split_and_says_why_not_elsewhere
     assert result.exit_code == 0, result.output
     assert "mc_rtt-20ms-test" in result.output and "co-bps" in result.output and "100.0%" in result.output
 
+    missing = run_cli(cli.scores, "--split", "mc_rtt-20ms-test", "--run-tag", "oracle", "--run-tag", "never-run")
+    assert missing.exit_code == 2 and missing.stderr.splitlines() == [missing.stderr.strip()]  # before any cutting
+    assert "no submission for run 'never-run'" in missing.stderr
+
     dataset = DATASETS["mc_rtt"]
     copy = dataset_dir(tmp_path, dataset)
     shutil.copytree(dataset_dir(synthetic, dataset), copy)

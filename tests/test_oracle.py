@@ -102,3 +102,19 @@ def test_score_reads_only_its_splits_group_of_a_runs_file(prepared, synthetic, t
     with caplog.at_level("WARNING", logger="nlb_tools.evaluation"):  # the commands keep it at ERROR
         assert score(target, both, split) == alone
     assert "not found" not in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["truncated", "fewer trials", "NaN rates"])
+def test_a_submission_nlb_tools_cannot_score_is_one_line(prepared, synthetic, tmp_path, damage):
+    from nlbfab.errors import UserError
+    split = get_split("mc_maze-20ms-val")
+    path = write_rates(tmp_path / "damaged.h5", split.group, split.phase, oracle_rates(synthetic, split))
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:2000])
+    else:
+        with h5py.File(path, "a") as h5:
+            rates = h5[f"{split.group}/eval_rates_heldout"][()]
+            del h5[f"{split.group}/eval_rates_heldout"]
+            h5[f"{split.group}/eval_rates_heldout"] = rates[:3] if damage == "fewer trials" else rates * np.nan
+    with pytest.raises(UserError, match=r"cannot score .*damaged.h5 on mc_maze-20ms-val .*bin/nlbfab-submit"):
+        score(prepared / split.name / "eval_target.h5", path, split)
