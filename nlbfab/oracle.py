@@ -28,11 +28,16 @@ def read_truth(path: Path) -> tuple[Truth, dict[str, dict[str, np.ndarray]]]:
     """The generating parameters and, per file (``train``/``test``), latents and trial starts."""
     if not path.is_file():
         raise UserError(f"no ground truth at {path}: only datasets made by 'bin/nlbfab-synth' have an oracle")
-    with h5py.File(path, "r") as h5:
-        truth = Truth(h5["loadings"][()], h5["bias"][()], h5["heldout"][()], h5["readout"][()],
-                      int(h5.attrs["lag_ms"]), float(h5.attrs.get("ceiling_per_ms", np.inf)))
-        files = {k: {"latents": h5[k]["latents"][()], "trial_start_ms": h5[k]["trial_start_ms"][()]}
-                 for k in ("train", "test")}
+    try:
+        with h5py.File(path, "r") as h5:
+            truth = Truth(h5["loadings"][()], h5["bias"][()], h5["heldout"][()], h5["readout"][()],
+                          int(h5.attrs["lag_ms"]), float(h5.attrs.get("ceiling_per_ms", np.inf)))
+            files = {k: {"latents": h5[k]["latents"][()], "trial_start_ms": h5[k]["trial_start_ms"][()]}
+                     for k in ("train", "test")}
+    except (OSError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot read {path} ({reason}): remake the dataset with 'bin/nlbfab-synth --force' and "
+                        f"the --scale, --seed and --variability it was made with") from None
     return truth, files
 
 

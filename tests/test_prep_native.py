@@ -237,3 +237,23 @@ def test_engine_option(homes, synthetic, tmp_path, monkeypatch):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
         "error: Invalid value for '--engine': 'pandas' is not one of 'native', 'nlb_tools'.")
+
+
+def test_a_damaged_nwb_file_or_truth_is_one_line_naming_it(prepared, synthetic, tmp_path, monkeypatch):
+    dataset = DATASETS["mc_rtt"]
+    copy = dataset_dir(tmp_path, dataset)
+    shutil.copytree(dataset_dir(synthetic, dataset), copy)
+    monkeypatch.setenv("DATA_HOME", str(tmp_path))
+    monkeypatch.setenv("RUNS_HOME", str(tmp_path / "runs"))
+    truth = copy / "synthetic_truth.h5"
+    truth.write_bytes(truth.read_bytes()[:1000])
+    result = run_cli(cli.baseline, "--method", "oracle", "--split", "mc_rtt-20ms-val")
+    assert result.exit_code == 2 and result.stderr.startswith(f"error: cannot read {truth}") and "nlbfab-synth --force" in result.stderr
+    monkeypatch.setenv("PREP_HOME", str(tmp_path / "prep"))
+    train = next(copy.glob("*train*.nwb"))
+    train.write_bytes(train.read_bytes()[:100_000])
+    result = run_cli(cli.prep, "--split", "mc_rtt-20ms-val")
+    assert result.exit_code == 2 and f"error: cannot read {train}" in result.stderr and "it is damaged" in result.stderr
+    lines = result.stderr.strip().splitlines()  # after prep's progress lines
+    assert lines[-1].startswith("error:") and sum(line.startswith("error:") for line in lines) == 1, result.stderr
+    assert not (tmp_path / "prep" / "mc_rtt-20ms-val").exists()

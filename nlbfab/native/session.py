@@ -295,12 +295,22 @@ def nwb_files(folder: Path) -> list[str]:
     return sorted(glob.glob(os.path.join(str(folder), "*.nwb")))
 
 
+def _readable_file(path: Path, keep_values: set[str]) -> _File:
+    """``_read_file``, or one line naming a file that is not a readable NWB file."""
+    try:
+        return _read_file(path, keep_values)
+    except (OSError, KeyError, ValueError) as error:  # h5py and pynwb on a damaged or truncated file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot read {path} ({reason}): it is damaged; download it again (bin/nlbfab-download) "
+                        f"or, if synthetic, remake it (bin/nlbfab-synth --force)") from None
+
+
 def open_session(folder: Path, keep_values: tuple[str, ...] = (), paths: list[Path] | None = None) -> Session:
     """The folder's NWB files as one ``Session``; the values of the series named in
     ``keep_values`` are kept (the others only say where they are NaN). ``paths``: these files
     instead, as if they lay in one folder (laid out in the order of their names)."""
     found = sorted(paths, key=lambda p: Path(p).name) if paths is not None else nwb_files(folder)
-    files = [_read_file(Path(p), set(keep_values)) for p in found]
+    files = [_readable_file(Path(p), set(keep_values)) for p in found]
     if not files:
         raise UserError(f"no NWB files in {folder}")
     offsets, trial_infos, trials = [0], [files[0].trial_info], len(files[0].trial_info)
