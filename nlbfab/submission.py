@@ -159,11 +159,18 @@ def submit(split, rates: dict[str, np.ndarray], run_dir: Path, expected: dict[st
 def rebuild(run_dir: Path, report: Callable[[str], None] = _stderr) -> dict[str, list[str]]:
     """Merge every split folder's rates of a run into its submission files (a damaged file is
     set aside first). Returns each rebuilt file's groups, by path."""
+    said = []
+
+    def once(line: str) -> None:  # a damaged rates file is found while looking for each phase's
+        if line not in said:
+            said.append(line)
+            report(line)
+
     rebuilt = {}
     for phase in PHASES:
-        sources = rates_files(run_dir, phase, report)
+        sources = rates_files(run_dir, phase, once)
         if sources:
-            path = merge_rates(layout.submission_file(run_dir, phase), sources, lambda: sources, report)
+            path = merge_rates(layout.submission_file(run_dir, phase), sources, lambda: sources, once)
             with h5py.File(path, "r") as h5:
                 rebuilt[str(path)] = sorted(h5)
     if not rebuilt:

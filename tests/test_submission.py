@@ -121,6 +121,12 @@ def test_nlbfab_submit_rebuilds_both_submission_files_from_the_run_folders(prepa
     assert len(list(run_dir.glob("submission-test.h5.damaged-*"))) == 1
     assert "2 group(s)" in result.output and "moved to" in result.output
 
+    rates = run_dir / "mc_rtt-05ms-val" / "rates.h5"
+    rates.write_bytes(rates.read_bytes()[:500])
+    result = run_cli(cli.submit, "--run-tag", "rebuild")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count(f"warning: {rates} is damaged and left out") == 1  # not once for each phase
+
 
 def test_nlbfab_submit_without_runs_says_so(homes):
     result = run_cli(cli.submit, "--run-tag", "never-ran")
