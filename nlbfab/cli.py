@@ -68,6 +68,8 @@ def prep(split_names, names, all_, force, engine):
     from nlbfab.prep import missing_data_hint, prepare_splits
     if not (split_names or names or all_):
         raise UserError("name a --split (e.g. mc_maze-20ms-val), a --dataset, or use --all")
+    if all_ and split_names:
+        raise UserError("--all or --split, not both")
     wanted = [get_split(n) for n in split_names]
     if names or all_:
         wanted += [s for dataset in chosen_datasets(names, all_) for s in splits_of(dataset)]
@@ -204,6 +206,8 @@ def sweep(ctx, datasets, bins, phases, run_tag, resume, no_prep, search_trials, 
     if where.backend == "local":  # Fabric's settings tried here, where the runs will be (a cluster's, there)
         from nlbfab.train import available_accelerators, fabric_for
         fabric_for(replace(run_settings, accelerator="gpu" if "gpu" in available_accelerators() else "cpu"))
+    if not search_trials and ctx.get_parameter_source("search_top") is click.core.ParameterSource.COMMANDLINE:
+        raise UserError("--search-top goes with --search N: the most trials of each search whose mean is submitted")
     if search_trials and resume:
         raise UserError("--resume with --search: continue each interrupted search with 'bin/nlbfab-search --split "
                         f"SPLIT --run-tag {run_tag} --resume'")
@@ -261,6 +265,8 @@ def search(ctx, split_name, trials, space, run_tag, address, resume, submit_top,
         raise UserError(f"{split.name}: a search chooses by val co-bps, which only val-phase splits have; "
                         f"search on {split.name.replace('-test', '-val')}")
     homes = config.homes(writable=("RUNS_HOME",), existing={"PREP_HOME": f"run 'bin/nlbfab-prep --split {split.name}'"})
+    if no_test and not submit_top:
+        raise UserError("--no-test goes with --submit-top: it keeps the submitted trials' settings off the test split")
     phases = [split] + ([sr.as_test_phase(split)] if submit_top and not no_test else [])
     for needed in phases:
         if not homes.split_file(needed, "eval_input").is_file():

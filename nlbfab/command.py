@@ -169,6 +169,8 @@ def given_train_options(train_command: click.Command, split: str, args: list[str
 
 def chosen_datasets(names: tuple[str, ...], all_: bool) -> list:
     """The datasets named by ``--dataset`` (repeatable), or all of them with ``--all``."""
+    if all_ and names:
+        raise UserError("--all or --dataset, not both")
     if all_:
         return list(DATASETS.values())
     if not names:

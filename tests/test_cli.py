@@ -188,3 +188,28 @@ def test_nlbfab_all_refuses_settings_its_runs_cannot_use_before_any_starts(prepa
     result = run_cli(cli.sweep, "--datasets", "mc_rtt", "--bins", "20", "--phases", "val", "--run-tag", "never", *options)
     one_line_error(result, message)
     assert not (Path(homes["RUNS_HOME"]) / "never").exists()
+
+
+@pytest.mark.parametrize("command, args, message", [
+    ("synth", ["--all", "--dataset", "mc_rtt"], "--all or --dataset, not both"),
+    ("prep", ["--all", "--split", "mc_rtt-20ms-val"], "--all or --split, not both"),
+    ("search", ["--split", "mc_rtt-20ms-val", "--no-test"], "--no-test goes with --submit-top"),
+    ("sweep", ["--datasets", "mc_rtt", "--search-top", "3"], "--search-top goes with --search N")])
+def test_options_that_cannot_go_together_are_refused(prepared, command, args, message):
+    one_line_error(run_cli(getattr(cli, command), *args), message)
+
+
+def test_an_env_file_named_but_missing_is_refused(homes, tmp_path, monkeypatch):
+    monkeypatch.setenv("NLBFAB_ENV_FILE", str(tmp_path / "no.env"))
+    one_line_error(run_cli(cli.baseline, "--split", "mc_rtt-20ms-val"), "NLBFAB_ENV_FILE=", "no such file")
+
+
+def test_the_demo_checks_its_settings_before_making_anything(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "bin" / "nlbfab-demo"
+    env = {**os.environ, "DATA_HOME": str(tmp_path / "dandi"), "NLBFAB_DEMO_SPLIT": "area2_bump-07ms-val"}
+    done = subprocess.run([str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and done.stderr.startswith("error: NLBFAB_DEMO_SPLIT=area2_bump-07ms-val")
+    assert not (tmp_path / "dandi").exists()
