@@ -12,7 +12,7 @@ from pathlib import Path
 from dotenv import dotenv_values, find_dotenv
 
 from nlbfab.errors import UserError
-from nlbfab.layout import Homes
+from nlbfab.layout import PREP_MARKER, TRAIN_WINDOW_TARGET, Homes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = {
@@ -107,12 +107,17 @@ def runs_home() -> Path:
 
 
 def split_file_names() -> dict[str, str]:
-    """The three per-split file names, keyed ``train_input``, ``eval_input``, ``eval_target``."""
-    return {
-        "train_input": setting("TRAIN_INPUT_FILE"),
-        "eval_input": setting("EVAL_INPUT_FILE"),
-        "eval_target": setting("EVAL_TARGET_FILE"),
-    }
+    """The three per-split file names, keyed ``train_input``, ``eval_input``, ``eval_target``:
+    three different names of files in the split's folder, or one line saying which is not."""
+    names = {kind: setting(f"{kind.upper()}_FILE") for kind in ("train_input", "eval_input", "eval_target")}
+    for kind, name in names.items():
+        if Path(name).name != name or name in (".", "..", TRAIN_WINDOW_TARGET, PREP_MARKER):
+            raise UserError(f"{kind.upper()}_FILE={name}: must be a file name (no folders) other than "
+                            f"{TRAIN_WINDOW_TARGET} and {PREP_MARKER}")
+    if len(set(names.values())) < len(names):
+        raise UserError(f"TRAIN_INPUT_FILE, EVAL_INPUT_FILE and EVAL_TARGET_FILE must differ (they are "
+                        f"{', '.join(names.values())})")
+    return names
 
 
 def homes(writable: tuple[str, ...] = (), existing: dict[str, str] | None = None) -> Homes:

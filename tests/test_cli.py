@@ -213,3 +213,11 @@ def test_the_demo_checks_its_settings_before_making_anything(tmp_path):
     done = subprocess.run([str(script)], capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 2 and done.stderr.startswith("error: NLBFAB_DEMO_SPLIT=area2_bump-07ms-val")
     assert not (tmp_path / "dandi").exists()
+
+
+@pytest.mark.parametrize("variable, value, message", [("TRAIN_INPUT_FILE", "eval_input.h5", "must differ"),
+                                                      ("EVAL_TARGET_FILE", "../x.h5", "must be a file name")])
+def test_split_file_names_must_be_three_names_in_the_split_folder(prepared, monkeypatch, variable, value, message):
+    monkeypatch.setenv(variable, value)
+    one_line_error(run_cli(cli.prep, "--split", "mc_rtt-20ms-val", "--force"), f"{variable}" if "name" in message
+                   else "TRAIN_INPUT_FILE, EVAL_INPUT_FILE and EVAL_TARGET_FILE", message)
