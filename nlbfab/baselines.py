@@ -7,6 +7,7 @@ from typing import Callable, Iterator
 import h5py
 import numpy as np
 
+from nlbfab import layout
 from nlbfab.errors import UserError
 from nlbfab.layout import Homes
 from nlbfab.oracle import oracle_rates, true_rate_dataset
@@ -41,6 +42,9 @@ def run_baseline(method: str, splits: list[Split], homes: Homes, run_tag: str, r
     for split in splits:
         if not homes.split_dir(split).is_dir():
             raise UserError(f"{split.name} is not preprocessed: run 'bin/nlbfab-prep --split {split.name}'")
+        if layout.config_file(homes.run_dir(run_tag, split)).is_file():  # its rates would replace the model's
+            raise UserError(f"run '{run_tag}' holds a trained model of {split.name}: give the {method} rates "
+                            f"another --run-tag")
     for split, rates in predict_baseline(method, splits, homes):
         result = submit_and_score(split, rates, homes.tag_dir(run_tag), expected_shapes(split, homes),
                                   homes.split_file(split, "eval_target"))

@@ -118,3 +118,12 @@ def test_a_submission_nlb_tools_cannot_score_is_one_line(prepared, synthetic, tm
             h5[f"{split.group}/eval_rates_heldout"] = rates[:3] if damage == "fewer trials" else rates * np.nan
     with pytest.raises(UserError, match=r"cannot score .*damaged.h5 on mc_maze-20ms-val .*bin/nlbfab-submit"):
         score(prepared / split.name / "eval_target.h5", path, split)
+
+
+def test_a_baseline_does_not_overwrite_a_trained_runs_rates(prepared, synthetic, homes):
+    run_dir = homes["RUNS_HOME"] / "trained" / "area2_bump-20ms-val"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    result = run_cli(cli.baseline, "--method", "oracle", "--split", "area2_bump-20ms-val", "--run-tag", "trained")
+    assert result.exit_code == 2 and "run 'trained' holds a trained model of area2_bump-20ms-val" in result.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
