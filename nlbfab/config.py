@@ -28,11 +28,8 @@ PATH_VARIABLES = ("DATA_HOME", "PREP_HOME", "RUNS_HOME")
 
 def _env_file() -> Path | None:
     """The ``.env`` in use: ``$NLBFAB_ENV_FILE``, else the repository's, else one found upward."""
-    if "NLBFAB_ENV_FILE" in os.environ:
-        path = Path(os.environ["NLBFAB_ENV_FILE"])
-        if not path.is_file():
-            raise UserError(f"NLBFAB_ENV_FILE={path}: no such file; point it at a .env file, or unset it")
-        return path
+    if "NLBFAB_ENV_FILE" in os.environ:  # a file that does not exist: no .env at all
+        return Path(os.environ["NLBFAB_ENV_FILE"])
     if (REPO_ROOT / ".env").is_file():
         return REPO_ROOT / ".env"
     found = find_dotenv(usecwd=True)

@@ -199,11 +199,6 @@ def test_options_that_cannot_go_together_are_refused(prepared, command, args, me
     one_line_error(run_cli(getattr(cli, command), *args), message)
 
 
-def test_an_env_file_named_but_missing_is_refused(homes, tmp_path, monkeypatch):
-    monkeypatch.setenv("NLBFAB_ENV_FILE", str(tmp_path / "no.env"))
-    one_line_error(run_cli(cli.baseline, "--split", "mc_rtt-20ms-val"), "NLBFAB_ENV_FILE=", "no such file")
-
-
 def test_the_demo_checks_its_settings_before_making_anything(tmp_path):
     import os
     import subprocess
