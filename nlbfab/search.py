@@ -31,7 +31,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from nlbfab import layout
+from nlbfab import layout, ray_cluster
 from nlbfab.data import load_split
 from nlbfab.ensemble import greedy_selection
 from nlbfab.errors import UserError
@@ -241,8 +241,8 @@ def ray_session(address: str | None):
     instance; one already running in this process (a test's) is used as it is."""
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR)
+        ray_cluster.init(address or "local", include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.ERROR)
     try:
         yield
     finally:

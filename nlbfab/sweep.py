@@ -17,7 +17,7 @@ from typing import Callable
 
 import h5py
 
-from nlbfab import layout
+from nlbfab import layout, ray_cluster
 from nlbfab.errors import UserError
 from nlbfab.layout import Homes
 from nlbfab.prep import is_up_to_date, prepare_splits
@@ -207,7 +207,7 @@ def run_ray(runs: list[Run], address: str | None, gpus_per_run: float | None, ru
     The paths in ``paths`` (DATA_HOME, PREP_HOME, RUNS_HOME, ...) must be on a filesystem every
     node shares: runs read their split there and write checkpoints and submissions there."""
     import ray
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    ray_cluster.init(address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
         if gpus_per_run is None:
             gpus_per_run = 0.3 if ray.cluster_resources().get("GPU", 0) else 0.0
@@ -251,6 +251,7 @@ class Placement:
                 import ray  # noqa: F401
             except ImportError:
                 raise UserError("--backend ray needs Ray: run 'pip install -e .[ray]'") from None
+            ray_cluster.check_reachable(self.address)
 
 
 def select_splits(datasets: list[str], bins: list[str], phases: list[str]) -> list[Split]:

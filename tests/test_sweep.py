@@ -3,6 +3,7 @@ submission files checked at the end."""
 import shutil
 
 import h5py
+import pytest
 
 from nlbfab import cli
 from nlbfab.splits import get_split
@@ -74,3 +75,13 @@ def test_the_ray_backend_runs_splits_on_a_local_ray_instance(prepared, homes):
     for phase in ("val", "test"):
         with h5py.File(homes["RUNS_HOME"] / "ray" / f"submission-{phase}.h5") as h5:
             assert list(h5) == ["mc_maze_small_20"]
+
+
+@pytest.mark.parametrize("address, message", [("127.0.0.1:1", "no Ray cluster answers there"),
+                                              ("head-without-port", "give host:port")])
+def test_a_ray_address_nothing_answers_at_is_one_line_before_any_run(prepared, homes, address, message):
+    result = run_cli(cli.sweep, "--datasets", "mc_rtt", "--bins", "20", "--phases", "val", "--backend", "ray",
+                     "--address", address, "--run-tag", "unreached")
+    assert result.exit_code == 2 and result.stderr.startswith(f"error: --address {address}: ")
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (homes["RUNS_HOME"] / "unreached").exists()
