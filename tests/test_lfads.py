@@ -308,3 +308,11 @@ def test_help_names_the_datasets_where_a_default_differs():
     assert model.default_help("cd_rate") == "[default: 0.3]"
     ci_enc = model.default_help("ci_enc_dim")
     assert "80 on mc_maze_large" in ci_enc and "64 on dmfc_rsg" in ci_enc and "mc_maze," not in ci_enc
+
+
+def test_a_controller_lag_of_the_whole_trial_is_refused():
+    from nlbfab.errors import UserError
+    model = MODELS["lfads"]
+    assert model.init(SIZES, 0, ci_lag=SIZES.bins - 1)["ci_lag"] == SIZES.bins - 1
+    with pytest.raises(UserError, match=r"--ci-lag 12: must be below the split's 12 observed bins"):
+        model.init(SIZES, 0, ci_lag=SIZES.bins)

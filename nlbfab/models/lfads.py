@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from nlbfab.errors import UserError
 from nlbfab.loss import poisson_nll
 from nlbfab.models.dropout import spike_dropout
 from nlbfab.models.gru import gru
@@ -116,6 +117,8 @@ def init(sizes, seed: int, ic_enc_dim: int, ci_enc_dim: int, ci_lag: int, con_di
     """Parameters for ``sizes`` (``nlbfab.models.Sizes``); the scalar ``settings`` (clip,
     KL and L2 weights and warm-ups, coordinated dropout) ride along as 0-d buffers of the
     params dict, so that ``apply`` and ``training_loss`` stay functions of ``params`` alone."""
+    if ci_lag >= sizes.bins:  # the controller would see nothing of the trial
+        raise UserError(f"--ci-lag {ci_lag}: must be below the split's {sizes.bins} observed bins")
     g = torch.Generator().manual_seed(seed)
     n_in, neurons = sizes.heldin, sizes.heldin + sizes.heldout
     params = {}
