@@ -5,9 +5,11 @@ never ends in a traceback.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import click
 
@@ -117,7 +119,9 @@ def baseline(split_names, method, run_tag):
 def train(ctx, split_name, resume, quiet, **options):
     """Train a model on one split with Lightning Fabric, and write its rates to the submission."""
     from nlbfab.train import train as run
-    get_split(split_name)
+    split = get_split(split_name)
+    if resume:
+        options = resumed_options(ctx, options, layout.config_file(config.homes().run_dir(options["run_tag"], split)))
     settings = train_config(split_name, options, ctx.args)
     homes = config.homes(writable=("RUNS_HOME",), existing={"PREP_HOME": f"run 'bin/nlbfab-prep --split {split_name}'"})
     summary = run(settings, homes, resume=resume, quiet=quiet)
@@ -129,6 +133,21 @@ def train(ctx, split_name, resume, quiet, **options):
         if "ensemble" in summary:
             click.echo(member_table(summary))
         click.echo(f"run folder: {summary['run_dir']}\nTensorBoard: tensorboard --logdir {summary['run_dir']}")
+
+
+def resumed_options(ctx: click.Context, options: dict, saved_config: Path) -> dict:
+    """``--resume``: the settings the run started with (its ``config.json``) for every option not
+    given again, so that a resume needs only the split and run tag; given ones still win (a model
+    or size the checkpoint cannot take then fails in one line)."""
+    from click.core import ParameterSource
+    if not saved_config.is_file():  # nothing to resume: the run says so
+        return options
+    saved = json.loads(saved_config.read_text())
+    given = {name for name in options if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE}
+    resumed = {name: saved[name] if name in saved and name not in given else value for name, value in options.items()}
+    if "config" not in given and resumed["model"] == saved.get("model"):
+        resumed["config"] = saved.get("hparams") or {}  # the hyperparameters given again override these
+    return resumed
 
 
 def member_table(summary: dict) -> str:

@@ -456,3 +456,19 @@ def test_a_model_from_the_users_own_package_trains_by_its_module_name(prepared, 
     assert summary["model"] == "my_lab.flat" and "co-bps" in summary["metrics"]
     with pytest.raises(UserError, match="unknown model 'my_lab.nothing'"):
         run(None, prepared, split="mc_rtt-20ms-val", run_tag="own-package", model="my_lab.nothing")
+
+
+def test_resume_takes_the_settings_the_run_started_with(homes, prepared):
+    from nlbfab import cli
+    from tests.conftest import run_cli
+    start = ["--split", "mc_rtt-20ms-val", "--run-tag", "resumed-settings", "--accelerator", "cpu", "--quiet"]
+    first = run_cli(cli.train, *start, "--hidden-size", "16", "--batch-size", "8", "--learning-rate", "0.01",
+                    "--max-epochs", "2")
+    assert first.exit_code == 0, first.output
+    resumed = run_cli(cli.train, *start, "--max-epochs", "3", "--resume")  # sizes and schedule not given again
+    assert resumed.exit_code == 0, resumed.output
+    run_dir = homes["RUNS_HOME"] / "resumed-settings" / "mc_rtt-20ms-val"
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert (saved["batch_size"], saved["hparams"]["hidden_size"], saved["learning_rate"], saved["max_epochs"]) == \
+        (8, 16, 0.01, 3)
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3
