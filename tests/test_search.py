@@ -137,11 +137,14 @@ def test_resume_continues_an_interrupted_search_without_redoing_finished_trials(
                "--concurrent", "2", "--run-tag", "resumed", "--space", space_file(tmp_path, TINY), *QUICK]
     search = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while not list(folder.glob(f"trial_*/{SPLIT.name}/{layout.METRICS_FILE}")) and time.time() < deadline:
-        time.sleep(0.1)
+    read = []
+    for line in search.stdout:  # the search's own line once Tune has recorded a trial finished
+        read.append(line)
+        if line.startswith("[1/4 done"):
+            break
     search.send_signal(signal.SIGINT)  # Tune saves its state and stops
-    output, _ = search.communicate(timeout=120)
+    rest, _ = search.communicate(timeout=120)
+    output = "".join(read) + rest
     assert search.returncode == 130 and "2 at a time" in output and "--resume" in output, output
     # finished as the search recorded them: a trial Tune stopped may still write its metrics as it goes
     done = {r["trial"]: (folder / r["trial"] / SPLIT.name / layout.METRICS_FILE).stat().st_mtime_ns
