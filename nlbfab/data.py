@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import torch
 
-from nlbfab.errors import UserError
+from nlbfab.errors import UserError, first_line
 from nlbfab.layout import Homes
 from nlbfab.splits import Split
 
@@ -110,7 +110,7 @@ def load_split(split: Split, homes: Homes) -> SplitData:
     try:
         data = _assemble(split, train, evaluation, target, loss_target)
     except ValueError as error:  # arrays of different trials, bins or units
-        raise UserError(f"tensors in {homes.split_dir(split)} do not fit together ({str(error).splitlines()[0]}): "
+        raise UserError(f"tensors in {homes.split_dir(split)} do not fit together ({first_line(error)}): "
                         f"run '{rebuild}'") from None
     _check_shapes(data, homes.split_dir(split), rebuild)
     return data

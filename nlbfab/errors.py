@@ -6,3 +6,10 @@ class UserError(Exception):
 
     Commands print it without a traceback and exit with status 2.
     """
+
+
+def first_line(error: BaseException) -> str:
+    """What a library's exception says, cut to one line for a ``UserError`` (its type's name
+    where it says nothing)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from nlb_tools.make_tensors import make_train_input_tensors
 
-from nlbfab.errors import UserError
+from nlbfab.errors import UserError, first_line
 from nlbfab.nwb import load_dataset
 from nlbfab.splits import Split
 from nlbfab.synth import Truth
@@ -35,7 +35,7 @@ def read_truth(path: Path) -> tuple[Truth, dict[str, dict[str, np.ndarray]]]:
             files = {k: {"latents": h5[k]["latents"][()], "trial_start_ms": h5[k]["trial_start_ms"][()]}
                      for k in ("train", "test")}
     except (OSError, KeyError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise UserError(f"cannot read {path} ({reason}): remake the dataset with 'bin/nlbfab-synth --force' and "
                         f"the --scale, --seed and --variability it was made with") from None
     return truth, files

@@ -15,7 +15,7 @@ import joblib
 from nlb_tools.evaluation import evaluate
 from threadpoolctl import threadpool_limits
 
-from nlbfab.errors import UserError
+from nlbfab.errors import UserError, first_line
 from nlbfab.evalai_target import evalai_target
 from nlbfab.layout import Homes, hidden_test_file, submission_file
 from nlbfab.splits import Split
@@ -48,7 +48,7 @@ def score(target: Path | dict, submission_path: Path, split: Split) -> dict[str,
     try:
         results = _evaluate(target, submission_path, split)
     except (OSError, ValueError, KeyError, AssertionError) as error:  # nlb_tools asserts, e.g. on NaN rates
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise UserError(f"cannot score {submission_path} on {split.name} ({reason}): a run's damaged submission is "
                         f"rebuilt from its rates by 'bin/nlbfab-submit --run-tag TAG'") from None
     metrics = split_metrics(results, split)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from nlbfab import layout
 from nlbfab.data import SplitData, TrainingPool, batch_indices, load_split, train_trials_only, with_eval_heldin
 from nlbfab.ensemble import greedy_selection, mean_logrates, val_choice
-from nlbfab.errors import UserError
+from nlbfab.errors import UserError, first_line
 from nlbfab.evaluation import co_bps, inference_batch, metrics, predict
 from nlbfab.hooks import HOOKS
 from nlbfab.latents import predict_latents, write_latents
@@ -267,7 +267,7 @@ def fabric_for(config: TrainConfig, logger=None) -> Fabric:
         fabric = Fabric(accelerator=config.accelerator, devices=devices, strategy=config.strategy,
                         precision=config.precision, loggers=logger)
     except (ValueError, RuntimeError, TypeError, ImportError, MisconfigurationException) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise UserError(f"Fabric cannot run --accelerator {config.accelerator} --devices {config.devices} --strategy "
                         f"{config.strategy} --precision {config.precision}: {reason}") from None
     if fabric.device.type == "cpu" and fabric.world_size > (os.cpu_count() or 1):  # each one a process of its own
@@ -305,7 +305,7 @@ def restore(state: TrainState, path: Path) -> None:
             raise KeyError(f"{len(members)} members, not {len(state.members)}")
         state.members, state.history, state.best = members, saved["history"], saved["best"]
     except (KeyError, RuntimeError, EOFError, TypeError, pickle.UnpicklingError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise UserError(f"cannot resume from {path}: it is damaged or from another model or nlbfab version "
                         f"({reason}); drop --resume to start afresh") from None
 

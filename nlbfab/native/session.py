@@ -49,7 +49,7 @@ import pandas as pd
 from pynwb import NWBHDF5IO, ProcessingModule, TimeSeries
 from pynwb.core import MultiContainerInterface
 
-from nlbfab.errors import UserError
+from nlbfab.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 SPIKE_FIELDS = ("spikes", "heldout_spikes")
@@ -300,7 +300,7 @@ def _readable_file(path: Path, keep_values: set[str]) -> _File:
     try:
         return _read_file(path, keep_values)
     except (OSError, KeyError, ValueError) as error:  # h5py and pynwb on a damaged or truncated file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise UserError(f"cannot read {path} ({reason}): it is damaged; download it again (bin/nlbfab-download) "
                         f"or, if synthetic, remake it (bin/nlbfab-synth --force)") from None
 
