@@ -122,15 +122,26 @@ def write_truth(path: Path, files: dict[str, SessionFile], truth: Truth, scale: 
     os.replace(partial, path)
 
 
+def _intact(path: Path) -> bool:
+    """Whether ``path`` is an HDF5 file that opens: a file cut short by a full disk or a copy
+    that stopped is no longer one, and must be made again rather than skipped."""
+    try:
+        with h5py.File(path, "r"):
+            return True
+    except OSError:
+        return False
+
+
 def existing_synthesis(data_home: Path, dataset: Dataset) -> tuple[str, int, str] | None:
     """(scale, seed, variability) of a complete synthetic dataset already in ``data_home``, else
-    None. Truth files written before ``variability`` existed hold low-variability data; one made
-    with parameters other than today's for its variability says so (``"realistic, earlier
-    parameters"``), so that it is made again rather than taken for today's."""
+    None: a file missing or damaged (see ``_intact``) leaves it to be made again. Truth files
+    written before ``variability`` existed hold low-variability data; one made with parameters
+    other than today's for its variability says so (``"realistic, earlier parameters"``), so
+    that it is made again rather than taken for today's."""
     folder = dataset_dir(data_home, dataset)
-    complete = all(path.is_file() for path in (folder / dataset.file_name("train"), folder / dataset.file_name("test"),
-                                                hidden_test_file(data_home, dataset)))
-    if not complete or not (folder / TRUTH_FILE).is_file():
+    files = (folder / dataset.file_name("train"), folder / dataset.file_name("test"),
+             hidden_test_file(data_home, dataset), folder / TRUTH_FILE)
+    if not all(_intact(path) for path in files):
         return None
     with h5py.File(folder / TRUTH_FILE, "r") as h5:
         variability = str(h5.attrs.get("variability", "low"))

@@ -90,7 +90,8 @@ class TrainConfig:
     split: str = field(metadata={"help": "Split to train on, e.g. mc_maze-20ms-val.", "valid": Valid(), "option": False})
     model: str = setting("sae", "Model by name (see nlbfab.models.MODELS).")
     batch_size: int | None = setting(
-        None, "Trials per optimizer step [default: a fifth of the train trials, between 16 and 64].", AT_LEAST_ONE)
+        None, "Trials per optimizer step; a size above the trials an epoch trains on makes one batch an epoch "
+        "[default: a fifth of the train trials, between 16 and 64].", AT_LEAST_ONE)
     learning_rate: float = setting(5e-3, "AdamW's initial learning rate.", POSITIVE)
     weight_decay: float = setting(1e-4, "AdamW's decoupled weight decay.", NON_NEGATIVE)
     dropout: float = setting(0.2, "Dropout probability (inputs, encoder states, initial condition).",

@@ -410,6 +410,13 @@ def test_synth_skips_only_a_dataset_made_with_the_same_variability(homes, tmp_pa
     assert existing_synthesis(tmp_path, dataset) is None
     assert not synth("--variability", "realistic")
     assert hidden_test_file(tmp_path, dataset).is_file()
+    train_file = dataset_dir(tmp_path, dataset) / dataset.file_name("train")
+    intact = train_file.read_bytes()
+    train_file.write_bytes(intact[:len(intact) // 2])  # cut short by a full disk
+    assert existing_synthesis(tmp_path, dataset) is None
+    assert not synth("--variability", "realistic")
+    assert existing_synthesis(tmp_path, dataset) == ("tiny", 0, "realistic")
+    assert train_file.stat().st_size == len(intact)
 
 
 def test_the_command_offers_every_variability():
