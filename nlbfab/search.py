@@ -368,9 +368,12 @@ def as_test_phase(split: Split) -> Split:
 
 def config_on_test_split(plan: SearchPlan, homes: Homes, trial: str, test_split: Split) -> TrainConfig:
     """A chosen trial's settings (its ``config.json``) for the test-phase split, under the trial's
-    run tag: the run goes beside the trial's val run, ``{search}/{trial}/{test split}``."""
+    run tag: the run goes beside the trial's val run, ``{search}/{trial}/{test split}``; its
+    ``--with-splits`` splits, if any, also on the test phase (their train and val trials)."""
     settings = json.loads(layout.config_file(trial_run_dir(homes, plan, trial)).read_text())
-    settings |= {"split": test_split.name, "accelerator": "gpu" if plan.gpus else "cpu"}
+    companions = [as_test_phase(get_split(name)).name for name in filter(None, settings.get("with_splits", "").split(","))]
+    settings |= {"split": test_split.name, "accelerator": "gpu" if plan.gpus else "cpu",
+                 "with_splits": ",".join(companions)}
     return TrainConfig(**settings)
 
 

@@ -42,7 +42,7 @@ from nlbfab.models import Model, Sizes, get_model
 from nlbfab.scoring import submit_and_score
 from nlbfab.splits import get_split
 from nlbfab.submission import shapes
-from nlbfab.train_config import TrainConfig, with_batch_size
+from nlbfab.train_config import TrainConfig, auto_batch_size, companion_splits, with_batch_size
 
 
 class NonFiniteLoss(UserError):
@@ -75,19 +75,29 @@ class ParamsModule(torch.nn.Module):
         self.members = torch.nn.ModuleList(MemberParams(model, params) for params in members)
 
     def forward(self, heldin, fwd_steps: int, dropout: float = 0.0, target=None, epoch: int = 0, members=None,
-                inputs: bool = False):
+                inputs: bool = False, companions=()):
         """The members' ``apply`` outputs stacked, ``(logrates (K, ...), latents (K, ...))``, of all
         members or of those indexed by ``members``. Given a ``target``, the training objective
         ``(loss, terms)`` instead: the sum over members of the model's ``training_loss`` or of
-        the Poisson loss (each member's gradient is its own loss's), its terms averaged. With
-        ``inputs``, the model's ``inferred_inputs`` stacked, ``(K, trials, steps, inputs)``: through
-        ``forward`` like the rest, so that Fabric's precision and DDP wrappers see every use."""
+        the Poisson loss (each member's gradient is its own loss's), its terms averaged, plus
+        each member's loss on the batches of ``companions``, ``(heldin, target)`` of the
+        ``--with-splits`` splits in order (``session`` 1, 2, ...). With ``inputs``, the model's
+        ``inferred_inputs`` stacked, ``(K, trials, steps, inputs)``: through ``forward`` like the
+        rest, so that Fabric's precision and DDP wrappers see every use."""
         chosen = self.members if members is None else [self.members[k] for k in members]
         params = [member.all_params() for member in chosen]
         if inputs:
             return torch.stack([self.model.inferred_inputs(p, heldin, fwd_steps) for p in params])
         if target is None:
             return self.model.apply_members(params, heldin, fwd_steps, dropout=dropout, training=self.training)
+        loss, terms = self._objective(params, heldin, target, dropout, epoch)
+        for session, (companion_heldin, companion_target) in enumerate(companions, 1):
+            loss = loss + sum(self._session_loss(p, companion_heldin, companion_target, dropout, epoch, session)
+                              for p in params)
+        return loss, terms
+
+    def _objective(self, params: list[dict], heldin, target, dropout: float, epoch: int):
+        """The run's own split's part of ``forward``'s training objective."""
         if self.model.training_loss:
             losses, terms = zip(*(self.model.training_loss(p, heldin, target, dropout=dropout, epoch=epoch)
                                   for p in params))
@@ -95,6 +105,14 @@ class ParamsModule(torch.nn.Module):
         logrates, _ = self.model.apply_members(params, heldin, target.shape[1] - heldin.shape[1], dropout=dropout,
                                                training=True)
         return torch.stack([poisson_nll(member, target) for member in logrates]).sum(), {}
+
+    def _session_loss(self, params: dict, heldin, target, dropout: float, epoch: int, session: int):
+        """One member's training loss on a batch of the ``session``-th ``--with-splits`` split."""
+        if self.model.training_loss:
+            return self.model.training_loss(params, heldin, target, dropout=dropout, epoch=epoch, session=session)[0]
+        logrates, _ = self.model.apply(params, heldin, target.shape[1] - heldin.shape[1], dropout=dropout,
+                                       training=True, session=session)
+        return poisson_nll(logrates, target)
 
 
 class RNG:
@@ -223,6 +241,16 @@ class Run:
 
 
 @dataclass(frozen=True)
+class Companion:
+    """A split of ``--with-splits`` as training sees it: the trials it draws batches from, and
+    their size (``--batch-size``, else the split's own ``auto_batch_size``)."""
+
+    split: str
+    pool: TrainingPool
+    batch_size: int
+
+
+@dataclass(frozen=True)
 class Decision:
     """What ``after_epoch`` decided: the new progress, whether the model improved (new best
     weights), the next epoch's learning rate, and why the model stops now (None: it goes on)."""
@@ -276,14 +304,22 @@ def fabric_for(config: TrainConfig, logger=None) -> Fabric:
     return fabric
 
 
-def create_train_state(fabric: Fabric, config: TrainConfig, data: SplitData) -> TrainState:
-    """Each member's parameters from the model's ``init`` (member k seeded ``seed + k``),
-    wrapped for Fabric with a fused AdamW (one kernel for all parameters; a param group per
-    member), fresh RNG streams, progress and, with ``--average-decay``, the weights' average."""
+def sizes_of(data: SplitData, companions: tuple[SplitData, ...] = ()) -> Sizes:
+    """What a model's ``init`` needs to know of the split (and of the ``--with-splits`` splits)."""
+    return Sizes(data.heldin, data.heldout, data.bins, data.fwd_steps,
+                 mean_counts=data.train_recon[:, :data.bins].mean((0, 1)).cpu(),
+                 companions=tuple(sizes_of(c) for c in companions))
+
+
+def create_train_state(fabric: Fabric, config: TrainConfig, data: SplitData,
+                       companions: tuple[SplitData, ...] = ()) -> TrainState:
+    """Each member's parameters from the model's ``init`` (member k seeded ``seed + k``; with
+    the ``companions`` of ``--with-splits``), wrapped for Fabric with a fused AdamW (one kernel
+    for all parameters; a param group per member), fresh RNG streams, progress and, with
+    ``--average-decay``, the weights' average."""
     model = get_model(config.model)
     fabric.seed_everything(config.seed, verbose=False)
-    sizes = Sizes(data.heldin, data.heldout, data.bins, data.fwd_steps,
-                  mean_counts=data.train_recon[:, :data.bins].mean((0, 1)).cpu())
+    sizes = sizes_of(data, companions)
     module = ParamsModule(model, [model.init(sizes, config.seed + k, **config.hparams) for k in range(config.ensemble)])
     groups = [{"params": list(member.parameters())} for member in module.members]
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
@@ -318,14 +354,15 @@ def training_members(state: TrainState) -> list[int] | None:
     return [k for k, p in enumerate(state.members) if not p.stop]
 
 
-def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor], config: TrainConfig):
-    """One optimizer step of the training members on ``batch = (heldin, target)``; returns their
-    summed loss and the model's loss terms. Each member's gradient is clipped to its own norm.
-    A non-finite loss or gradient stops the run before the update, except a gradient overflow
-    under 16-mixed, which the gradient scaler skips and answers with a lower scale."""
+def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor], config: TrainConfig, companions=()):
+    """One optimizer step of the training members on ``batch = (heldin, target)`` (and a batch
+    of each ``--with-splits`` split, ``companions``); returns their summed loss and the model's
+    loss terms. Each member's gradient is clipped to its own norm. A non-finite loss or gradient
+    stops the run before the update, except a gradient overflow under 16-mixed, which the
+    gradient scaler skips and answers with a lower scale."""
     heldin, target = batch
     loss, terms = state.module(heldin, target.shape[1] - heldin.shape[1], dropout=config.dropout, target=target,
-                               epoch=state.epoch, members=training_members(state))
+                               epoch=state.epoch, members=training_members(state), companions=companions)
     state.optimizer.zero_grad(set_to_none=True)
     state.fabric.backward(loss)
     # unscales the gradients (16-mixed) and measures all of them; the norm of the synchronised
@@ -344,25 +381,36 @@ def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor], conf
     return loss.detach(), terms
 
 
-def train_epoch(state: TrainState, pool: TrainingPool, run: Run) -> tuple[float, dict[str, float]]:
+def train_epoch(state: TrainState, pool: TrainingPool, run: Run,
+                companions: tuple[Companion, ...] = ()) -> tuple[float, dict[str, float]]:
     """One pass over the pool's trials (the train trials, and with ``--train-eval-heldin`` the eval
-    trials) in seeded random batches; each rank takes its share of every global batch. Returns
-    the mean training loss over ranks and members, and the mean of each of the model's loss
-    terms (on rank 0)."""
+    trials) in seeded random batches; each rank takes its share of every global batch. With
+    ``--with-splits`` every step also takes a batch of each of their ``companions``, and the
+    epoch lasts until every pool has been passed over once (the shorter ones start again).
+    Returns the mean training loss over ranks and members (summed over the splits), and the
+    mean of each of the model's loss terms (on rank 0)."""
     fabric = state.fabric
     state.module.train()
     batches = batch_indices(pool.heldin.shape[0], run.config.batch_size, state.rng.batches)
+    others = [batch_indices(c.pool.heldin.shape[0], c.batch_size, state.rng.batches) for c in companions]
+    steps = max(len(b) for b in (batches, *others))
     total, term_totals = torch.zeros((), device=fabric.device), {}
+
+    def shard(index):
+        return index[fabric.global_rank::fabric.world_size].to(fabric.device)
+
     # a bar within each epoch, on a terminal only (None: tqdm turns itself off when piped)
     hide = True if run.quiet or not fabric.is_global_zero else None
-    for index in tqdm(batches, leave=False, disable=hide, unit="batch", desc="epoch"):
-        shard = index[fabric.global_rank::fabric.world_size].to(fabric.device)
-        loss, terms = train_step(state, (pool.heldin[shard], pool.target[shard]), run.config)
+    for step in tqdm(range(steps), leave=False, disable=hide, unit="batch", desc="epoch"):
+        index = shard(batches[step % len(batches)])
+        companion_batches = [(c.pool.heldin[i], c.pool.target[i])
+                             for c, i in ((c, shard(b[step % len(b)])) for c, b in zip(companions, others))]
+        loss, terms = train_step(state, (pool.heldin[index], pool.target[index]), run.config, companion_batches)
         total += loss
         for name, value in terms.items():
             term_totals[name] = term_totals.get(name, 0) + value
-    terms = {name: float(value) / len(batches) for name, value in term_totals.items()}
-    mean = total / (len(batches) * len(training_members(state) or state.members))
+    terms = {name: float(value) / steps for name, value in term_totals.items()}
+    mean = total / (steps * len(training_members(state) or state.members))
     return float(fabric.all_reduce(mean, reduce_op="mean")), terms
 
 
@@ -545,12 +593,16 @@ def print_epoch(state: TrainState, data: SplitData, seconds: float) -> None:
 
 
 def set_up(config: TrainConfig, homes: Homes, hooks, resume: bool,
-           quiet: bool) -> tuple[TrainState, SplitData, TrainingPool, Run]:
-    """Fabric, the split on its device, the trials training draws from, the run folder and the
-    train state (from the last checkpoint with ``resume``; else a new run replacing an old one's
-    files); the process's heap set to reuse big buffers (``nlbfab.memory``)."""
+           quiet: bool) -> tuple[TrainState, SplitData, TrainingPool, Run, tuple[Companion, ...]]:
+    """Fabric, the split on its device, the trials training draws from (and those of the
+    ``--with-splits`` splits), the run folder and the train state (from the last checkpoint
+    with ``resume``; else a new run replacing an old one's files); the process's heap set to
+    reuse big buffers (``nlbfab.memory``)."""
     split = get_split(config.split)
     get_model(config.model).settle(config.hparams)  # a wrong name or value fails before Fabric starts
+    companion_names = companion_splits(config)
+    if companion_names and not get_model(config.model).shares_across_splits:
+        raise UserError(f"--with-splits: model {config.model} cannot share its dynamics across splits (lfads can)")
     keep_freed_buffers()
     run_dir = homes.run_dir(config.run_tag, split)
     fabric = create_fabric(config, run_dir)
@@ -559,26 +611,34 @@ def set_up(config: TrainConfig, homes: Homes, hooks, resume: bool,
     if resume and not last.is_file():
         raise UserError(f"nothing to resume: no {last}; drop --resume to start afresh")
     data = load_split(split, homes).to(fabric.device)
+    others = tuple(load_split(name, homes).to(fabric.device) for name in companion_names)
     # every setting the run uses is in its config.json: the batch size, the weights' average, the
     # eval trials' training and the model's hyperparameters settled
     model = get_model(config.model)
+    given_batch = config.batch_size
     config = replace(with_batch_size(config, data.train_heldin.shape[0]),
                      average_decay=model.average_decay(config.average_decay),
                      train_eval_heldin=model.train_eval_heldin(config.train_eval_heldin),
                      hparams=model.settle(config.hparams, split.dataset.name))
     data, pool = with_eval_heldin(data, config.seed) if config.train_eval_heldin else (data, train_trials_only(data))
+    companions = tuple(Companion(other.split.name, with_eval_heldin(other, config.seed)[1] if config.train_eval_heldin
+                                 else train_trials_only(other), given_batch or auto_batch_size(other.train_heldin.shape[0]))
+                       for other in others)
     run = Run(config, run_dir, tuple(hooks), quiet, () if resume else tuple(layout.old_run_files(run_dir)))
     if fabric.is_global_zero:
         last.parent.mkdir(parents=True, exist_ok=True)
     fabric.barrier()
-    state = create_train_state(fabric, run.config, data)
+    state = create_train_state(fabric, run.config, data, others)
+    if companions and not quiet:
+        fabric.print("also training on " + ", ".join(f"{c.split} ({c.pool.heldin.shape[0]} trials, batches of "
+                                                     f"{c.batch_size})" for c in companions))
     if resume:
         restore(state, last)  # settings the checkpoint cannot take fail here, config.json untouched
         start_writing(state, run)
         p = max(state.members, key=lambda member: member.best)
         fabric.print(f"resuming {split.name} at epoch {state.epoch} (best {p.best:.4f} at {p.best_epoch}, "
                      f"lr {max(state.lrs):.3g})")
-    return state, data, pool, run
+    return state, data, pool, run, companions
 
 
 def train(config: TrainConfig, homes: Homes, hooks=HOOKS, resume: bool = False, quiet: bool = False,
@@ -607,7 +667,7 @@ def memory_errors_as_user_errors(config: TrainConfig):
 
 def run_training(config: TrainConfig, homes: Homes, hooks, resume: bool, quiet: bool, on_epoch) -> dict:
     """``train``'s loop, from the set-up to the finished run's summary."""
-    state, data, pool, run = set_up(config, homes, hooks, resume, quiet)
+    state, data, pool, run, companions = set_up(config, homes, hooks, resume, quiet)
     started = time.perf_counter()
     everyone = list(range(len(state.members)))
     stop = run_stop(state.members, run.config)
@@ -615,7 +675,7 @@ def run_training(config: TrainConfig, homes: Homes, hooks, resume: bool, quiet: 
     while stop is None:
         epoch, lrs = state.epoch, state.lrs
         try:
-            train_loss, terms = train_epoch(state, pool, run)
+            train_loss, terms = train_epoch(state, pool, run, companions)
         except NonFiniteLoss as error:
             kept = "the best checkpoint is kept" if state.files_written else \
                 "nothing of this run was written (an earlier run's files are as they were)"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from nlbfab.errors import UserError
 from nlbfab.layout import check_run_tag
+from nlbfab.splits import Split, get_split
 
 # the stopping rule counts epochs, so an epoch should take a few optimizer steps on every dataset
 BATCHES_PER_EPOCH = 5
@@ -112,6 +113,10 @@ class TrainConfig:
         None, "Also train on the eval trials' held-in spikes, the model's input in any case (their held-out neurons "
               "and forward bins stay unknown); on the test phase a fixed fifth of those entries is monitored "
               "instead of trained on [default: the model's TRAIN_EVAL_HELDIN: on for lfads, off for the others].")
+    with_splits: str = setting(
+        "", "Also train on these splits, comma-separated (other datasets, the same bin width): one model whose "
+            "dynamics they share, each split with a read-in and read-out of its own (models that can: lfads); "
+            "SPLIT alone is validated, stopped on and submitted.")
     max_epochs: int = setting(400, "Stop after this many epochs at the latest.", AT_LEAST_ONE)
     # over two plateaus, so that a decayed rate gets its own: at 25 with 15-epoch plateaus,
     # mc_maze_medium stopped 10 epochs after its first decay, 0.001 co-bps short of 2,000 epochs
@@ -173,6 +178,30 @@ def check(config: TrainConfig) -> None:
     if not re.fullmatch(r"auto|[1-9][0-9]*|[0-9]+,|[0-9]+(,[0-9]+)+", config.devices):
         raise UserError(f"--devices {config.devices}: must be a positive number, auto, or GPU indices such as 0,2")
     check_run_tag(config.run_tag)
+    companion_splits(config)
+
+
+def companion_splits(config: TrainConfig) -> list[Split]:
+    """The splits of ``--with-splits``: each another dataset than the run's split and the others
+    (one dataset's splits share trials: its test phase trains on the val phase's eval trials),
+    at the run's bin width (the model steps through bins of one width)."""
+    if not config.with_splits:
+        return []
+    split = get_split(config.split)
+    try:
+        companions = [get_split(name.strip()) for name in config.with_splits.split(",")]
+    except UserError as error:
+        raise UserError(f"--with-splits: {error}") from None
+    datasets = [s.dataset.name for s in (split, *companions)]
+    repeated = next((name for name in datasets if datasets.count(name) > 1), None)
+    if repeated:
+        raise UserError(f"--with-splits {config.with_splits}: {repeated} appears twice with --split {split.name}; "
+                        f"give each dataset once (one dataset's splits share trials)")
+    other_width = next((s for s in companions if s.bin_ms != split.bin_ms), None)
+    if other_width:
+        raise UserError(f"--with-splits: {other_width.name} has {other_width.bin_ms} ms bins, --split {split.name} "
+                        f"{split.bin_ms} ms; give splits of one bin width")
+    return companions
 
 
 def auto_batch_size(train_trials: int) -> int:

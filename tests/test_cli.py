@@ -182,7 +182,9 @@ def test_a_run_tag_names_one_folder_in_runs_home_in_every_command(prepared, home
 @pytest.mark.parametrize("options, message", [(["--precision", "16-mixed"], "--precision 16-mixed needs a GPU"),
                                               (["--strategy", "ddp_spawn"], "--strategy ddp_spawn"),
                                               (["--accelerator", "gpu"], "--accelerator is not for nlbfab-all's runs"),
-                                              (["--devices", "2"], "--devices is not for nlbfab-all's runs")])
+                                              (["--devices", "2"], "--devices is not for nlbfab-all's runs"),
+                                              (["--model", "lfads", "--with-splits", "mc_maze_small-20ms-val"],
+                                               "--with-splits is not for nlbfab-all")])
 def test_nlbfab_all_refuses_settings_its_runs_cannot_use_before_any_starts(prepared, homes, options, message):
     from pathlib import Path
     result = run_cli(cli.sweep, "--datasets", "mc_rtt", "--bins", "20", "--phases", "val", "--run-tag", "never", *options)

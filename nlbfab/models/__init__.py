@@ -10,7 +10,7 @@ nothing else; ``SEARCH_SPACE``, where a model declares one, is what ``nlbfab-sea
 trials from (``nlbfab.search_space``). Register one in ``MODELS``, or name an importable module with ``--model
 my_package.my_model``.
 
-Six optional parts let a model train in its own way and show more of itself (the SAE and
+Seven optional parts let a model train in its own way and show more of itself (the SAE and
 ``gru_readout`` have none):
 ``training_loss(params, heldin, target, *, dropout, epoch) -> (loss, terms)`` replaces the
 Poisson loss of ``apply``'s training-mode rates: it may transform the batch (LFADS's coordinated
@@ -24,6 +24,10 @@ sizes from lfads-torch's per-dataset configs); and
 ``inferred_inputs(params, heldin, fwd_steps) -> (trials, bins + fwd_steps, inputs)``, the inputs
 from outside the dynamics that the model infers at each step (LFADS's controller outputs,
 posterior means), which the hooks plot (``nlbfab.hooks.inputs_hook``).
+``SHARES_ACROSS_SPLITS``: the model trains with ``--with-splits``: its ``init`` reads the other
+splits' ``Sizes`` from ``sizes.companions``, and ``apply`` and ``training_loss`` take ``session=k``
+for the k-th of them (0, the default, is the run's own split, all that validation, the hooks and
+the submission see).
 
 An ensemble (``--ensemble K``) runs K members, each with its own parameter dict. A model may
 give their batched form, ``apply_members(members, heldin, fwd_steps, *, dropout, training) ->
@@ -55,6 +59,7 @@ class Sizes:
     bins: int
     fwd_steps: int
     mean_counts: torch.Tensor  # (heldin + heldout,) mean spikes per bin on train trials
+    companions: tuple["Sizes", ...] = ()  # the splits of --with-splits, for a model that shares across splits
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,11 @@ class Model:
                 per_value.setdefault(overrides[name], []).append(dataset)
         elsewhere = "".join(f"; {value} on {', '.join(datasets)}" for value, datasets in per_value.items())
         return f"[default: {self.hparams[name].default}{elsewhere}]"
+
+    @property
+    def shares_across_splits(self) -> bool:
+        """Whether the model can train with ``--with-splits`` (its ``SHARES_ACROSS_SPLITS``)."""
+        return bool(getattr(self.module, "SHARES_ACROSS_SPLITS", False))
 
     @property
     def fixed(self) -> tuple[str, ...]:

@@ -46,6 +46,8 @@ HPARAMS = {
     "ic_dim": Hyperparameter(64, "Dimensions of the initial condition.", AT_LEAST_ONE),
     "gen_dim": Hyperparameter(100, "Units of the generator.", AT_LEAST_ONE),
     "fac_dim": Hyperparameter(40, "Factors.", AT_LEAST_ONE),
+    "readin_dim": Hyperparameter(40, "With --with-splits: the inputs each split's read-in maps its held-in units to.",
+                                 AT_LEAST_ONE),
     "cd_rate": Hyperparameter(0.3, "Coordinated dropout: share of held-in inputs hidden in training.",
                               Valid(low=0, high=1, high_open=True)),
     "cell_clip": Hyperparameter(5.0, "Bound on the GRU states.", Valid(low=1)),
@@ -78,6 +80,8 @@ AVERAGE_DECAY = 0.995
 # training on the eval trials' held-in spikes as well raised co-bps on realistic synthetic mc_maze_small
 # and mc_maze_medium by 6-7 points of the oracle's (benchmarks/README.md, "The eval trials' held-in spikes")
 TRAIN_EVAL_HELDIN = True
+# --with-splits: read-ins and read-outs per split around shared encoders, controller and generator
+SHARES_ACROSS_SPLITS = True
 # lfads-torch's sizes for the other datasets (its configs/model/nlb_*.yaml, found by population-based
 # training on the 5 ms splits); mc_maze keeps the defaults above. mc_rtt has no conditions (self-paced
 # reaches to random targets), so more of its dynamics come in as inputs: 8 inferred inputs rather than
@@ -113,14 +117,19 @@ def _gru_weights(generator, inputs: int, hidden: int, fan: int | None = None) ->
 
 
 def init(sizes, seed: int, ic_enc_dim: int, ci_enc_dim: int, ci_lag: int, con_dim: int, co_dim: int,
-         ic_dim: int, gen_dim: int, fac_dim: int, **settings) -> dict[str, torch.Tensor]:
+         ic_dim: int, gen_dim: int, fac_dim: int, readin_dim: int, **settings) -> dict[str, torch.Tensor]:
     """Parameters for ``sizes`` (``nlbfab.models.Sizes``); the scalar ``settings`` (clip,
     KL and L2 weights and warm-ups, coordinated dropout) ride along as 0-d buffers of the
-    params dict, so that ``apply`` and ``training_loss`` stay functions of ``params`` alone."""
-    if ci_lag >= sizes.bins:  # the controller would see nothing of the trial
-        raise UserError(f"--ci-lag {ci_lag}: must be below the split's {sizes.bins} observed bins")
+    params dict, so that ``apply`` and ``training_loss`` stay functions of ``params`` alone.
+    With ``sizes.companions`` (``--with-splits``) every split, its own included, gets a read-in
+    (``readin{k}_w``: its held-in units to ``readin_dim`` inputs) and the companions a read-out
+    each (``readout{k}_w``, k from 1): lfads-torch's multisession LFADS."""
+    shortest = min(s.bins for s in (sizes, *sizes.companions))
+    if ci_lag >= shortest:  # the controller would see nothing of a trial
+        which = "the shortest split's" if sizes.companions else "the split's"
+        raise UserError(f"--ci-lag {ci_lag}: must be below {which} {shortest} observed bins")
     g = torch.Generator().manual_seed(seed)
-    n_in, neurons = sizes.heldin, sizes.heldin + sizes.heldout
+    n_in, neurons = (readin_dim if sizes.companions else sizes.heldin), sizes.heldin + sizes.heldout
     params = {}
     for name, hidden in (("ic_enc_fwd", ic_enc_dim), ("ic_enc_bwd", ic_enc_dim),
                          ("ci_enc_fwd", ci_enc_dim), ("ci_enc_bwd", ci_enc_dim)):
@@ -135,6 +144,8 @@ def init(sizes, seed: int, ic_enc_dim: int, ci_enc_dim: int, ci_lag: int, con_di
     params["fac_w"] = _normal(g, (fac_dim, gen_dim), gen_dim)
     params["readout_w"] = _normal(g, (neurons, fac_dim), fac_dim)
     params["readout_b"] = torch.log(sizes.mean_counts.clamp_min(1e-4)).float()
+    if sizes.companions:
+        params |= _session_maps(g, sizes, readin_dim, fac_dim)
     params["ic_prior_mean"] = torch.zeros(ic_dim)
     params["co_prior_logtau"] = torch.full((co_dim,), math.log(settings.pop("co_prior_tau")))
     params["co_prior_lognvar"] = torch.full((co_dim,), math.log(settings.pop("co_prior_nvar")))
@@ -143,13 +154,35 @@ def init(sizes, seed: int, ic_enc_dim: int, ci_enc_dim: int, ci_lag: int, con_di
     return params
 
 
+def _session_maps(g, sizes, readin_dim: int, fac_dim: int) -> dict[str, torch.Tensor]:
+    """Each split's read-in (the run's split's is session 0) and each companion's read-out, the
+    read-outs' biases at the log of each neuron's mean count, like the run's split's."""
+    params = {}
+    for k, split in enumerate((sizes, *sizes.companions)):
+        params[f"readin{k}_w"] = _normal(g, (readin_dim, split.heldin), split.heldin)
+        params[f"readin{k}_b"] = torch.zeros(readin_dim)
+        if k:
+            params[f"readout{k}_w"] = _normal(g, (split.heldin + split.heldout, fac_dim), fac_dim)
+            params[f"readout{k}_b"] = torch.log(split.mean_counts.clamp_min(1e-4)).float()
+    return params
+
+
 FIXED = ("ic_prior_logvar", *SETTINGS)  # not trained: lfads-torch keeps the IC prior's variance fixed
 
 
-def _encode(params, heldin, dropout: float, training: bool):
+def _read_in(params, heldin, session: int, dropout: float, training: bool):
+    """The encoders' input: the held-in spikes under spike dropout (which draws only for
+    nonzero counts on a CPU), through the session's read-in where there are companion splits."""
+    x = spike_dropout(heldin, dropout, training)
+    if f"readin{session}_w" in params:
+        x = F.linear(x, params[f"readin{session}_w"], params[f"readin{session}_b"])
+    return x
+
+
+def _encode(params, x, dropout: float, training: bool):
     """Posterior of the initial condition ``(mean, std)``, both ``(trials, ic_dim)``, and the
-    controller's input ``(trials, bins, 2 ci_enc_dim)``, lagged by ``ci_lag`` bins."""
-    x = spike_dropout(heldin, dropout, training)  # draws only for nonzero counts on a CPU
+    controller's input ``(trials, bins, 2 ci_enc_dim)``, lagged by ``ci_lag`` bins, from the
+    encoders' input ``x`` (``_read_in``)."""
     clip, lag = float(params["cell_clip"]), int(params["ci_lag"])
     same = params["ic_enc_fwd_w_hh"].shape == params["ci_enc_fwd_w_hh"].shape
     groups = [ENCODERS] if same else [ENCODERS[:2], ENCODERS[2:]]  # equal sizes: all four in one kernel call
@@ -240,18 +273,21 @@ def _unroll(con_x, con0, gen0, factor0, con_w_factors, con_w_hh, co_w, co_b, gen
     return tuple(torch.stack(x) for x in (factors, means, stds, inputs))
 
 
-def _forward(params, heldin, fwd_steps, dropout, training, sample):
-    ic_mean, ic_std, ci = _encode(params, heldin, dropout, training)
+def _forward(params, heldin, fwd_steps, dropout, training, sample, session=0):
+    ic_mean, ic_std, ci = _encode(params, _read_in(params, heldin, session, dropout, training), dropout, training)
     ic = ic_mean + ic_std * torch.randn_like(ic_std) if sample else ic_mean
     factors, co_mean, co_std, co = _decode(params, ic, ci, fwd_steps, dropout, training, sample)
-    logrates = F.linear(factors, params["readout_w"], params["readout_b"])
+    readout = f"readout{session}" if session else "readout"
+    logrates = F.linear(factors, params[f"{readout}_w"], params[f"{readout}_b"])
     return logrates, factors, (ic_mean, ic_std), (co_mean, co_std, co)
 
 
-def apply(params, heldin, fwd_steps: int, *, dropout: float = 0.0, training: bool = False):
+def apply(params, heldin, fwd_steps: int, *, dropout: float = 0.0, training: bool = False, session: int = 0):
     """``heldin: (trials, bins, heldin)`` -> ``(logrates, factors)`` over ``bins + fwd_steps``
-    bins. Posterior means (deterministic) unless ``training``, which samples both posteriors."""
-    logrates, factors, _, _ = _forward(params, heldin, fwd_steps, dropout, training, sample=training)
+    bins. Posterior means (deterministic) unless ``training``, which samples both posteriors.
+    ``session``: which split's read-in and read-out (0, the run's split; k, its k-th companion)."""
+    logrates, factors, _, _ = _forward(params, heldin, fwd_steps, dropout, training, sample=training,
+                                       session=session)
     return logrates, factors
 
 
@@ -316,15 +352,16 @@ def l2_recurrent(params) -> torch.Tensor:
     return 0.5 * sum(w.pow(2).sum() for w in matrices) / sum(w.numel() for w in matrices)
 
 
-def training_loss(params, heldin, target, *, dropout: float, epoch: int):
+def training_loss(params, heldin, target, *, dropout: float, epoch: int, session: int = 0):
     """The training objective of one batch: the Poisson loss of the rates under coordinated
     dropout (its value over every entry, its gradient from the hidden held-in entries, all
     held-out neurons and all forward bins), plus the warmed-up KL terms and L2 penalty.
-    ``target: (trials, bins + fwd, heldin + heldout)``. Returns ``(loss, terms)``."""
+    ``target: (trials, bins + fwd, heldin + heldout)``; ``session`` as in ``apply``. Returns
+    ``(loss, terms)``."""
     bins = heldin.shape[1]
     masked, hidden = coordinated_dropout(heldin, float(params["cd_rate"]))
     logrates, _, (ic_mean, ic_std), (co_mean, co_std, co) = _forward(
-        params, masked, target.shape[1] - bins, dropout, training=True, sample=True)
+        params, masked, target.shape[1] - bins, dropout, training=True, sample=True, session=session)
     recon = coordinated_dropout_loss(logrates, target, hidden)
     kl_ic = kl_normal(ic_mean.float(), ic_std.float(), params["ic_prior_mean"], params["ic_prior_logvar"])
     kl_co = kl_ar1(co.float(), co_mean.float(), co_std.float(), params["co_prior_logtau"], params["co_prior_lognvar"])

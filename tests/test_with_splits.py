@@ -1,0 +1,130 @@
+"""``--with-splits``: one LFADS trained on several splits, each with its own read-in and read-out
+(lfads-torch's multisession model): the read-ins and read-outs in the model's maths, the
+options' checks, and training through the loop (the companions' read-outs train, an epoch
+passes over every split, resume is bit-identical, only the run's own split is submitted)."""
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+
+from nlbfab import cli
+from nlbfab.errors import UserError
+from nlbfab.models import MODELS, Sizes, lfads
+from nlbfab.train_config import TrainConfig
+from tests.conftest import homes_with, run_cli
+
+SMALL = dict(ic_enc_dim=8, ci_enc_dim=8, con_dim=8, co_dim=2, ic_dim=8, gen_dim=16, fac_dim=4)
+MAIN = Sizes(heldin=6, heldout=3, bins=12, fwd_steps=4, mean_counts=torch.full((9,), 0.3))
+OTHER = Sizes(heldin=5, heldout=2, bins=10, fwd_steps=4, mean_counts=torch.full((7,), 0.2))
+SPLIT, WITH = "mc_maze_small-20ms-val", "mc_maze_medium-20ms-val,mc_maze_large-20ms-val"
+
+
+def test_every_split_gets_a_read_in_and_each_companion_a_read_out():
+    alone = MODELS["lfads"].init(MAIN, 0, **SMALL)
+    shared = MODELS["lfads"].init(replace(MAIN, companions=(OTHER,)), 0, readin_dim=7, **SMALL)
+    assert not any(k.startswith("readin") for k in alone) and alone["ic_enc_fwd_w_ih"].shape[1] == MAIN.heldin
+    assert shared["readin0_w"].shape == (7, MAIN.heldin) and shared["readin1_w"].shape == (7, OTHER.heldin)
+    assert shared["ic_enc_fwd_w_ih"].shape[1] == 7 and shared["readout_w"].shape == (9, SMALL["fac_dim"])
+    assert shared["readout1_w"].shape == (7, SMALL["fac_dim"])
+    assert torch.allclose(shared["readout1_b"], torch.log(OTHER.mean_counts))
+    heldin = torch.poisson(torch.full((3, OTHER.bins, OTHER.heldin), 0.5))
+    logrates, factors = lfads.apply(shared, heldin, 4, session=1)
+    assert logrates.shape == (3, OTHER.bins + 4, 7) and factors.shape == (3, OTHER.bins + 4, SMALL["fac_dim"])
+
+
+def test_a_session_is_its_read_in_then_the_shared_model_then_its_read_out():
+    shared = MODELS["lfads"].init(replace(MAIN, companions=(OTHER,)), 0, readin_dim=MAIN.heldin, **SMALL)
+    heldin = torch.poisson(torch.full((3, OTHER.bins, OTHER.heldin), 0.5))
+    logrates, factors = lfads.apply(shared, heldin, 4, session=1)
+    # the same model without read-ins, given the read-in's output, with the companion's read-out
+    plain = {k: v for k, v in shared.items() if not k.startswith(("readin", "readout1"))}
+    plain |= {"readout_w": shared["readout1_w"], "readout_b": shared["readout1_b"]}
+    read_in = heldin @ shared["readin1_w"].T + shared["readin1_b"]
+    expected, expected_factors = lfads.apply(plain, read_in, 4)
+    assert torch.allclose(logrates, expected, atol=1e-6) and torch.allclose(factors, expected_factors, atol=1e-6)
+    # session 0 takes its own read-in and the model's read-out
+    main_heldin = torch.poisson(torch.full((3, MAIN.bins, MAIN.heldin), 0.5))
+    main, _ = lfads.apply(shared, main_heldin, 4)
+    expected, _ = lfads.apply({**plain, "readout_w": shared["readout_w"], "readout_b": shared["readout_b"]},
+                              main_heldin @ shared["readin0_w"].T + shared["readin0_b"], 4)
+    assert torch.allclose(main, expected, atol=1e-6)
+    loss, terms = lfads.training_loss(shared, heldin, torch.poisson(torch.full((3, OTHER.bins + 4, 7), 0.5)),
+                                      dropout=0.1, epoch=0, session=1)
+    assert math.isfinite(float(loss)) and set(terms) == {"recon", "kl_ic", "kl_co", "l2"}
+
+
+@pytest.mark.parametrize("with_splits, message", [
+    ("mc_maze_small-20ms-test", "mc_maze_small appears twice"),
+    ("mc_maze_medium-20ms-val,mc_maze_medium-20ms-test", "mc_maze_medium appears twice"),
+    ("mc_maze_medium-05ms-val", "5 ms bins, --split mc_maze_small-20ms-val 20 ms"),
+    ("mc_maze_mediun-20ms-val", r"--with-splits: unknown split 'mc_maze_mediun-20ms-val': did you mean"),
+])
+def test_splits_that_share_trials_or_bin_otherwise_are_refused(with_splits, message):
+    with pytest.raises(UserError, match=message):
+        TrainConfig(split=SPLIT, model="lfads", with_splits=with_splits)
+
+
+def test_a_model_that_cannot_share_is_refused_before_anything_is_written(prepared, homes):
+    result = run_cli(cli.train, "--split", SPLIT, "--model", "sae", "--with-splits", WITH, "--run-tag", "share-sae")
+    assert result.exit_code == 2 and "model sae cannot share its dynamics across splits (lfads can)" in result.output
+    assert not Path(homes["RUNS_HOME"], "share-sae", SPLIT).exists()
+
+
+def shared_run(tag, max_epochs, resume=False, **options):
+    from nlbfab.train import train
+    config = TrainConfig(split=SPLIT, model="lfads", hparams=SMALL, batch_size=16, accelerator="cpu",
+                         max_epochs=max_epochs, log_every_n_epochs=2, run_tag=tag, with_splits=WITH, **options)
+    return train(config, homes_with(), resume=resume, quiet=True)
+
+
+def test_the_companions_train_with_the_model_and_only_its_own_split_is_submitted(prepared, homes):
+    from nlbfab.data import load_split, with_eval_heldin
+    from nlbfab.splits import get_split
+    from nlbfab.train import sizes_of
+    summary = shared_run("share-loop", 3)
+    assert summary["split"] == SPLIT and math.isfinite(summary["metrics"]["co-bps"])
+    run_dir = Path(summary["run_dir"])
+    assert json.loads((run_dir / "config.json").read_text())["with_splits"] == WITH
+    with h5py.File(run_dir.parent / "submission-val.h5") as h5:
+        assert list(h5) == ["mc_maze_small_20"]
+    assert sorted(p.name for p in run_dir.parent.iterdir() if p.is_dir()) == [SPLIT]
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    # every epoch passes over each split's pool once: as many steps as the largest pool has batches
+    pools = [with_eval_heldin(load_split(get_split(name), homes_with()), 0)[1] for name in [SPLIT, *WITH.split(",")]]
+    assert last["average"]["steps"] == 3 * max(math.ceil(len(pool.heldin) / 16) for pool in pools)
+    # the companions' read-outs were trained from their initial values
+    data = [load_split(get_split(name), homes_with()) for name in [SPLIT, *WITH.split(",")]]
+    initial = MODELS["lfads"].init(sizes_of(data[0], tuple(data[1:])), 0,
+                                   **MODELS["lfads"].settle(SMALL, "mc_maze_small"))
+    for k in (1, 2):
+        trained = last["model"][f"members.0.params.readout{k}_w"]
+        assert trained.shape == initial[f"readout{k}_w"].shape and not torch.equal(trained, initial[f"readout{k}_w"])
+
+
+def test_a_resumed_run_with_companions_ends_with_the_same_weights(prepared, homes):
+    whole = shared_run("share-whole", 4)
+    shared_run("share-parts", 2)
+    parts = shared_run("share-parts", 4, resume=True)
+    a, b = (torch.load(f"{s['run_dir']}/checkpoints/last.ckpt", weights_only=False)["model"] for s in (whole, parts))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "members.0.params.readin2_w" in a
+
+
+def test_ranks_agree_under_ddp_with_companions(prepared, tmp_path):
+    import os
+    import subprocess
+    import sys
+    script = Path(__file__).with_name("ddp_check.py")
+    env = {**os.environ, "PYTHONPATH": str(script.parent.parent), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), str(prepared), "2", str(tmp_path), "lfads", json.dumps(SMALL),
+                           "1", "mc_maze_large-20ms-val,mc_rtt-20ms-val"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}-of-2.pt") for r in (0, 1))
+    for key in ("members.0.params.gen_w_hh", "members.0.params.readout2_w", "members.0.params.readin1_w"):
+        assert not torch.equal(rank0["final"][key], rank0["initial"][key])  # it trained
+    assert all(torch.equal(rank0["final"][k], rank1["final"][k]) for k in rank0["final"])
