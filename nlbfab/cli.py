@@ -301,6 +301,11 @@ def search(ctx, split_name, trials, space, run_tag, address, resume, submit_top,
     else:
         plan = sr.SearchPlan(split.name, trials, *search_space(split.name, space, ctx.args), run_tag=run_tag,
                              **plan_options)
+    companions = [get_split(name) for name in filter(None, plan.fixed.get("with_splits", "").split(","))]
+    for needed in companions + ([sr.as_test_phase(c) for c in companions] if len(phases) > 1 else []):
+        if not homes.split_file(needed, "eval_input").is_file():
+            raise UserError(f"--with-splits: {needed.name} is not preprocessed: run 'bin/nlbfab-prep --split "
+                            f"{needed.name}'")
     with sr.ray_session(address):
         plan, rows = sr.search(plan, homes, resume, _report)
         click.echo(sr.trials_table(rows, plan.space))

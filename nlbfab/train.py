@@ -385,15 +385,14 @@ def train_epoch(state: TrainState, pool: TrainingPool, run: Run,
                 companions: tuple[Companion, ...] = ()) -> tuple[float, dict[str, float]]:
     """One pass over the pool's trials (the train trials, and with ``--train-eval-heldin`` the eval
     trials) in seeded random batches; each rank takes its share of every global batch. With
-    ``--with-splits`` every step also takes a batch of each of their ``companions``, and the
-    epoch lasts until every pool has been passed over once (the shorter ones start again).
-    Returns the mean training loss over ranks and members (summed over the splits), and the
-    mean of each of the model's loss terms (on rank 0)."""
+    ``--with-splits`` every step also takes a batch of each of their ``companions``
+    (``companion_batches``). Returns the mean training loss over ranks and members (summed over
+    the splits), and the mean of each of the model's loss terms (on rank 0)."""
     fabric = state.fabric
     state.module.train()
     batches = batch_indices(pool.heldin.shape[0], run.config.batch_size, state.rng.batches)
-    others = [batch_indices(c.pool.heldin.shape[0], c.batch_size, state.rng.batches) for c in companions]
-    steps = max(len(b) for b in (batches, *others))
+    others = [companion_batches(c, len(batches), state.rng.batches) for c in companions]
+    steps = len(batches)
     total, term_totals = torch.zeros((), device=fabric.device), {}
 
     def shard(index):
@@ -402,16 +401,26 @@ def train_epoch(state: TrainState, pool: TrainingPool, run: Run,
     # a bar within each epoch, on a terminal only (None: tqdm turns itself off when piped)
     hide = True if run.quiet or not fabric.is_global_zero else None
     for step in tqdm(range(steps), leave=False, disable=hide, unit="batch", desc="epoch"):
-        index = shard(batches[step % len(batches)])
-        companion_batches = [(c.pool.heldin[i], c.pool.target[i])
-                             for c, i in ((c, shard(b[step % len(b)])) for c, b in zip(companions, others))]
-        loss, terms = train_step(state, (pool.heldin[index], pool.target[index]), run.config, companion_batches)
+        index = shard(batches[step])
+        extra = [(c.pool.heldin[i], c.pool.target[i]) for c, i in ((c, shard(b[step])) for c, b in zip(companions, others))]
+        loss, terms = train_step(state, (pool.heldin[index], pool.target[index]), run.config, extra)
         total += loss
         for name, value in terms.items():
             term_totals[name] = term_totals.get(name, 0) + value
     terms = {name: float(value) / steps for name, value in term_totals.items()}
     mean = total / (steps * len(training_members(state) or state.members))
     return float(fabric.all_reduce(mean, reduce_op="mean")), terms
+
+
+def companion_batches(companion: Companion, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A companion's batches for an epoch of ``steps`` steps: an epoch is a pass over the run's
+    own split, whatever the companions' sizes (the stopping rule counts its epochs, and mc_maze's
+    pool would otherwise make an epoch of mc_maze_small's six times longer), so each takes the
+    first ``steps`` batches of fresh seeded passes over its pool, as many as that needs."""
+    batches: list[torch.Tensor] = []
+    while len(batches) < steps:
+        batches += batch_indices(companion.pool.heldin.shape[0], companion.batch_size, generator)
+    return batches[:steps]
 
 
 @torch.no_grad()

@@ -57,6 +57,19 @@ def test_a_session_is_its_read_in_then_the_shared_model_then_its_read_out():
     assert math.isfinite(float(loss)) and set(terms) == {"recon", "kl_ic", "kl_co", "l2"}
 
 
+def test_a_companion_gives_an_epoch_as_many_batches_as_it_has_steps_from_whole_passes():
+    from nlbfab.data import TrainingPool
+    from nlbfab.train import Companion, companion_batches
+    companion = Companion("c", TrainingPool(torch.zeros(10, 2, 1), torch.zeros(10, 3, 1)), batch_size=4)
+    generator = torch.Generator().manual_seed(0)
+    many = companion_batches(companion, 7, generator)  # passes of 3 batches (4, 4, 2): three passes, cut at 7
+    assert [len(b) for b in many] == [4, 4, 2, 4, 4, 2, 4]
+    for first in (0, 3):
+        assert sorted(torch.cat(many[first:first + 3]).tolist()) == list(range(10))
+    few = companion_batches(companion, 2, generator)
+    assert len(few) == 2 and len(set(torch.cat(few).tolist())) == 8
+
+
 @pytest.mark.parametrize("with_splits, message", [
     ("mc_maze_small-20ms-test", "mc_maze_small appears twice"),
     ("mc_maze_medium-20ms-val,mc_maze_medium-20ms-test", "mc_maze_medium appears twice"),
@@ -93,9 +106,9 @@ def test_the_companions_train_with_the_model_and_only_its_own_split_is_submitted
         assert list(h5) == ["mc_maze_small_20"]
     assert sorted(p.name for p in run_dir.parent.iterdir() if p.is_dir()) == [SPLIT]
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    # every epoch passes over each split's pool once: as many steps as the largest pool has batches
-    pools = [with_eval_heldin(load_split(get_split(name), homes_with()), 0)[1] for name in [SPLIT, *WITH.split(",")]]
-    assert last["average"]["steps"] == 3 * max(math.ceil(len(pool.heldin) / 16) for pool in pools)
+    # an epoch is a pass over the run's own pool, a batch of each companion at every step
+    pool = with_eval_heldin(load_split(get_split(SPLIT), homes_with()), 0)[1]
+    assert last["average"]["steps"] == 3 * math.ceil(len(pool.heldin) / 16)
     # the companions' read-outs were trained from their initial values
     data = [load_split(get_split(name), homes_with()) for name in [SPLIT, *WITH.split(",")]]
     initial = MODELS["lfads"].init(sizes_of(data[0], tuple(data[1:])), 0,
