@@ -214,9 +214,13 @@ def submit(run_tag):
                    "and their settings are trained on the test split.")
 @click.option("--search-top", default=5, show_default=True, type=click.IntRange(min=1),
               help="With --search: the most trials whose mean rates are submitted (chosen greedily on val co-bps).")
+@click.option("--share-datasets", "share", multiple=True,
+              help="Train each split of these datasets (comma-separated, two or more) with the others' splits of its "
+                   "bin width and phase, as nlbfab-train's --with-splits does (a model that shares across splits: "
+                   "lfads), e.g. mc_maze,mc_maze_large,mc_maze_medium,mc_maze_small.")
 @click.pass_context
 @friendly_errors
-def sweep(ctx, datasets, bins, phases, run_tag, resume, no_prep, search_trials, search_top, **placement):
+def sweep(ctx, datasets, bins, phases, run_tag, resume, no_prep, search_trials, search_top, share, **placement):
     """Train all 28 splits (or a subset) over every GPU, or the CPU cores. Other options
     (e.g. --max-epochs 50 --hidden-size 64) pass through to every nlbfab-train run."""
     from nlbfab import sweep as sw
@@ -230,14 +234,16 @@ def sweep(ctx, datasets, bins, phases, run_tag, resume, no_prep, search_trials, 
     if search_trials and resume:
         raise UserError("--resume with --search: continue each interrupted search with 'bin/nlbfab-search --split "
                         f"SPLIT --run-tag {run_tag} --resume'")
+    shared = sw.shared_datasets(share, run_settings.model, bool(search_trials))
     if search_trials:
         return search_each(splits, search_trials, search_top, run_tag, placement["address"], no_prep, ctx.args)
     if any(a.startswith("--ensemble-top") for a in ctx.args) and {s.phase for s in splits} == {"val", "test"}:
         _report("note: a test-phase run takes the members its val run chose only if that run has finished when it "
                 "ends; to be sure, run --phases val first, then --phases test")
     homes = config.homes(writable=("PREP_HOME", "RUNS_HOME"))
-    sw.prepare_missing(splits, homes, no_prep, _report)
-    runs = sw.plan_runs(splits, homes.tag_dir(run_tag), resume)
+    runs = sw.plan_runs(splits, homes.tag_dir(run_tag), resume, shared)
+    sw.prepare_missing(list(dict.fromkeys([*splits, *(c for r in runs for c in r.with_splits)])), homes, no_prep,
+                       _report)
     _report(sw.where(runs, where, homes.tag_dir(run_tag)))
     started = time.perf_counter()
     sw.sweep(runs, homes, run_tag, list(ctx.args), where, sw.live_table(len(runs) + 1, sys.stderr))

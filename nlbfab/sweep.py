@@ -20,6 +20,7 @@ import h5py
 from nlbfab import layout, ray_cluster
 from nlbfab.errors import UserError
 from nlbfab.layout import Homes
+from nlbfab.models import get_model
 from nlbfab.prep import is_up_to_date, prepare_splits
 from nlbfab.splits import ALL_SPLITS, DATASETS, Split
 from nlbfab.submission import PHASES, expected_shapes
@@ -46,6 +47,7 @@ class Run:
     resume: bool = False
     returncode: int | None = None
     progress: dict = field(default_factory=dict)
+    with_splits: tuple[Split, ...] = ()  # its --with-splits companions (--share-datasets)
 
     @property
     def log(self) -> Path:
@@ -74,6 +76,8 @@ def local_slots(gpus: int, jobs_per_gpu: int, workers: int, cpus: int) -> list[S
 def _command(run: Run, run_tag: str, train_args: list[str]) -> list[str]:
     command = [sys.executable, "-m", "nlbfab.cli", "train", "--split", run.split.name, "--run-tag", run_tag,
                "--quiet", "--accelerator", run.slot.accelerator, *train_args]
+    if run.with_splits:
+        command += ["--with-splits", ",".join(s.name for s in run.with_splits)]
     return command + (["--resume"] if run.resume else [])
 
 
@@ -280,10 +284,34 @@ def prepare_missing(splits: list[Split], homes: Homes, no_prep: bool, report: Ca
         prepare_splits(unprepared, homes, report=report)
 
 
-def plan_runs(splits: list[Split], tag_dir: Path, resume: bool) -> list[Run]:
-    """One run per split, longest first; with ``resume``, finished ones skipped and interrupted
-    ones resumed from their last checkpoint."""
-    runs = [Run(s, tag_dir / s.name) for s in longest_first(splits)]
+def shared_datasets(share: list[str], model: str, search: bool) -> list[str]:
+    """``--share-datasets``' names, checked: two or more datasets, a model that shares across
+    splits, no ``--search`` (each search's trials are runs of its own)."""
+    if not share:
+        return []
+    names = _names(share, list(DATASETS), "dataset")
+    if len(set(names)) < 2:
+        raise UserError(f"--share-datasets {','.join(names)}: name two or more datasets to share across")
+    if not get_model(model).shares_across_splits:
+        raise UserError(f"--share-datasets: model {model} cannot share its dynamics across splits (lfads can)")
+    if search:
+        raise UserError("--share-datasets with --search: search a split with 'bin/nlbfab-search --with-splits ...'")
+    return names
+
+
+def shared_splits(split: Split, shared: list[str]) -> tuple[Split, ...]:
+    """The companions a run of ``split`` trains with under ``--share-datasets shared``: the other
+    shared datasets' splits of its bin width and phase (none where its dataset is not shared)."""
+    if split.dataset.name not in shared:
+        return ()
+    return tuple(s for s in ALL_SPLITS if s.dataset.name in shared and s.dataset != split.dataset
+                 and s.bin_ms == split.bin_ms and s.phase == split.phase)
+
+
+def plan_runs(splits: list[Split], tag_dir: Path, resume: bool, shared: list[str] = ()) -> list[Run]:
+    """One run per split, longest first, each with its ``shared_splits``; with ``resume``,
+    finished ones skipped and interrupted ones resumed from their last checkpoint."""
+    runs = [Run(s, tag_dir / s.name, with_splits=shared_splits(s, shared)) for s in longest_first(splits)]
     for run in runs:
         state = layout.run_state(run.run_dir)
         if resume and state == "finished":

@@ -141,3 +141,40 @@ def test_ranks_agree_under_ddp_with_companions(prepared, tmp_path):
     for key in ("members.0.params.gen_w_hh", "members.0.params.readout2_w", "members.0.params.readin1_w"):
         assert not torch.equal(rank0["final"][key], rank0["initial"][key])  # it trained
     assert all(torch.equal(rank0["final"][k], rank1["final"][k]) for k in rank0["final"])
+
+
+def test_nlbfab_all_shares_each_split_with_the_other_datasets_splits_of_its_bin_width_and_phase():
+    from nlbfab.splits import get_split
+    from nlbfab.sweep import shared_splits
+    maze = ["mc_maze", "mc_maze_small", "mc_maze_large"]
+    assert [s.name for s in shared_splits(get_split("mc_maze_small-20ms-test"), maze)] == [
+        "mc_maze-20ms-test", "mc_maze_large-20ms-test"]
+    assert [s.name for s in shared_splits(get_split("mc_maze-05ms-val"), maze)] == [
+        "mc_maze_large-05ms-val", "mc_maze_small-05ms-val"]
+    assert shared_splits(get_split("mc_rtt-20ms-val"), maze) == ()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--model", "lfads", "--share-datasets", "mc_maze_small"], "name two or more datasets"),
+    (["--share-datasets", "mc_maze_small,mc_maze_medium"], "model sae cannot share its dynamics"),
+    (["--model", "lfads", "--share-datasets", "mc_maze_small,mc_maze_medium", "--search", "2"],
+     "--share-datasets with --search"),
+])
+def test_nlbfab_all_refuses_sharing_it_cannot_do(prepared, homes, options, message):
+    result = run_cli(cli.sweep, "--datasets", "mc_maze_small", "--bins", "20", "--phases", "val", "--run-tag",
+                     "share-never", *options)
+    assert result.exit_code == 2 and message in result.output
+    assert not Path(homes["RUNS_HOME"], "share-never").exists()
+
+
+def test_nlbfab_all_trains_each_shared_split_with_the_others(prepared, homes):
+    result = run_cli(cli.sweep, "--datasets", "mc_maze_small,mc_maze_medium", "--bins", "20", "--phases", "val",
+                     "--model", "lfads", "--share-datasets", "mc_maze_small,mc_maze_medium", "--max-epochs", "1",
+                     "--run-tag", "share-all", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    tag_dir = Path(homes["RUNS_HOME"], "share-all")
+    for split, other in [("mc_maze_small-20ms-val", "mc_maze_medium-20ms-val"),
+                         ("mc_maze_medium-20ms-val", "mc_maze_small-20ms-val")]:
+        assert json.loads((tag_dir / split / "config.json").read_text())["with_splits"] == other
+    with h5py.File(tag_dir / "submission-val.h5") as h5:
+        assert sorted(h5) == ["mc_maze_medium_20", "mc_maze_small_20"]
