@@ -794,6 +794,7 @@ def finish(state: TrainState, data: SplitData, run: Run, homes: Homes, stop_reas
                           data.heldin, data.heldout)
         summary |= submit_and_score(data.split, predictions, run.run_dir.parent, expected, {data.split.group: data.target})
         log_final_metrics(state.fabric.logger, run.config, summary)
+        state.fabric.logger.finalize("success")  # its writer thread done: the event file is complete on return
         layout.write_json(layout.metrics_file(run.run_dir), summary)
     state.fabric.barrier()
     return summary

@@ -210,9 +210,9 @@ def test_a_second_model_trains_through_the_same_loop(homes, prepared):
 def test_train_eval_heldin_draws_batches_from_the_eval_trials_too(homes, prepared, monkeypatch):
     real, batches = loop.train_step, []
 
-    def recording(state, batch, config):
+    def recording(state, batch, config, companions=()):
         batches.append(batch)
-        return real(state, batch, config)
+        return real(state, batch, config, companions)
 
     monkeypatch.setattr(loop, "train_step", recording)
     records = []
