@@ -391,24 +391,19 @@ def train_epoch(state: TrainState, pool: TrainingPool, run: Run,
     fabric = state.fabric
     state.module.train()
     batches = batch_indices(pool.heldin.shape[0], run.config.batch_size, state.rng.batches)
-    others = [companion_batches(c, len(batches), state.rng.batches) for c in companions]
-    steps = len(batches)
+    feeds = [(pool, batches), *((c.pool, companion_batches(c, len(batches), state.rng.batches)) for c in companions)]
     total, term_totals = torch.zeros((), device=fabric.device), {}
-
-    def shard(index):
-        return index[fabric.global_rank::fabric.world_size].to(fabric.device)
-
     # a bar within each epoch, on a terminal only (None: tqdm turns itself off when piped)
     hide = True if run.quiet or not fabric.is_global_zero else None
-    for step in tqdm(range(steps), leave=False, disable=hide, unit="batch", desc="epoch"):
-        index = shard(batches[step])
-        extra = [(c.pool.heldin[i], c.pool.target[i]) for c, i in ((c, shard(b[step])) for c, b in zip(companions, others))]
-        loss, terms = train_step(state, (pool.heldin[index], pool.target[index]), run.config, extra)
+    for step in tqdm(range(len(batches)), leave=False, disable=hide, unit="batch", desc="epoch"):
+        shards = [(p, b[step][fabric.global_rank::fabric.world_size].to(fabric.device)) for p, b in feeds]
+        own, *extra = [(p.heldin[index], p.target[index]) for p, index in shards]
+        loss, terms = train_step(state, own, run.config, extra)
         total += loss
         for name, value in terms.items():
             term_totals[name] = term_totals.get(name, 0) + value
-    terms = {name: float(value) / steps for name, value in term_totals.items()}
-    mean = total / (steps * len(training_members(state) or state.members))
+    terms = {name: float(value) / len(batches) for name, value in term_totals.items()}
+    mean = total / (len(batches) * len(training_members(state) or state.members))
     return float(fabric.all_reduce(mean, reduce_op="mean")), terms
 
 
