@@ -18,6 +18,7 @@ from nlbfab.command import (Command, TrainCommand, check_pass_through, chosen_da
                             given_train_options, train_config, train_options)
 from nlbfab.errors import UserError
 from nlbfab.splits import SPLIT_NAMES, get_split, splits_of
+from nlbfab.train_config import with_split_names
 
 
 def _report(line: str) -> None:
@@ -307,7 +308,7 @@ def search(ctx, split_name, trials, space, run_tag, address, resume, submit_top,
     else:
         plan = sr.SearchPlan(split.name, trials, *search_space(split.name, space, ctx.args), run_tag=run_tag,
                              **plan_options)
-    companions = [get_split(name) for name in filter(None, plan.fixed.get("with_splits", "").split(","))]
+    companions = [get_split(name) for name in with_split_names(plan.fixed.get("with_splits", ""))]
     for needed in companions + ([sr.as_test_phase(c) for c in companions] if len(phases) > 1 else []):
         if not homes.split_file(needed, "eval_input").is_file():
             raise UserError(f"--with-splits: {needed.name} is not preprocessed: run 'bin/nlbfab-prep --split "

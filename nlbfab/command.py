@@ -149,7 +149,7 @@ def check_pass_through(train_command: click.Command, args: list[str]) -> TrainCo
                         f"(--jobs-per-gpu, --workers, --gpus-per-run)")
     if any(a.split("=")[0] == "--with-splits" for a in args):
         raise UserError("--with-splits is not for nlbfab-all: its splits would train with the same companions, "
-                        "their own datasets' among them; run nlbfab-train for each split instead")
+                        "their own datasets' among them; use --share-datasets")
     context = train_command.make_context("nlbfab-train", ["--split", "mc_maze-20ms-val", *args])
     options = {k: v for k, v in context.params.items() if k not in ("split_name", "resume", "quiet")}
     return train_config("mc_maze-20ms-val", options, context.args)

@@ -43,7 +43,7 @@ from nlbfab.search_space import Distribution, space_from_json, space_to_json, sp
 from nlbfab.splits import Split, get_split
 from nlbfab.submission import expected_shapes
 from nlbfab.train import NonFiniteLoss, fabric_for, train
-from nlbfab.train_config import TrainConfig
+from nlbfab.train_config import TrainConfig, with_split_names
 
 METRIC = "best_val_co_bps"  # the best val co-bps so far: ASHA compares trials by it, TPE learns from its last value
 GPU_SHARE = 0.3  # of a GPU per trial where there are GPUs, as nlbfab-all's --gpus-per-run
@@ -371,7 +371,7 @@ def config_on_test_split(plan: SearchPlan, homes: Homes, trial: str, test_split:
     run tag: the run goes beside the trial's val run, ``{search}/{trial}/{test split}``; its
     ``--with-splits`` splits, if any, also on the test phase (their train and val trials)."""
     settings = json.loads(layout.config_file(trial_run_dir(homes, plan, trial)).read_text())
-    companions = [as_test_phase(get_split(name)).name for name in filter(None, settings.get("with_splits", "").split(","))]
+    companions = [as_test_phase(get_split(name)).name for name in with_split_names(settings.get("with_splits", ""))]
     settings |= {"split": test_split.name, "accelerator": "gpu" if plan.gpus else "cpu",
                  "with_splits": ",".join(companions)}
     return TrainConfig(**settings)

@@ -181,6 +181,11 @@ def check(config: TrainConfig) -> None:
     companion_splits(config)
 
 
+def with_split_names(with_splits: str) -> list[str]:
+    """The names in a ``--with-splits`` value (comma-separated; empty: none)."""
+    return [name.strip() for name in with_splits.split(",")] if with_splits else []
+
+
 def companion_splits(config: TrainConfig) -> list[Split]:
     """The splits of ``--with-splits``: each another dataset than the run's split and the others
     (one dataset's splits share trials: its test phase trains on the val phase's eval trials),
@@ -189,7 +194,7 @@ def companion_splits(config: TrainConfig) -> list[Split]:
         return []
     split = get_split(config.split)
     try:
-        companions = [get_split(name.strip()) for name in config.with_splits.split(",")]
+        companions = [get_split(name) for name in with_split_names(config.with_splits)]
     except UserError as error:
         raise UserError(f"--with-splits: {error}") from None
     datasets = [s.dataset.name for s in (split, *companions)]
