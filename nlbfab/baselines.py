@@ -11,7 +11,7 @@ from nlbfab import layout
 from nlbfab.errors import UserError
 from nlbfab.layout import Homes
 from nlbfab.oracle import oracle_rates, true_rate_dataset
-from nlbfab.scoring import submit_and_score
+from nlbfab.scoring import local_target, submit_and_score
 from nlbfab.smoothing import smoothing_rates
 from nlbfab.splits import Split
 from nlbfab.submission import expected_shapes
@@ -38,7 +38,8 @@ def predict_baseline(method: str, splits: list[Split], homes: Homes) -> Iterator
 
 def run_baseline(method: str, splits: list[Split], homes: Homes, run_tag: str, report: Callable[[str], None]) -> None:
     """Write a baseline's rates for ``splits`` into ``RUNS_HOME/{run_tag}``'s submission files,
-    scoring the val splits; ``report`` gets a line per split and its metrics."""
+    scoring those that can be scored here (``local_target``); ``report`` gets a line per split
+    and its metrics."""
     for split in splits:
         if not homes.split_dir(split).is_dir():
             raise UserError(f"{split.name} is not preprocessed: run 'bin/nlbfab-prep --split {split.name}'")
@@ -47,7 +48,7 @@ def run_baseline(method: str, splits: list[Split], homes: Homes, run_tag: str, r
                             f"another --run-tag")
     for split, rates in predict_baseline(method, splits, homes):
         result = submit_and_score(split, rates, homes.tag_dir(run_tag), expected_shapes(split, homes),
-                                  homes.split_file(split, "eval_target"))
+                                  local_target(homes, split, report))
         report(f"{split.name}: {method} rates written to {result['submission']} (group {split.group})")
         if "metrics" in result:
             report("  " + "  ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))

@@ -129,6 +129,8 @@ def train(ctx, split_name, resume, quiet, **options):
     if "submission" in summary:
         click.echo(f"{summary['split']}: {summary['epochs']} epochs ({summary['stop_reason']}), best at "
                    f"{summary['best_epoch']}, {summary['seconds']:.0f} s; rates in {summary['submission']}")
+        if "metrics" in summary and split.phase == "test":
+            click.echo("  scored against the test file EvalAI would hold (a synthetic dataset's copy):")
         for name, value in summary.get("metrics", {}).items():
             click.echo(f"  {name:10s} {value:.4f}")
         if "ensemble" in summary:
@@ -154,14 +156,14 @@ def resumed_options(ctx: click.Context, options: dict, saved_config: Path) -> di
 def member_table(summary: dict) -> str:
     """An ensemble run's members (* for those in the submission) and their mean: seed, best epoch,
     and the NLB metrics (val phase) or the monitored held-in loss (test phase)."""
-    members, mean = summary["ensemble"]["members"], summary.get("metrics", {})
-    names = list(mean) or ["-val loss"]
+    members = summary["ensemble"]["members"]
     values = [m.get("metrics") or {"-val loss": m["best_monitored"]} for m in members]
+    names = list(values[0])
+    mean = summary["metrics"] if "metrics" in members[0] else {"-val loss": summary["best_monitored"]}
     lines = [f"{'member':>9s} {'seed':>6s} {'best at':>8s}" + "".join(f"{n:>10s}" for n in names) + "  stopped"]
     for m, v in zip(members, values):
         lines.append(f"{m['member']:>8d}{'*' if m['chosen'] else ' '} {m['seed']:>6d} {m['best_epoch']:>8d}"
                      + "".join(f"{v[n]:>10.4f}" for n in names) + f"  {m['stop_reason']}")
-    mean = mean or {"-val loss": summary["best_monitored"]}
     lines.append(f"{'mean of *':>9s} {'':>6s} {'':>8s}" + "".join(f"{mean[n]:>10.4f}" for n in names))
     return "\n".join(lines)
 
@@ -332,6 +334,8 @@ def search(ctx, split_name, trials, space, run_tag, address, resume, submit_top,
             if "test" in submitted:
                 click.echo(f"submission: the mean of their settings trained on {phases[1].name} in "
                            f"{submitted['test']['submission']}")
+                for name, value in submitted["test"].get("metrics", {}).items():
+                    click.echo(f"  {name:10s} {value:.4f}")
 
 
 def search_module():
@@ -369,6 +373,8 @@ def search_each(splits: list, trials: int, top: int, run_tag: str, address: str 
             scores = "  ".join(f"{k} {v:.4f}" for k, v in submitted["val"]["metrics"].items())
             click.echo(f"{plan.split}: best trial {rows[0]['val_co_bps']:.4f}; the mean of {len(submitted['trials'])}: "
                        f"{scores}" + (f"; test phase in {submitted['test']['submission']}" if "test" in submitted else ""))
+            if "metrics" in submitted.get("test", {}):
+                click.echo("  test phase: " + "  ".join(f"{k} {v:.4f}" for k, v in submitted["test"]["metrics"].items()))
 
 
 def search_space(split: str, space_file: str | None, args: list[str]) -> tuple[dict, dict]:

@@ -1,4 +1,4 @@
-"""Score a val-phase submission exactly as EvalAI does, with ``nlb_tools.evaluation.evaluate``.
+"""Score a submission exactly as EvalAI does, with ``nlb_tools.evaluation.evaluate``.
 
 ``score`` runs nlb_tools unpatched, its GridSearchCV velocity decoder included: it gives a run's
 final, authoritative number. The loop's evaluation hook uses ``nlbfab.evaluation.metrics``
@@ -70,15 +70,31 @@ def _evaluate(target: Path | dict, submission_path: Path, split: Split) -> list[
         return evaluate(target if isinstance(target, dict) else str(target), groups)
 
 
-def submit_and_score(split: Split, rates: dict, run_dir: Path, expected: dict, target: Path | dict) -> dict:
+def submit_and_score(split: Split, rates: dict, run_dir: Path, expected: dict, target: Path | dict | None) -> dict:
     """Merge a split's rates into the run's submission file (``nlbfab.submission.submit``) and,
-    on the val phase, score that file as EvalAI would. Returns ``{"submission": path}`` and, on
-    the val phase, ``"metrics"``."""
+    given a ``target`` (``local_target``), score that file as EvalAI would. Returns
+    ``{"submission": path}`` and, where scored, ``"metrics"``."""
     path = submit(split, rates, run_dir, expected)
     result = {"submission": str(path)}
-    if split.phase == "val":
+    if target is not None:
         result["metrics"] = score(target, path, split)
     return result
+
+
+def local_target(homes: Homes, split: Split, report: Callable[[str], None]) -> Path | dict | None:
+    """What a split's submission is scored against here: the val phase's target file; on the test
+    phase the target EvalAI holds, cut from a synthetic dataset's copy of its test file
+    (``nlbfab.evalai_target``); None for a real dataset's test phase, which only EvalAI scores,
+    and where the copy cannot be scored (``report`` says why: the submission stands)."""
+    if split.phase == "val":
+        return homes.split_file(split, "eval_target")
+    if not hidden_test_file(homes.data, split.dataset).is_file():
+        return None
+    try:
+        return evalai_target(homes, split)
+    except UserError as error:
+        report(f"{split.name}: not scored here: {error}")
+        return None
 
 
 def score_table(split: Split, run_tags: list[str], homes: Homes, report: Callable[[str], None] = print) -> str:

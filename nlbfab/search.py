@@ -38,7 +38,7 @@ from nlbfab.errors import UserError
 from nlbfab.evaluation import co_bps
 from nlbfab.layout import Homes
 from nlbfab.models import get_model
-from nlbfab.scoring import submit_and_score
+from nlbfab.scoring import local_target, submit_and_score
 from nlbfab.search_space import Distribution, space_from_json, space_to_json, split_settings
 from nlbfab.splits import Split, get_split
 from nlbfab.submission import expected_shapes
@@ -351,14 +351,15 @@ def top_trials(plan: SearchPlan, homes: Homes, rows: list[dict], count: int,
     return [finished[k] for k in greedy_selection(rates, lambda mean: co_bps(data, mean), min(count, len(finished)))]
 
 
-def submit_mean(split: Split, run_dirs: list[Path], homes: Homes, run_tag: str) -> dict:
+def submit_mean(split: Split, run_dirs: list[Path], homes: Homes, run_tag: str, report: Callable[[str], None]) -> dict:
     """The mean of the rates of ``run_dirs`` (runs on ``split``) as the split's group of
-    ``RUNS_HOME/{run_tag}``'s submission file, its shapes checked; on the val phase scored as
-    EvalAI would. Returns ``{"submission": path}`` and, on the val phase, ``"metrics"``."""
+    ``RUNS_HOME/{run_tag}``'s submission file, its shapes checked, and scored as EvalAI would
+    where it can be here (``local_target``). Returns ``{"submission": path}`` and, where scored,
+    ``"metrics"``."""
     rates = [read_rates(layout.rates_file(run_dir), split) for run_dir in run_dirs]
     mean = {key: np.mean([r[key] for r in rates], 0) for key in rates[0]}
     return submit_and_score(split, mean, homes.tag_dir(run_tag), expected_shapes(split, homes),
-                            homes.split_file(split, "eval_target"))
+                            local_target(homes, split, report))
 
 
 def as_test_phase(split: Split) -> Split:
@@ -413,8 +414,8 @@ def submit_top(plan: SearchPlan, homes: Homes, rows: list[dict], count: int, tes
     split = get_split(plan.split)
     chosen = top_trials(plan, homes, rows, count, report)
     submitted = {"trials": chosen, "val": submit_mean(split, [trial_run_dir(homes, plan, t) for t in chosen], homes,
-                                                      plan.run_tag)}
+                                                      plan.run_tag, report)}
     if test:
         submitted["test"] = submit_mean(as_test_phase(split), train_test_phase(plan, homes, chosen, report), homes,
-                                        plan.run_tag)
+                                        plan.run_tag, report)
     return submitted

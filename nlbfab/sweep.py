@@ -184,7 +184,8 @@ def live_table(height: int, stream) -> Callable[[list[Run]], None]:
 
 
 def summary_table(runs: list[Run]) -> str:
-    """Every split's result: its val metrics (from its run's summary), or why it has none."""
+    """Every split's result: its metrics (from its run's summary: the val phase, and a synthetic
+    dataset's test phase), or why it has none."""
     names = ["co-bps", "vel R2", "tp corr", "psth R2", "fp-bps"]
     lines = [f"{'split':24s} {'status':8s} {'epochs':>6s} " + "".join(f"{n:>9s}" for n in names)]
     for run in runs:

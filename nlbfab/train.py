@@ -39,7 +39,7 @@ from nlbfab.layout import Homes
 from nlbfab.loss import poisson_nll
 from nlbfab.memory import keep_freed_buffers
 from nlbfab.models import Model, Sizes, get_model
-from nlbfab.scoring import submit_and_score
+from nlbfab.scoring import local_target, submit_and_score
 from nlbfab.splits import get_split
 from nlbfab.submission import shapes
 from nlbfab.train_config import TrainConfig, auto_batch_size, companion_splits, with_batch_size
@@ -719,12 +719,12 @@ def run_training(config: TrainConfig, homes: Homes, hooks, resume: bool, quiet: 
     return finish(state, data, run, homes, stop, time.perf_counter() - started)
 
 
-def log_final_metrics(logger, config: TrainConfig, summary: dict) -> None:
+def log_final_metrics(logger, config: TrainConfig, summary: dict, phase: str) -> None:
     """The run's settings with its final scores, for TensorBoard's HPARAMS tab to compare runs:
-    the submission's NLB metrics on the val phase, the best held-in validation loss on the test
+    the submission's NLB metrics where it was scored, the best held-in validation loss on the test
     phase, and the best epoch."""
     final = {f"final/{name}": value for name, value in summary.get("metrics", {}).items()}
-    if "metrics" not in summary:
+    if phase == "test":
         final["final/val loss"] = -summary["best_monitored"]
     final["final/best epoch"] = summary["best_epoch"]
     logger.log_hyperparams(asdict(config), metrics=final)
@@ -766,8 +766,9 @@ def member_table(state: TrainState, data: SplitData, run: Run, chosen: list[int]
 
 def finish(state: TrainState, data: SplitData, run: Run, homes: Homes, stop_reason: str, seconds: float) -> dict:
     """Load the best weights, choose the members whose mean is submitted, run the hooks on that
-    mean, merge its rates into the run's submission file and, on the val phase, score that file
-    as EvalAI would. An ensemble's summary lists its members."""
+    mean, merge its rates into the run's submission file and score that file as EvalAI would: on
+    the val phase, and on a synthetic dataset's test phase (``local_target``). An ensemble's
+    summary lists its members."""
     state.module.load_state_dict(state.best)
     chosen = choose_members(state, data, run, homes)
     best_epoch = max(state.members[k].best_epoch for k in chosen)
@@ -787,8 +788,10 @@ def finish(state: TrainState, data: SplitData, run: Run, homes: Homes, stop_reas
     if state.fabric.is_global_zero:
         expected = shapes(data.train_heldin.shape[0], data.eval_heldin.shape[0], data.bins, data.fwd_steps,
                           data.heldin, data.heldout)
-        summary |= submit_and_score(data.split, predictions, run.run_dir.parent, expected, {data.split.group: data.target})
-        log_final_metrics(state.fabric.logger, run.config, summary)
+        target = ({data.split.group: data.target} if data.split.phase == "val"
+                  else local_target(homes, data.split, state.fabric.print))
+        summary |= submit_and_score(data.split, predictions, run.run_dir.parent, expected, target)
+        log_final_metrics(state.fabric.logger, run.config, summary, data.split.phase)
         state.fabric.logger.finalize("success")  # its writer thread done: the event file is complete on return
         layout.write_json(layout.metrics_file(run.run_dir), summary)
     state.fabric.barrier()

@@ -1,6 +1,8 @@
 """A synthetic dataset's test phase is scored against the test file EvalAI would hold: DANDI's
 held-in spikes plus everything DANDI's copy leaves out, cut by nlb_tools' rules."""
+import math
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 from nlbfab import cli
 from nlbfab.errors import UserError
 from nlbfab.evalai_target import evalai_target
-from nlbfab.layout import dataset_dir, hidden_test_file
+from nlbfab.layout import dataset_dir, hidden_test_file, read_metrics
 from nlbfab.native.session import open_session
 from nlbfab.native.tensors import Binned, eval_target, value_fields
 from nlbfab.oracle import oracle_rates
@@ -119,3 +121,42 @@ def test_a_dmfc_rsg_test_file_too_small_for_the_tp_correlation_says_so(prepared,
     # --scale tiny: 12 test trials over 6 conditions, some of one trial (small and full have 2 or more)
     with pytest.raises(UserError, match="single trial, and nlb_tools' tp correlation needs two"):
         evalai_target(homes_with(), get_split("dmfc_rsg-20ms-test"))
+
+
+def test_a_test_phase_run_on_synthetic_data_is_scored_as_the_scores_command_scores_it(prepared, synthetic, homes):
+    split = get_split("mc_rtt-20ms-test")
+    result = run_cli(cli.train, "--split", split.name, "--run-tag", "scored-test", "--hidden-size", "16",
+                     "--batch-size", "16", "--max-epochs", "2", "--ensemble", "2", "--accelerator", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "scored against the test file EvalAI would hold" in result.output
+    summary = read_metrics(homes["RUNS_HOME"] / "scored-test" / split.name)
+    expected = score(evalai_target(homes_with(), split), Path(summary["submission"]), split)
+    assert summary["metrics"] == pytest.approx(expected) and math.isfinite(summary["metrics"]["co-bps"])
+    assert f"co-bps     {expected['co-bps']:.4f}" in result.output
+    members = [line for line in result.output.splitlines() if line.strip().startswith(("0*", "1*", "mean of *"))]
+    assert len(members) == 3 and "-val loss" in result.output  # members keep their monitored held-in loss
+
+
+def test_a_test_phase_run_without_evalais_copy_is_submitted_unscored(prepared, synthetic, tmp_path, monkeypatch):
+    dataset, split = DATASETS["mc_rtt"], get_split("mc_rtt-20ms-test")
+    shutil.copytree(dataset_dir(synthetic, dataset), dataset_dir(tmp_path, dataset))
+    shutil.rmtree(hidden_test_file(tmp_path, dataset).parent)  # as a real dataset from DANDI
+    monkeypatch.setenv("DATA_HOME", str(tmp_path))
+    result = run_cli(cli.train, "--split", split.name, "--run-tag", "real-test", "--hidden-size", "16",
+                     "--max-epochs", "1", "--accelerator", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "rates in" in result.output and "co-bps" not in result.output and "scored against" not in result.output
+    assert "metrics" not in read_metrics(homes_with().run_dir("real-test", split))
+
+
+def test_a_baseline_on_a_test_split_is_scored_where_it_can_be_and_says_why_not(prepared, synthetic):
+    result = run_cli(cli.baseline, "--method", "smoothing", "--split", "mc_maze-20ms-test", "--split",
+                     "dmfc_rsg-20ms-test", "--run-tag", "smoothing-test")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    scored = lines[lines.index(next(line for line in lines if line.startswith("mc_maze-20ms-test"))) + 1]
+    assert "co-bps" in scored and "psth R2" in scored
+    # --scale tiny leaves dmfc_rsg conditions of a single test trial: written, not scored, and why
+    assert any(line.startswith("dmfc_rsg-20ms-test: not scored here:") and "tp correlation needs two" in line
+               for line in lines)
+    assert any(line.startswith("dmfc_rsg-20ms-test: smoothing rates written to") for line in lines)
