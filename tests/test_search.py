@@ -121,7 +121,7 @@ def test_two_trials_submitted_are_the_mean_of_their_rates(searched, homes, tmp_p
     from nlbfab.search import submit_mean
     _, folder = searched
     two = [r["trial"] for r in trials(folder) if r["status"] == "finished"][:2]
-    submitted = submit_mean(SPLIT, [folder / t / SPLIT.name for t in two], homes_with(runs=tmp_path), "two")
+    submitted = submit_mean(SPLIT, [folder / t / SPLIT.name for t in two], homes_with(runs=tmp_path), "two", print)
     written, members = rates(submitted["submission"]), [rates(layout.rates_file(folder / t / SPLIT.name)) for t in two]
     for key, value in written.items():
         np.testing.assert_allclose(value, (members[0][key] + members[1][key]) / 2, rtol=1e-6)
