@@ -3,9 +3,9 @@
 
 Each dataset is synthesized (``--variability``, ``--scale``) and its splits of ``--phases``
 preprocessed in a working folder; every model then trains with ``nlbfab-train``'s defaults (or
-``--max-epochs``) one after another, each with ``--threads`` torch threads, and is scored on
-its submission as EvalAI would (a test split against EvalAI's copy of the synthetic test file,
-``nlbfab.evalai_target``). Prints one table and saves it under ``benchmarks/results/``.
+``--max-epochs``) one after another, each with ``--threads`` torch threads; each run and
+baseline is scored on its submission as EvalAI would (a test split against EvalAI's copy of the
+synthetic test file: ``nlbfab.scoring.local_target``). Prints one table and saves it under ``benchmarks/results/``.
 ``--epoch-cost`` instead times one epoch (training and validation) of each model on mc_maze-shaped
 tensors (``train_throughput.py``'s loop and data: 1721 train trials in batches of 64), no data needed.
 
@@ -38,15 +38,6 @@ def nlbfab(env: dict, *args: str) -> str:
     if done.returncode != 0:
         sys.exit(f"{' '.join(args[:3])} failed:\n" + "\n".join((done.stdout + done.stderr).splitlines()[-15:]))
     return done.stdout + done.stderr
-
-
-def split_target(homes, split_name: str):
-    """What EvalAI scores ``split_name`` against: the val target file, or a test split's target
-    cut from EvalAI's copy of the synthetic test file."""
-    from nlbfab.evalai_target import evalai_target
-    from nlbfab.splits import get_split
-    split = get_split(split_name)
-    return evalai_target(homes, split) if split.phase == "test" else homes.split_file(split, "eval_target")
 
 
 def submission_scores(homes, target, tag: str, split_name: str) -> dict[str, float]:
@@ -96,6 +87,8 @@ def main() -> None:
         return epoch_cost([int(b) for b in args.bins.split(",")], args.models.split(","), args.threads)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="nlbfab-models-"))
     from nlbfab.layout import Homes, metrics_file
+    from nlbfab.scoring import local_target
+    from nlbfab.splits import get_split
     homes = Homes(workdir / "dandi", workdir / "prep", workdir / "runs")
     env = {**os.environ, "DATA_HOME": str(homes.data), "PREP_HOME": str(homes.prep), "RUNS_HOME": str(homes.runs),
            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
@@ -104,7 +97,7 @@ def main() -> None:
         nlbfab(env, "synth", "--dataset", dataset, "--scale", args.scale, "--variability", args.variability)
         for split in [f"{dataset}-{int(b):02d}ms-{p}" for b in args.bins.split(",") for p in args.phases.split(",")]:
             nlbfab(env, "prep", "--split", split)
-            target = split_target(homes, split)
+            target = local_target(homes, get_split(split), print)
             for method in ("oracle", "smoothing"):
                 nlbfab(env, "baseline", "--split", split, "--method", method, "--run-tag", method)
                 rows.append({"split": split, "run": method, **submission_scores(homes, target, method, split)})
@@ -115,8 +108,8 @@ def main() -> None:
                 nlbfab(env, "train", "--split", split, "--model", model, "--run-tag", model, "--quiet", *cap)
                 seconds = time.perf_counter() - started
                 summary = json.loads(metrics_file(homes.tag_dir(model) / split).read_text())
-                rows.append({"split": split, "run": model, **submission_scores(homes, target, model, split),
-                             "epochs": summary["epochs"], "seconds": seconds})
+                rows.append({"split": split, "run": model, **summary["metrics"], "epochs": summary["epochs"],
+                             "seconds": seconds})
             for row in rows[-2 - len(args.models.split(",")):]:
                 row["of oracle"] = f"{100 * row['co-bps'] / oracle['co-bps']:.0f}%"
             print(table(rows[-2 - len(args.models.split(",")):],
