@@ -84,33 +84,38 @@ def submit_and_score(split: Split, rates: dict, run_dir: Path, expected: dict, t
 def local_target(homes: Homes, split: Split, report: Callable[[str], None]) -> Path | dict | None:
     """What a split's submission is scored against here: the val phase's target file; on the test
     phase the target EvalAI holds, cut from a synthetic dataset's copy of its test file
-    (``nlbfab.evalai_target``); None for a real dataset's test phase, which only EvalAI scores,
-    and where the copy cannot be scored (``report`` says why: the submission stands)."""
+    (``cut_test_target``); None for a real dataset's test phase, which only EvalAI scores, and
+    where the copy cannot be scored (``report`` says why: the submission stands)."""
     if split.phase == "val":
         return homes.split_file(split, "eval_target")
     if not hidden_test_file(homes.data, split.dataset).is_file():
         return None
     try:
-        return evalai_target(homes, split)
+        return cut_test_target(homes, split, report)
     except UserError as error:
         report(f"{split.name}: not scored here: {error}")
         return None
 
 
+def cut_test_target(homes: Homes, split: Split, report: Callable[[str], None]) -> dict:
+    """A test split's target as EvalAI holds it (``nlbfab.evalai_target``: synthetic datasets
+    only, a real one's fails in one line); ``report`` says when it is being cut."""
+    hidden = hidden_test_file(homes.data, split.dataset)
+    if hidden.is_file():  # else evalai_target says why in one line
+        report(f"{split.name}: cutting its target from {hidden} ...")
+    return evalai_target(homes, split)
+
+
 def score_table(split: Split, run_tags: list[str], homes: Homes, report: Callable[[str], None] = print) -> str:
     """A table of each run's metrics on ``split``; with a run tagged ``oracle``, a column gives
     co-bps as a share of the oracle's. A test split is scored against the target EvalAI would
-    hold (synthetic datasets only: ``nlbfab.evalai_target``), once every run's file is found
-    (``report`` says when the target is being cut)."""
+    hold (``cut_test_target``), once every run's file is found."""
     paths = {tag: submission_file(homes.tag_dir(tag), split.phase) for tag in run_tags}
     for tag, path in paths.items():
         if not path.is_file():
             raise UserError(f"no submission for run '{tag}' at {path}: train or run a baseline with --run-tag {tag}")
     if split.phase == "test":
-        hidden = hidden_test_file(homes.data, split.dataset)
-        if hidden.is_file():  # else evalai_target says why in one line
-            report(f"{split.name}: cutting its target from {hidden} ...")
-        target = evalai_target(homes, split)
+        target = cut_test_target(homes, split, report)
     else:
         target = homes.split_file(split, "eval_target")
         if not target.is_file():

@@ -154,7 +154,9 @@ def test_a_baseline_on_a_test_split_is_scored_where_it_can_be_and_says_why_not(p
                      "dmfc_rsg-20ms-test", "--run-tag", "smoothing-test")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    scored = lines[lines.index(next(line for line in lines if line.startswith("mc_maze-20ms-test"))) + 1]
+    written = next(line for line in lines if line.startswith("mc_maze-20ms-test: smoothing rates written to"))
+    assert lines[lines.index(written) - 1].startswith("mc_maze-20ms-test: cutting its target from")
+    scored = lines[lines.index(written) + 1]
     assert "co-bps" in scored and "psth R2" in scored
     # --scale tiny leaves dmfc_rsg conditions of a single test trial: written, not scored, and why
     assert any(line.startswith("dmfc_rsg-20ms-test: not scored here:") and "tp correlation needs two" in line
