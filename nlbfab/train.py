@@ -311,18 +311,27 @@ def sizes_of(data: SplitData, companions: tuple[SplitData, ...] = ()) -> Sizes:
                  companions=tuple(sizes_of(c) for c in companions))
 
 
+def adamw(groups: list[dict], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel for all parameters) but under 16-mixed: a fused AdamW unscales the
+    gradients inside its own step, after the clipping that needs them unscaled, and Fabric
+    refuses to clip its gradients ("Gradient clipping is not implemented for optimizers handling
+    the unscaling")."""
+    fused = config.precision != "16-mixed"
+    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused)
+
+
 def create_train_state(fabric: Fabric, config: TrainConfig, data: SplitData,
                        companions: tuple[SplitData, ...] = ()) -> TrainState:
     """Each member's parameters from the model's ``init`` (member k seeded ``seed + k``; with
-    the ``companions`` of ``--with-splits``), wrapped for Fabric with a fused AdamW (one kernel
-    for all parameters; a param group per member), fresh RNG streams, progress and, with
+    the ``companions`` of ``--with-splits``), wrapped for Fabric with ``adamw`` (a param group per
+    member), fresh RNG streams, progress and, with
     ``--average-decay``, the weights' average."""
     model = get_model(config.model)
     fabric.seed_everything(config.seed, verbose=False)
     sizes = sizes_of(data, companions)
     module = ParamsModule(model, [model.init(sizes, config.seed + k, **config.hparams) for k in range(config.ensemble)])
     groups = [{"params": list(member.parameters())} for member in module.members]
-    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
+    optimizer = adamw(groups, config)
     module, optimizer = fabric.setup(module, optimizer)
     best = {key: value.detach().clone() for key, value in module.state_dict().items()}
     decay = model.average_decay(config.average_decay)

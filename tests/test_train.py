@@ -472,3 +472,15 @@ def test_resume_takes_the_settings_the_run_started_with(homes, prepared):
     assert (saved["batch_size"], saved["hparams"]["hidden_size"], saved["learning_rate"], saved["max_epochs"]) == \
         (8, 16, 0.01, 3)
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3
+
+
+@pytest.mark.parametrize("precision, fused", [("32-true", True), ("bf16-mixed", True), ("16-mixed", False)])
+def test_adamw_is_fused_but_where_16_mixed_must_clip_gradients_before_its_step(precision, fused):
+    """A fused AdamW unscales 16-mixed's gradients inside its step, which Fabric's gradient
+    clipping refuses (its own test of the optimizer, ``_optimizer_handles_unscaling``); the
+    first GPU run of nlbfab-train --precision 16-mixed stopped on it."""
+    from lightning_fabric.plugins.precision.amp import _optimizer_handles_unscaling
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(3))]}, {"params": [torch.nn.Parameter(torch.zeros(2))]}]
+    optimizer = loop.adamw(groups, TrainConfig(split="mc_maze_small-20ms-val", precision=precision))
+    assert optimizer.defaults["fused"] is fused and _optimizer_handles_unscaling(optimizer) is fused
+    assert len(optimizer.param_groups) == 2
