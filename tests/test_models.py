@@ -122,6 +122,31 @@ def test_the_fused_path_passes_train_to_aten_gru_in_training_and_not_in_inferenc
     assert calls == [False, False, False]
 
 
+def test_the_fused_path_hands_aten_gru_its_weights_as_one_chunk_and_their_gradients_reach_them(monkeypatch):
+    """cuDNN copies weights held apart into one buffer at every call and prints a warning each
+    time; handed as views into one buffer in (w_ih, w_hh, b_ih, b_hh) order, they are used as
+    they are. The gradients still reach the weights, equal to those of the kernel given them apart."""
+    chunks = []
+
+    def recording_gru(*args):
+        params = args[2]
+        one_storage = len({p.untyped_storage().data_ptr() for p in params}) == 1
+        ends = [p.storage_offset() + p.numel() for p in params]
+        starts = [p.storage_offset() for p in params]
+        chunks.append(one_storage and all(p.is_contiguous() for p in params) and starts == [0, *ends[:-1]])
+        return torch.ops.aten.gru.input(*args)
+
+    _, weights = _torch_gru_and_weights(4, 6, True)
+    x, h0 = torch.randn(3, 7, 4, dtype=torch.float64), torch.randn(2, 3, 6, dtype=torch.float64)
+    expected = torch.autograd.grad(sum(t.sum() for t in gru(x, h0, weights, (False, True))), weights[1]["w_hh"])[0]
+    monkeypatch.setattr(gru_module, "FUSED_DEVICES", ("cpu",))
+    monkeypatch.setattr(gru_module, "aten_gru", recording_gru)
+    outputs, h_n = gru(x, h0, weights, (False, True))
+    grad = torch.autograd.grad(outputs.sum() + h_n.sum(), weights[1]["w_hh"])[0]
+    assert chunks == [True, True]  # each direction's four weights in one chunk
+    torch.testing.assert_close(grad, expected)
+
+
 def test_the_gru_recurrence_passes_gradcheck():
     d = lambda *shape: torch.randn(*shape, dtype=torch.float64, requires_grad=True)  # noqa: E731
     h = 3

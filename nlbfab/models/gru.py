@@ -65,11 +65,22 @@ def _fused_gru(inputs, h0, weights, reverse, train: bool):
     for d, (w, rev, x) in enumerate(zip(weights, reverse, own)):
         x = x.flip(1) if rev else x
         # (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
-        out, h_n = aten_gru(x, h0[d:d + 1].contiguous(), [w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"]],
-                            True, 1, 0.0, train, False, True)
+        out, h_n = aten_gru(x, h0[d:d + 1].contiguous(), packed_weights(w), True, 1, 0.0, train, False, True)
         outputs.append(out.flip(1) if rev else out)
         finals.append(h_n[0])
     return torch.stack(outputs), torch.stack(finals)
+
+
+def packed_weights(w: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """``w_ih, w_hh, b_ih, b_hh`` as views into one new buffer, in that order: cuDNN's layout of
+    a one-layer GRU's weights. Handed over as separate tensors, cuDNN copies them into such a
+    buffer at every call and warns each time ("RNN module weights are not part of single
+    contiguous chunk of memory"); the copy here is the same, but autograd sees it and no warning
+    is printed."""
+    names = ("w_ih", "w_hh", "b_ih", "b_hh")
+    flat = torch.cat([w[name].reshape(-1) for name in names])
+    parts = flat.split([w[name].numel() for name in names])
+    return [part.view(w[name].shape) for part, name in zip(parts, names)]
 
 
 class GRULayers(torch.autograd.Function):
