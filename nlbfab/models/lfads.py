@@ -16,7 +16,8 @@ after the recurrent matmul, as ``torch.nn.GRU``), the encoders run on nlbfab's G
 the state clipping of the encoders acts on their initial states, which bounds every later state
 as well (a GRU state is a convex combination of the last state and a tanh). The controller and
 generator run as one autograd Function with a hand-written backward through time
-(``nlbfab.models.lfads_decoder``), except on ``AUTOGRAD_DEVICES``.
+(``nlbfab.models.lfads_decoder``), on a GPU as well, where it is faster than the loop autograd
+records (``benchmarks/gpu_check.py`` compares the two there).
 """
 from __future__ import annotations
 
@@ -97,9 +98,6 @@ DATASET_DEFAULTS = {
 SETTINGS = ("ci_lag", "cell_clip", "ic_post_var_min", "cd_rate", "kl_ic_scale", "kl_co_scale", "l2_scale",
             "kl_start_epoch", "kl_increase_epoch", "l2_start_epoch", "l2_increase_epoch")
 ENCODERS = ("ic_enc_fwd", "ic_enc_bwd", "ci_enc_fwd", "ci_enc_bwd")
-# devices whose decoder is the step-by-step loop recorded by autograd (``_unroll``): on a GPU each
-# step is a few kernel launches either way, and lfads_decoder's Function has not been tested there
-AUTOGRAD_DEVICES = ("cuda",)
 
 
 def _normal(generator, shape, fan_in):
@@ -245,8 +243,7 @@ def _decode(params, ic, ci, fwd_steps: int, dropout: float, training: bool, samp
     gen = gen.clamp(-clip, clip)
     con = params["con_h0"].clamp(-clip, clip).expand(trials, -1)
     noise = torch.randn(steps, trials, params["co_b"].shape[0] // 2, device=ci.device, dtype=con_x.dtype) if sample else None
-    recurrence = _unroll if ci.device.type in AUTOGRAD_DEVICES else decode
-    outputs = recurrence(con_x, con, gen, factor, params["con_w_ih"][:, ci_width:], params["con_w_hh"],
+    outputs = decode(con_x, con, gen, factor, params["con_w_ih"][:, ci_width:], params["con_w_hh"],
                          params["co_w"], params["co_b"], params["gen_w_ih"], params["gen_b_ih"], params["gen_w_hh"],
                          fac_w, keep_factor, None if keep_gen is None else keep_gen[:-1], noise, clip)
     return tuple(x.transpose(0, 1) for x in outputs)
@@ -255,7 +252,7 @@ def _decode(params, ic, ci, fwd_steps: int, dropout: float, training: bool, samp
 def _unroll(con_x, con0, gen0, factor0, con_w_factors, con_w_hh, co_w, co_b, gen_w_ih, gen_b_ih, gen_w_hh, fac_w,
             keep_factor, keep_gen, noise, clip: float):
     """``nlbfab.models.lfads_decoder.decode`` (same arguments and outputs, time-major) step by step,
-    recorded by autograd: the decoder on ``AUTOGRAD_DEVICES``, and its reference in the tests."""
+    recorded by autograd: the reference the tests and ``benchmarks/gpu_check.py`` hold the decoder to."""
     con, gen, factor = con0, gen0, factor0
     factors, means, stds, inputs = [], [], [], []
     for t in range(con_x.shape[0]):

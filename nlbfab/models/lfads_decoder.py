@@ -1,4 +1,4 @@
-"""LFADS's controller and generator unrolled as one autograd Function, for the CPU.
+"""LFADS's controller and generator unrolled as one autograd Function.
 
 Step by step the controller reads its input and the last factors, emits the inferred input's
 posterior (mean, standard deviation) and the input ``u``, the generator steps on ``u`` and gives
@@ -10,8 +10,9 @@ steps at once; each cell's gates are two in-place matmuls per step, the input's 
 into one buffer laid out so that each fills its share in one call; the backward carries the
 gradients of both states and of the last factors, forms each cell's four gate gradients in one
 product with derivatives computed for several steps at once, and gives every weight gradient as
-one matmul over all steps at the end. The device is any: on CUDA it has not been tested, and
-``nlbfab.models.lfads`` keeps autograd's loop there.
+one matmul over all steps at the end. On a GPU, where each op is a kernel launch, the fewer ops
+make it faster than autograd's loop as well (``benchmarks/gpu_check.py`` checks it against that
+loop there and times both).
 
 The maths is ``nlbfab.models.lfads``'s step-by-step decoder exactly (``tests/test_lfads.py``
 checks values and gradients against it): PyTorch's GRU (the reset gate after the recurrent
