@@ -4,18 +4,22 @@
    GRU, same random weights and SAE-like batch, float32 with TF32 off: outputs, final states and
    every gradient, for the encoder's bidirectional pair and a single GRU, with gradients
    recorded and under ``torch.no_grad()``.
-2. train: synthesize mc_maze, preprocess mc_maze-20ms-val, then ``nlbfab-train`` a few epochs
-   in 32-true, bf16-mixed and 16-mixed: exit 0, finite and falling loss, checkpoints, a scored
-   submission, all on the GPU.
-3. ddp: DDP over every visible GPU (two or more): parameters equal on every rank after updates.
-4. nlbfab-all: four tiny splits with ``--jobs-per-gpu 3``: exit 0, both submission files whole.
-5. throughput: train trials/s of the SAE on mc_maze shapes (``train_throughput.py``'s loop),
-   fp32 and bf16, at 20 and 5 ms.
+2. lfads: LFADS's controller and generator as ``nlbfab.models.lfads_decoder``'s autograd
+   Function (the CPU's decoder) against the step-by-step loop autograd records (the GPU's), on
+   the GPU at mc_maze's 5 ms sizes: outputs and every gradient, and each one's time.
+3. train: synthesize mc_maze, preprocess mc_maze-20ms-val, then ``nlbfab-train`` a few epochs
+   of the SAE in 32-true, bf16-mixed and 16-mixed, and of LFADS in 32-true and bf16-mixed: exit
+   0, no warning from torch, finite and falling loss, checkpoints, a scored submission, all on
+   the GPU.
+4. ddp: DDP over every visible GPU (two or more): parameters equal on every rank after updates.
+5. nlbfab-all: four tiny splits with ``--jobs-per-gpu 3``: exit 0, both submission files whole.
+6. throughput: train trials/s on mc_maze shapes (``train_throughput.py``'s loop) of the SAE,
+   fp32 and bf16 at 20 and 5 ms, and of LFADS, one model and an ensemble of 4.
 
 Without a CUDA GPU every check is skipped ("needs a CUDA GPU"); ``--cpu`` runs their logic on
 the CPU instead, which is how the tests check this script.
 
-    .venv/bin/python benchmarks/gpu_check.py [--only gru,train,ddp,all,throughput] [--cpu]
+    .venv/bin/python benchmarks/gpu_check.py [--only gru,lfads,train,ddp,all,throughput] [--cpu]
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -39,15 +44,24 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import device_description, save, table  # noqa: E402
 
-CHECKS = ("gru", "train", "ddp", "all", "throughput")
+CHECKS = ("gru", "lfads", "train", "ddp", "all", "throughput")
 NEEDS_GPU = "needs a CUDA GPU"
 SPLIT = "mc_maze-20ms-val"
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+TRAINED = [("sae", p) for p in PRECISIONS] + [("lfads", "32-true"), ("lfads", "bf16-mixed")]
 GRU_CASES = {"pair": (False, True), "single": (False,)}  # the SAE's encoder pair, its decoder
 GRU_BATCH, GRU_BINS, GRU_FEATURES, GRU_HIDDEN = 64, 35, 137, 64  # mc_maze at 20 ms
 GRU_TOLERANCE = 1e-4  # largest difference / largest value: float32 rounding is ~1e-6 here, TF32 ~1e-3
 SWEEP_DATASETS = ("mc_maze_small", "mc_rtt")
-THROUGHPUT = ((20, "32-true"), (20, "bf16-mixed"), (5, "32-true"), (5, "bf16-mixed"))
+# (model, members, bin width, precision); an LFADS ensemble's members run one after another
+THROUGHPUT = [("sae", 1, 20, "32-true"), ("sae", 1, 20, "bf16-mixed"), ("sae", 1, 5, "32-true"), ("sae", 1, 5, "bf16-mixed"),
+              ("lfads", 1, 20, "32-true"), ("lfads", 1, 20, "bf16-mixed"), ("lfads", 4, 20, "bf16-mixed"),
+              ("lfads", 1, 5, "32-true"), ("lfads", 1, 5, "bf16-mixed")]
+# the decoder's comparison: LFADS's default sizes, a batch of 64 trials over mc_maze's 140 + 40 bins at 5 ms
+DECODER_STEPS, DECODER_TRIALS = 180, 64
+DECODER_TOLERANCE = 1e-4  # largest difference / largest value, as the GRU's
+# a warning torch's C++ side prints, e.g. "[W1204 17:11:11.345770898 RNN.cpp:1479] Warning: ..."
+TORCH_WARNING = re.compile(r"\[W\d{4} ")
 COMMAND_TIMEOUT = 600  # a command that hangs fails its row instead of the whole check
 
 
@@ -73,11 +87,13 @@ def plan(selected: list[str], cpu: bool, gpus: int) -> list[Row]:
     rows = []
     if "gru" in selected:
         rows += [Row("gru", f"gru {case} {mode}", *_skip(no_gpu)) for case in GRU_CASES for mode in ("grad", "no_grad")]
+    if "lfads" in selected:
+        rows.append(Row("lfads", "lfads decoder", *_skip(no_gpu)))
     if "train" in selected:
-        for precision in PRECISIONS:
+        for model, precision in TRAINED:
             fp16_on_cpu = cpu and precision == "16-mixed"
             why = no_gpu or ("CPUs have no float16 autocast: nlbfab-train refuses 16-mixed there" if fp16_on_cpu else "")
-            rows.append(Row("train", f"train {precision}", *_skip(why)))
+            rows.append(Row("train", training_name(model, precision), *_skip(why)))
     if "ddp" in selected:
         few = f"needs 2 or more GPUs ({gpus} visible)" if not cpu and gpus == 1 else ""
         rows.append(Row("ddp", "ddp", *_skip(no_gpu or few)))
@@ -87,8 +103,17 @@ def plan(selected: list[str], cpu: bool, gpus: int) -> list[Row]:
     if "all" in selected:
         rows.append(Row("all", "nlbfab-all", *_skip(no_gpu)))
     if "throughput" in selected:
-        rows += [Row("throughput", f"throughput {b} ms {p}", *_skip(no_gpu)) for b, p in THROUGHPUT]
+        rows += [Row("throughput", throughput_name(*case), *_skip(no_gpu)) for case in THROUGHPUT]
     return rows
+
+
+def training_name(model: str, precision: str) -> str:
+    return f"train {precision}" if model == "sae" else f"train {model} {precision}"
+
+
+def throughput_name(model: str, members: int, bin_ms: int, precision: str) -> str:
+    what = "" if model == "sae" else f"{model} " + (f"x{members} " if members > 1 else "")
+    return f"throughput {what}{bin_ms} ms {precision}"
 
 
 def _skip(reason: str) -> tuple[str, str]:
@@ -231,7 +256,83 @@ def run_gru(ctx: Context, rows: list[Row]) -> None:
         _attempt(row, lambda: check_gru(ctx, GRU_CASES[case], mode == "grad"))
 
 
-# 2. training runs -----------------------------------------------------------------------------
+# 2. LFADS's decoder ----------------------------------------------------------------------------
+
+def decoder_inputs(seed: int = 0) -> tuple[list[torch.Tensor], list]:
+    """``lfads_decoder.decode``'s arguments at LFADS's default sizes over DECODER_STEPS steps and
+    DECODER_TRIALS trials, sampling, with dropout masks, on the CPU: the tensors to differentiate
+    (the controller's input, the initial states and factors, the weights) and the rest (masks,
+    noise, clip)."""
+    from nlbfab.models.lfads import HPARAMS
+    con, gen, fac, co = (HPARAMS[k].default for k in ("con_dim", "gen_dim", "fac_dim", "co_dim"))
+    steps, trials, clip = DECODER_STEPS, DECODER_TRIALS, HPARAMS["cell_clip"].default
+    g = torch.Generator().manual_seed(seed)
+
+    def leaf(*shape, fan_in=1):
+        return torch.randn(*shape, generator=g) / math.sqrt(fan_in)
+
+    def keep(*shape):
+        return (torch.rand(*shape, generator=g) >= 0.2).float() / 0.8
+
+    differentiable = [leaf(steps, trials, 3 * con), leaf(trials, con).clamp(-clip, clip),
+                      leaf(trials, gen).clamp(-clip, clip), leaf(trials, fac), leaf(3 * con, fac, fan_in=fac),
+                      leaf(3 * con, con, fan_in=con), leaf(2 * co, con, fan_in=con), leaf(2 * co),
+                      leaf(3 * gen, co, fan_in=co), leaf(3 * gen), leaf(3 * gen, gen, fan_in=gen), leaf(fac, gen, fan_in=gen)]
+    rest = [keep(steps, trials, fac), keep(steps, trials, gen), torch.randn(steps, trials, co, generator=g), clip]
+    return differentiable, rest
+
+
+def decoder_results(decoder, case, device) -> tuple[dict[str, torch.Tensor], float]:
+    """``decoder``'s outputs on ``device`` and the gradients of a loss weighing every output entry
+    differently, on the CPU, and the median seconds of a forward and backward (of 5, after 2)."""
+    differentiable, rest = case
+    leaves = [x.to(device, copy=True).requires_grad_() for x in differentiable]
+    rest = [x.to(device) if isinstance(x, torch.Tensor) else x for x in rest]
+    g = torch.Generator().manual_seed(1)
+    weights = None
+    seconds = []
+    for _ in range(7):
+        _synchronize(device)
+        started = time.perf_counter()
+        outputs = decoder(*leaves, *rest)
+        if weights is None:
+            weights = [torch.randn(x.shape, generator=g).to(device) for x in outputs]
+        grads = torch.autograd.grad(sum((x * w).sum() for x, w in zip(outputs, weights)), leaves)
+        _synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    names = ["factors", "means", "stds", "inputs"] + [f"d input {k}" for k in range(len(leaves))]
+    return {n: x.detach().cpu() for n, x in zip(names, [*outputs, *grads])}, statistics.median(seconds[2:])
+
+
+def _synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def check_decoder(ctx: Context) -> tuple[str, dict]:
+    """The Function against the step-by-step loop, both on ``ctx.device``, float32, TF32 off."""
+    from nlbfab.models.lfads import _unroll
+    from nlbfab.models.lfads_decoder import decode
+    case = decoder_inputs()
+    with tf32_off():
+        reference, loop_seconds = decoder_results(_unroll, case, ctx.device)
+        candidate, function_seconds = decoder_results(decode, case, ctx.device)
+    errors = {k: float((candidate[k] - v).abs().max() / v.abs().max().clamp_min(1e-30)) for k, v in reference.items()}
+    worst = max(errors, key=errors.get)
+    if errors[worst] > DECODER_TOLERANCE or not all(torch.isfinite(v).all() for v in candidate.values()):
+        raise CheckFailed(f"the Function's {worst} differs from the loop's by {errors[worst]:.2e} of its largest "
+                          f"value (> {DECODER_TOLERANCE:g})")
+    timing = {"function_ms": 1e3 * function_seconds, "loop_ms": 1e3 * loop_seconds}
+    return (f"Function = autograd loop on {ctx.device.type} ({len(errors)} tensors, worst {worst}: "
+            f"{errors[worst]:.1e} of max); forward + backward of {DECODER_TRIALS} trials x {DECODER_STEPS} steps: "
+            f"Function {timing['function_ms']:.0f} ms, loop {timing['loop_ms']:.0f} ms", errors | timing)
+
+
+def run_lfads(ctx: Context, rows: list[Row]) -> None:
+    _attempt(rows[0], lambda: check_decoder(ctx))
+
+
+# 3. training runs -----------------------------------------------------------------------------
 
 def run_data(ctx: Context, rows: list[Row]) -> None:
     def prepare():
@@ -241,12 +342,16 @@ def run_data(ctx: Context, rows: list[Row]) -> None:
     _attempt(rows[0], prepare)
 
 
-def check_training(ctx: Context, precision: str) -> tuple[str, dict]:
-    """``nlbfab-train`` for ``ctx.epochs`` epochs; checks what the run folder holds."""
+def check_training(ctx: Context, model: str, precision: str) -> tuple[str, dict]:
+    """``nlbfab-train --model MODEL`` for ``ctx.epochs`` epochs; checks what the run folder holds."""
     import h5py
-    tag = f"gpu-check-{precision}"
-    run_command(ctx, f"train-{precision}", "train", "--split", SPLIT, "--max-epochs", str(ctx.epochs), "--run-tag", tag,
-                "--quiet", "--accelerator", ctx.accelerator, "--precision", precision)
+    tag = f"gpu-check-{model}-{precision}"
+    output = run_command(ctx, f"train-{model}-{precision}", "train", "--split", SPLIT, "--model", model, "--max-epochs",
+                         str(ctx.epochs), "--run-tag", tag, "--quiet", "--accelerator", ctx.accelerator,
+                         "--precision", precision)
+    warnings = [line for line in output.splitlines() if TORCH_WARNING.match(line)]
+    if warnings:
+        raise CheckFailed(f"torch printed {len(warnings)} warning(s), the first: {warnings[0]}")
     run_dir = ctx.homes["RUNS_HOME"] / tag / SPLIT
     for checkpoint in ("last.ckpt", "best.ckpt"):
         if not (run_dir / "checkpoints" / checkpoint).is_file():
@@ -272,11 +377,12 @@ def check_training(ctx: Context, precision: str) -> tuple[str, dict]:
 
 
 def run_train(ctx: Context, rows: list[Row]) -> None:
+    cases = {training_name(*case): case for case in TRAINED}
     for row in rows:
-        _attempt(row, lambda: check_training(ctx, row.name.split()[1]))
+        _attempt(row, lambda: check_training(ctx, *cases[row.name]))
 
 
-# 3. DDP -------------------------------------------------------------------------------------
+# 4. DDP -------------------------------------------------------------------------------------
 
 def ddp_worker(out: Path, cpu: bool) -> None:
     """One rank (Fabric's launcher starts the others with this same command line): three epochs
@@ -325,7 +431,7 @@ def run_ddp(ctx: Context, rows: list[Row]) -> None:
     _attempt(rows[0], lambda: check_ddp(ctx))
 
 
-# 4. nlbfab-all ------------------------------------------------------------------------------
+# 5. nlbfab-all ------------------------------------------------------------------------------
 
 def check_sweep(ctx: Context) -> tuple[str, dict]:
     """``nlbfab-all`` on both phases of SWEEP_DATASETS at 20 ms (tiny data), then its two
@@ -365,7 +471,7 @@ def run_all(ctx: Context, rows: list[Row]) -> None:
     _attempt(rows[0], lambda: check_sweep(ctx))
 
 
-# 5. throughput ------------------------------------------------------------------------------
+# 6. throughput ------------------------------------------------------------------------------
 
 def first_trials(data, train: int, evaluation: int):
     """``data`` (a ``SplitData``) cut to its first ``train`` train and ``evaluation`` eval trials."""
@@ -374,12 +480,13 @@ def first_trials(data, train: int, evaluation: int):
                    target={k: v[:evaluation] for k, v in data.target.items()})
 
 
-def check_throughput(ctx: Context, data, precision: str, device_name: str) -> tuple[str, dict]:
+def check_throughput(ctx: Context, data, model: str, members: int, precision: str, device_name: str) -> tuple[str, dict]:
     """``train_throughput.py``'s nlbfab loop (``nlbfab_epochs``: train_epoch + validate under
     Fabric): the mean of ``ctx.epochs`` epochs after a warm-up."""
     from benchmarks.train_throughput import nlbfab_epochs
     trials = data.train_heldin.shape[0]
-    seconds = statistics.mean(nlbfab_epochs(data, ctx.epochs + 1, precision, False, ctx.device.type)[1:])
+    epochs = nlbfab_epochs(data, ctx.epochs + 1, precision, False, ctx.device.type, ensemble=members, model=model)
+    seconds = statistics.mean(epochs[1:])
     if not (math.isfinite(seconds) and seconds > 0):
         raise CheckFailed(f"an epoch took {seconds} s")
     detail = (f"{trials / seconds:.0f} train trials/s ({seconds:.3f} s an epoch with validation, {trials} trials, "
@@ -401,9 +508,10 @@ def run_throughput(ctx: Context, rows: list[Row]) -> None:
             cache[bin_ms] = first_trials(synthetic_split(bin_ms, ctx.device), trials, evaluation)
         return cache[bin_ms]
 
+    cases = {throughput_name(*case): case for case in THROUGHPUT}
     for row in rows:
-        _, bin_ms, _, precision = row.name.split()
-        _attempt(row, lambda: check_throughput(ctx, split_at(int(bin_ms)), precision, device_name))
+        model, members, bin_ms, precision = cases[row.name]
+        _attempt(row, lambda: check_throughput(ctx, split_at(bin_ms), model, members, precision, device_name))
 
 
 # the run ------------------------------------------------------------------------------------
@@ -422,7 +530,7 @@ def _attempt(row: Row, check) -> None:
     print(f"{row.status} {row.name}: {row.detail} ({row.seconds:.1f} s)", flush=True)
 
 
-RUNNERS = {"gru": run_gru, "data": run_data, "train": run_train, "ddp": run_ddp, "all": run_all,
+RUNNERS = {"gru": run_gru, "lfads": run_lfads, "data": run_data, "train": run_train, "ddp": run_ddp, "all": run_all,
            "throughput": run_throughput}
 
 
