@@ -227,6 +227,7 @@ def sweep(ctx, datasets, bins, phases, run_tag, resume, no_prep, search_trials, 
     """Train all 28 splits (or a subset) over every GPU, or the CPU cores. Other options
     (e.g. --max-epochs 50 --hidden-size 64) pass through to every nlbfab-train run."""
     from nlbfab import sweep as sw
+    from nlbfab.models import get_model
     run_settings = check_pass_through(train, ctx.args)
     where, splits = sw.Placement(**placement), sw.select_splits(datasets, bins, phases)
     if where.backend == "local":  # Fabric's settings tried here, where the runs will be (a cluster's, there)
@@ -245,6 +246,12 @@ def sweep(ctx, datasets, bins, phases, run_tag, resume, no_prep, search_trials, 
                 "ends; to be sure, run --phases val first, then --phases test")
     homes = config.homes(writable=("PREP_HOME", "RUNS_HOME"))
     runs = sw.plan_runs(splits, homes.tag_dir(run_tag), resume, shared)
+    alone = next((r.split.name for r in runs if not r.with_splits), None)
+    try:
+        get_model(run_settings.model).settle(run_settings.hparams, with_splits=not alone)
+    except UserError as error:
+        raise UserError(f"{str(error).split(':')[0]}, and {alone} would train alone: share its dataset with "
+                        f"--share-datasets, or drop the option") from None
     sw.prepare_missing(list(dict.fromkeys([*splits, *(c for r in runs for c in r.with_splits)])), homes, no_prep,
                        _report)
     _report(sw.where(runs, where, homes.tag_dir(run_tag)))

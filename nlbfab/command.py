@@ -159,13 +159,16 @@ def given_train_options(train_command: click.Command, split: str, args: list[str
     """The ``nlbfab-train`` options given in ``args`` (not those left at their defaults) and the
     model's hyperparameters given, by setting name: what ``nlbfab-search`` fixes for every trial.
     All of them are checked as a run's would be."""
+    from nlbfab.models import get_model
     refused = [a.split("=")[0] for a in args if a.split("=")[0] in ("--quiet", "--config", "--accelerator", "--devices")]
     if refused:
         raise UserError(f"{refused[0]} is not for nlbfab-search's trials (they run quietly on one device each, CPU "
                         f"or GPU as --gpus-per-trial gives them, with the settings given here and those drawn for them)")
     context = train_command.make_context("nlbfab-train", ["--split", split, *args])
     options = {k: v for k, v in context.params.items() if k not in ("split_name", "resume", "quiet")}
-    hparams = train_config(split, options, context.args).hparams
+    run_config = train_config(split, options, context.args)
+    get_model(run_config.model).settle(run_config.hparams, with_splits=bool(run_config.with_splits))
+    hparams = run_config.hparams
     given = {k: v for k, v in options.items() if context.get_parameter_source(k) is ParameterSource.COMMANDLINE}
     return given | hparams
 

@@ -198,6 +198,6 @@ def check_trials(split: str, fixed: dict, space: dict[str, Distribution], model)
             own, own_hparams = split_settings({name: value}, model)
             try:
                 TrainConfig(split=split, **(settings | own), hparams=hparams | own_hparams)
-                model.settle(hparams | own_hparams)
+                model.settle(hparams | own_hparams, with_splits=bool(fixed.get("with_splits")))
             except UserError as error:
                 raise UserError(f"search space {name} {distribution.describe()}: {error}") from None

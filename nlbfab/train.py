@@ -612,8 +612,9 @@ def set_up(config: TrainConfig, homes: Homes, hooks, resume: bool,
     with ``resume``; else a new run replacing an old one's files); the process's heap set to
     reuse big buffers (``nlbfab.memory``)."""
     split = get_split(config.split)
-    get_model(config.model).settle(config.hparams)  # a wrong name or value fails before Fabric starts
     companion_names = companion_splits(config)
+    # a wrong name or value fails before Fabric starts
+    get_model(config.model).settle(config.hparams, with_splits=bool(companion_names))
     if companion_names and not get_model(config.model).shares_across_splits:
         raise UserError(f"--with-splits: model {config.model} cannot share its dynamics across splits (lfads can)")
     keep_freed_buffers()
@@ -632,7 +633,7 @@ def set_up(config: TrainConfig, homes: Homes, hooks, resume: bool,
     config = replace(with_batch_size(config, data.train_heldin.shape[0]),
                      average_decay=model.average_decay(config.average_decay),
                      train_eval_heldin=model.train_eval_heldin(config.train_eval_heldin),
-                     hparams=model.settle(config.hparams, split.dataset.name))
+                     hparams=model.settle(config.hparams, split.dataset.name, with_splits=bool(companion_names)))
     data, pool = with_eval_heldin(data, config.seed) if config.train_eval_heldin else (data, train_trials_only(data))
     companions = tuple(Companion(other.split.name, with_eval_heldin(other, config.seed)[1] if config.train_eval_heldin
                                  else train_trials_only(other), given_batch or auto_batch_size(other.train_heldin.shape[0]))

@@ -66,11 +66,13 @@ def _number(value) -> str:
 @dataclass(frozen=True)
 class Hyperparameter:
     """A model's hyperparameter, declared beside its ``init``: default, help and valid values.
-    ``nlbfab-train`` takes it as an option named after it (``hidden_size``: ``--hidden-size``)."""
+    ``nlbfab-train`` takes it as an option named after it (``hidden_size``: ``--hidden-size``).
+    ``with_splits_only``: it acts only with ``--with-splits`` (a run without refuses it)."""
 
     default: int | float | str
     help: str
     valid: Valid = Valid()
+    with_splits_only: bool = False
 
 
 def setting(default, help: str, valid: Valid = Valid(), option: bool = True):

@@ -178,6 +178,14 @@ def test_a_bad_search_space_fails_in_one_line_before_ray_starts(prepared, homes,
     assert not (homes["RUNS_HOME"] / "bad").exists()
 
 
+def test_a_space_over_an_option_that_acts_only_with_companions_needs_them(prepared, homes, tmp_path):
+    space = space_file(tmp_path, {"readin_dim": {"choice": [8, 16]}})
+    result = run_cli(cli.search, "--split", SPLIT.name, "--run-tag", "bad", "--space", space, "--model", "lfads")
+    assert result.exit_code == 2 and result.output.startswith("error: search space readin_dim")
+    assert "--readin-dim acts only with --with-splits: add --with-splits or drop it" in result.output
+    assert not (homes["RUNS_HOME"] / "bad").exists()
+
+
 def test_an_unreadable_space_file_and_a_test_split_are_refused(prepared, homes, tmp_path):
     missing = run_cli(cli.search, "--split", SPLIT.name, "--space", str(tmp_path / "none.json"))
     assert missing.exit_code == 2 and "cannot read it" in missing.output

@@ -87,6 +87,25 @@ def test_a_model_that_cannot_share_is_refused_before_anything_is_written(prepare
     assert not Path(homes["RUNS_HOME"], "share-sae", SPLIT).exists()
 
 
+def test_an_option_of_shared_runs_alone_is_refused_by_a_run_and_a_search_without_companions(prepared, homes):
+    from nlbfab.command import given_train_options
+    result = run_cli(cli.train, "--split", SPLIT, "--model", "lfads", "--readin-dim", "8", "--run-tag", "readin-alone")
+    assert result.exit_code == 2
+    assert "error: --readin-dim acts only with --with-splits: add --with-splits or drop it" in result.output
+    assert not Path(homes["RUNS_HOME"], "readin-alone").exists()
+    with pytest.raises(UserError, match="--readin-dim acts only with --with-splits"):
+        given_train_options(cli.train, SPLIT, ["--model", "lfads", "--readin-dim", "8"])
+    assert given_train_options(cli.train, SPLIT, ["--model", "lfads", "--readin-dim", "8", "--with-splits", WITH])[
+        "readin_dim"] == 8
+
+
+def test_a_run_without_companions_settles_no_option_that_acts_only_with_them():
+    """What a run's config.json holds: the hyperparameters it used."""
+    alone, shared = (MODELS["lfads"].settle({}, "mc_maze_small", with_splits=w) for w in (False, True))
+    assert "readin_dim" not in alone and shared == alone | {"readin_dim": 40}
+    assert MODELS["sae"].settle({}, with_splits=False) == MODELS["sae"].settle({})
+
+
 def shared_run(tag, max_epochs, resume=False, **options):
     from nlbfab.train import train
     config = TrainConfig(split=SPLIT, model="lfads", hparams=SMALL, batch_size=16, accelerator="cpu",
@@ -159,6 +178,10 @@ def test_nlbfab_all_shares_each_split_with_the_other_datasets_splits_of_its_bin_
     (["--share-datasets", "mc_maze_small,mc_maze_medium"], "model sae cannot share its dynamics"),
     (["--model", "lfads", "--share-datasets", "mc_maze_small,mc_maze_medium", "--search", "2"],
      "--share-datasets with --search"),
+    (["--model", "lfads", "--readin-dim", "8"], "--readin-dim acts only with --with-splits, and "
+     "mc_maze_small-20ms-val would train alone: share its dataset with --share-datasets, or drop the option"),
+    (["--model", "lfads", "--datasets", "mc_maze_small,mc_rtt", "--share-datasets", "mc_maze_small,mc_maze_medium",
+      "--readin-dim", "8"], "and mc_rtt-20ms-val would train alone"),
 ])
 def test_nlbfab_all_refuses_sharing_it_cannot_do(prepared, homes, options, message):
     result = run_cli(cli.sweep, "--datasets", "mc_maze_small", "--bins", "20", "--phases", "val", "--run-tag",
@@ -170,11 +193,12 @@ def test_nlbfab_all_refuses_sharing_it_cannot_do(prepared, homes, options, messa
 def test_nlbfab_all_trains_each_shared_split_with_the_others(prepared, homes):
     result = run_cli(cli.sweep, "--datasets", "mc_maze_small,mc_maze_medium", "--bins", "20", "--phases", "val",
                      "--model", "lfads", "--share-datasets", "mc_maze_small,mc_maze_medium", "--max-epochs", "1",
-                     "--run-tag", "share-all", "--workers", "1")
+                     "--run-tag", "share-all", "--workers", "1", "--readin-dim", "8")
     assert result.exit_code == 0, result.output
     tag_dir = Path(homes["RUNS_HOME"], "share-all")
     for split, other in [("mc_maze_small-20ms-val", "mc_maze_medium-20ms-val"),
                          ("mc_maze_medium-20ms-val", "mc_maze_small-20ms-val")]:
-        assert json.loads((tag_dir / split / "config.json").read_text())["with_splits"] == other
+        run_config = json.loads((tag_dir / split / "config.json").read_text())
+        assert run_config["with_splits"] == other and run_config["hparams"]["readin_dim"] == 8
     with h5py.File(tag_dir / "submission-val.h5") as h5:
         assert sorted(h5) == ["mc_maze_medium_20", "mc_maze_small_20"]

@@ -27,7 +27,8 @@ posterior means), which the hooks plot (``nlbfab.hooks.inputs_hook``).
 ``SHARES_ACROSS_SPLITS``: the model trains with ``--with-splits``: its ``init`` reads the other
 splits' ``Sizes`` from ``sizes.companions``, and ``apply`` and ``training_loss`` take ``session=k``
 for the k-th of them (0, the default, is the run's own split, all that validation, the hooks and
-the submission see).
+the submission see). A hyperparameter that acts only then declares ``with_splits_only`` (a run,
+search or sweep split without companions refuses it given, and leaves it out of its config).
 
 An ensemble (``--ensemble K``) runs K members, each with its own parameter dict. A model may
 give their batched form, ``apply_members(members, heldin, fwd_steps, *, dropout, training) ->
@@ -134,17 +135,22 @@ class Model:
         outputs = [self.apply(p, heldin, fwd_steps, dropout=dropout, training=training) for p in members]
         return torch.stack([o[0] for o in outputs]), torch.stack([o[1] for o in outputs])
 
-    def settle(self, given: dict, dataset: str | None = None) -> dict:
+    def settle(self, given: dict, dataset: str | None = None, with_splits: bool = True) -> dict:
         """The model's hyperparameters: its defaults (for ``dataset``, where the model declares
         some in ``DATASET_DEFAULTS``), overridden by ``given``; an unknown name or a value out of
-        range fails in one line."""
+        range fails in one line. For a run without ``--with-splits`` (``with_splits`` False), those
+        that act only with it are refused when given and left out of the rest, so that a run's
+        config.json holds only what it uses."""
         unknown = sorted(set(given) - set(self.hparams))
         if unknown:
             known = ", ".join(option_name(n) for n in self.hparams) or "none"
             raise UserError(f"model {self.name} has no {', '.join(option_name(n) for n in unknown)} (its hyperparameters: {known})")
         for name, value in given.items():
             check_value(name, value, self.hparams[name].valid)
-        defaults = {name: h.default for name, h in self.hparams.items()}
+        unused = [] if with_splits else [name for name in given if self.hparams[name].with_splits_only]
+        if unused:
+            raise UserError(f"{option_name(unused[0])} acts only with --with-splits: add --with-splits or drop it")
+        defaults = {name: h.default for name, h in self.hparams.items() if with_splits or not h.with_splits_only}
         defaults |= self.dataset_defaults.get(dataset, {})
         return defaults | given
 

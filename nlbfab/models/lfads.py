@@ -48,7 +48,7 @@ HPARAMS = {
     "gen_dim": Hyperparameter(100, "Units of the generator.", AT_LEAST_ONE),
     "fac_dim": Hyperparameter(40, "Factors.", AT_LEAST_ONE),
     "readin_dim": Hyperparameter(40, "With --with-splits: the inputs each split's read-in maps its held-in units to.",
-                                 AT_LEAST_ONE),
+                                 AT_LEAST_ONE, with_splits_only=True),
     "cd_rate": Hyperparameter(0.3, "Coordinated dropout: share of held-in inputs hidden in training.",
                               Valid(low=0, high=1, high_open=True)),
     "cell_clip": Hyperparameter(5.0, "Bound on the GRU states.", Valid(low=1)),
