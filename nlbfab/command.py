@@ -133,8 +133,12 @@ def train_config(split: str, options: dict, extra_args: list[str]) -> TrainConfi
     of a ``--config`` file, overridden by those given)."""
     from nlbfab.models import get_model
     options = dict(options)
-    hparams = (options.pop("config", None) or {}) | model_hparams(options["model"], extra_args)
-    get_model(options["model"]).settle(hparams)  # a file's hyperparameters are checked too
+    model = get_model(options["model"])
+    from_file = options.pop("config", None) or {}
+    if not options.get("with_splits"):  # a file's are a settled run's: those for its companions do not apply here
+        from_file = {k: v for k, v in from_file.items() if not (k in model.hparams and model.hparams[k].with_splits_only)}
+    hparams = from_file | model_hparams(options["model"], extra_args)
+    model.settle(hparams)  # a file's hyperparameters are checked too
     return TrainConfig(split=split, hparams=hparams, **options)
 
 

@@ -99,6 +99,18 @@ def test_an_option_of_shared_runs_alone_is_refused_by_a_run_and_a_search_without
         "readin_dim"] == 8
 
 
+def test_a_config_file_from_a_run_with_companions_serves_a_run_without_them():
+    """A saved config.json (--config, --resume) holds every setting its run used: one for
+    companions drops out where there are none; given on the command line it is refused."""
+    from nlbfab.command import train_config
+    saved = {"readin_dim": 8, "gen_dim": 16}
+    assert train_config(SPLIT, {"model": "lfads", "config": saved}, []).hparams == {"gen_dim": 16}
+    shared = train_config(SPLIT, {"model": "lfads", "config": saved, "with_splits": WITH}, [])
+    assert shared.hparams == saved
+    assert train_config(SPLIT, {"model": "lfads", "config": saved}, ["--readin-dim", "4"]).hparams == {
+        "gen_dim": 16, "readin_dim": 4}  # given again: the run refuses it (above)
+
+
 def test_a_run_without_companions_settles_no_option_that_acts_only_with_them():
     """What a run's config.json holds: the hyperparameters it used."""
     alone, shared = (MODELS["lfads"].settle({}, "mc_maze_small", with_splits=w) for w in (False, True))
