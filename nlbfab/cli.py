@@ -18,7 +18,7 @@ from nlbfab.command import (Command, TrainCommand, check_pass_through, chosen_da
                             given_train_options, train_config, train_options)
 from nlbfab.errors import UserError
 from nlbfab.splits import SPLIT_NAMES, get_split, splits_of
-from nlbfab.train_config import with_split_names
+from nlbfab.train_config import option_name, with_split_names
 
 
 def _report(line: str) -> None:
@@ -247,11 +247,10 @@ def sweep(ctx, datasets, bins, phases, run_tag, resume, no_prep, search_trials, 
     homes = config.homes(writable=("PREP_HOME", "RUNS_HOME"))
     runs = sw.plan_runs(splits, homes.tag_dir(run_tag), resume, shared)
     alone = next((r.split.name for r in runs if not r.with_splits), None)
-    try:
-        get_model(run_settings.model).settle(run_settings.hparams, with_splits=not alone)
-    except UserError as error:
-        raise UserError(f"{str(error).split(':')[0]}, and {alone} would train alone: share its dataset with "
-                        f"--share-datasets, or drop the option") from None
+    unused = get_model(run_settings.model).only_with_splits(run_settings.hparams)
+    if alone and unused:
+        raise UserError(f"{option_name(unused[0])} acts only with --with-splits, and {alone} would train alone: "
+                        f"share its dataset with --share-datasets, or drop the option")
     sw.prepare_missing(list(dict.fromkeys([*splits, *(c for r in runs for c in r.with_splits)])), homes, no_prep,
                        _report)
     _report(sw.where(runs, where, homes.tag_dir(run_tag)))

@@ -136,7 +136,7 @@ def train_config(split: str, options: dict, extra_args: list[str]) -> TrainConfi
     model = get_model(options["model"])
     from_file = options.pop("config", None) or {}
     if not options.get("with_splits"):  # a file's are a settled run's: those for its companions do not apply here
-        from_file = {k: v for k, v in from_file.items() if not (k in model.hparams and model.hparams[k].with_splits_only)}
+        from_file = {k: v for k, v in from_file.items() if k not in model.only_with_splits(from_file)}
     hparams = from_file | model_hparams(options["model"], extra_args)
     model.settle(hparams)  # a file's hyperparameters are checked too
     return TrainConfig(split=split, hparams=hparams, **options)

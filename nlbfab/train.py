@@ -324,8 +324,7 @@ def create_train_state(fabric: Fabric, config: TrainConfig, data: SplitData,
                        companions: tuple[SplitData, ...] = ()) -> TrainState:
     """Each member's parameters from the model's ``init`` (member k seeded ``seed + k``; with
     the ``companions`` of ``--with-splits``), wrapped for Fabric with ``adamw`` (a param group per
-    member), fresh RNG streams, progress and, with
-    ``--average-decay``, the weights' average."""
+    member), fresh RNG streams, progress and, with ``--average-decay``, the weights' average."""
     model = get_model(config.model)
     fabric.seed_everything(config.seed, verbose=False)
     sizes = sizes_of(data, companions)

@@ -147,12 +147,16 @@ class Model:
             raise UserError(f"model {self.name} has no {', '.join(option_name(n) for n in unknown)} (its hyperparameters: {known})")
         for name, value in given.items():
             check_value(name, value, self.hparams[name].valid)
-        unused = [] if with_splits else [name for name in given if self.hparams[name].with_splits_only]
+        unused = [] if with_splits else self.only_with_splits(given)
         if unused:
             raise UserError(f"{option_name(unused[0])} acts only with --with-splits: add --with-splits or drop it")
         defaults = {name: h.default for name, h in self.hparams.items() if with_splits or not h.with_splits_only}
         defaults |= self.dataset_defaults.get(dataset, {})
         return defaults | given
+
+    def only_with_splits(self, hparams: dict) -> list[str]:
+        """Those of ``hparams`` (known to the model) that act only with ``--with-splits``."""
+        return [name for name in hparams if name in self.hparams and self.hparams[name].with_splits_only]
 
     def init(self, sizes: Sizes, seed: int, **hparams) -> dict[str, torch.Tensor]:
         """``init`` with every hyperparameter: those not in ``hparams`` take the defaults."""

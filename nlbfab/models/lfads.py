@@ -244,8 +244,8 @@ def _decode(params, ic, ci, fwd_steps: int, dropout: float, training: bool, samp
     con = params["con_h0"].clamp(-clip, clip).expand(trials, -1)
     noise = torch.randn(steps, trials, params["co_b"].shape[0] // 2, device=ci.device, dtype=con_x.dtype) if sample else None
     outputs = decode(con_x, con, gen, factor, params["con_w_ih"][:, ci_width:], params["con_w_hh"],
-                         params["co_w"], params["co_b"], params["gen_w_ih"], params["gen_b_ih"], params["gen_w_hh"],
-                         fac_w, keep_factor, None if keep_gen is None else keep_gen[:-1], noise, clip)
+                     params["co_w"], params["co_b"], params["gen_w_ih"], params["gen_b_ih"], params["gen_w_hh"],
+                     fac_w, keep_factor, None if keep_gen is None else keep_gen[:-1], noise, clip)
     return tuple(x.transpose(0, 1) for x in outputs)
 
 
