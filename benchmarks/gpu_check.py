@@ -5,8 +5,8 @@
    every gradient, for the encoder's bidirectional pair and a single GRU, with gradients
    recorded and under ``torch.no_grad()``.
 2. lfads: LFADS's controller and generator as ``nlbfab.models.lfads_decoder``'s autograd
-   Function (the CPU's decoder) against the step-by-step loop autograd records (the GPU's), on
-   the GPU at mc_maze's 5 ms sizes: outputs and every gradient, and each one's time.
+   Function (the decoder on every device) against the step-by-step loop autograd records (its
+   reference), on the GPU at mc_maze's 5 ms sizes: outputs and every gradient, and each one's time.
 3. train: synthesize mc_maze, preprocess mc_maze-20ms-val, then ``nlbfab-train`` a few epochs
    of the SAE in 32-true, bf16-mixed and 16-mixed, and of LFADS in 32-true and bf16-mixed: exit
    0, no warning from torch, finite and falling loss, checkpoints, a scored submission, all on
