@@ -9,9 +9,14 @@ must be preprocessed (PREP_HOME); options after ``--`` go to every run (e.g. ``-
 ``--epoch-cost`` instead times one epoch (training and validation) of K members on mc_maze-shaped
 tensors (1721 train trials, batch 64), no data needed: the cost of a step with every member
 training, before any has stopped, with its matmul FLOPs against the machine's matmul peak.
+``--step-cost`` times one training step (the model's training loss, forward and backward) of K
+members on random mc_maze_small-shaped batches (20 ms: 107 held-in and 35 held-out units, 35 + 10
+bins), batched as a run steps them (the model's ``apply_members`` / ``training_loss_members``)
+and one after another, side by side, on the GPU where there is one.
 
     .venv/bin/python benchmarks/ensemble.py [--splits mc_maze_small-20ms-val] [--members 1 4 8]
     .venv/bin/python benchmarks/ensemble.py --epoch-cost [--bins 20 5]
+    .venv/bin/python benchmarks/ensemble.py --step-cost [--models lfads sae] [--batches 16 64] [--members 4 8]
 """
 from __future__ import annotations
 
@@ -74,15 +79,75 @@ def epoch_cost(bins: list[int], members: list[int]) -> None:
     print(f"saved {save('ensemble-epoch-cost', {'device': device_description(), 'peak_gflops': peak, 'rows': rows})}")
 
 
+def step_seconds(model, members: list[dict], batch: tuple, batched: bool, repeats: int = 7) -> float:
+    """The fastest of ``repeats`` training steps (after one) of ``members`` on ``batch``: their
+    summed training loss, forward and backward, batched or one member after another."""
+    from nlbfab.loss import poisson_nll
+    heldin, target = batch
+    fwd_steps = target.shape[1] - heldin.shape[1]
+
+    def losses(chosen):
+        if model.training_loss:
+            return model.training_loss_members(chosen, heldin, target, dropout=0.2, epoch=0)[0]
+        logrates, _ = model.apply_members(chosen, heldin, fwd_steps, dropout=0.2, training=True)
+        return torch.stack([poisson_nll(rates, target) for rates in logrates])
+    seconds = []
+    for _ in range(repeats + 1):
+        _sync(heldin.device)
+        started = time.perf_counter()
+        total = losses(members) if batched else sum(losses([m]).sum() for m in members)
+        total.sum().backward()
+        _sync(heldin.device)
+        seconds.append(time.perf_counter() - started)
+    return min(seconds[1:])
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_cost(models: list[str], batches: list[int], counts: list[int]) -> None:
+    """Milliseconds of a training step of K members batched and one after another."""
+    from nlbfab.models import Sizes, get_model
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    heldin, heldout, bins, fwd = 107, 35, 35, 10  # mc_maze_small at 20 ms
+    g = torch.Generator().manual_seed(0)
+    sizes = Sizes(heldin, heldout, bins, fwd, torch.full((heldin + heldout,), 0.3))
+    rows = []
+    for name in models:
+        model = get_model(name)
+        hparams = model.settle({}, "mc_maze_small", with_splits=False)
+        for size in batches:
+            target = torch.poisson(torch.full((size, bins + fwd, heldin + heldout), 0.3), generator=g).to(device)
+            batch = (target[:, :bins, :heldin].contiguous(), target)
+            for count in counts:
+                members = [{k: v.to(device).requires_grad_(k not in model.fixed)
+                            for k, v in model.init(sizes, seed, **hparams).items()} for seed in range(count)]
+                in_turn, batched = (step_seconds(model, members, batch, b) for b in (False, True))
+                rows.append({"model": name, "batch": size, "K": count, "in turn ms": 1e3 * in_turn,
+                             "batched ms": 1e3 * batched, "x faster": in_turn / batched})
+                print(table(rows[-1:], list(rows[-1])), flush=True)
+    print(f"device: {device_description()}; threads {torch.get_num_threads()}")
+    print(table(rows, list(rows[0])))
+    print(f"saved {save('ensemble-step-cost', {'device': device_description(), 'rows': rows})}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--splits", nargs="+", default=SPLITS)
     parser.add_argument("--members", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--epoch-cost", action="store_true", help="Time one epoch of K members instead.")
     parser.add_argument("--bins", nargs="+", type=int, default=[20, 5], help="With --epoch-cost: bin widths.")
+    parser.add_argument("--step-cost", action="store_true",
+                        help="Time a training step of K members, batched and one after another, instead.")
+    parser.add_argument("--models", nargs="+", default=["lfads", "sae"], help="With --step-cost: the models.")
+    parser.add_argument("--batches", nargs="+", type=int, default=[16, 64], help="With --step-cost: batch sizes.")
     args, passthrough = parser.parse_known_args()
     if args.epoch_cost:
         return epoch_cost(args.bins, args.members)
+    if args.step_cost:
+        return step_cost(args.models, args.batches, [k for k in args.members if k > 1])
     passthrough = [a for a in passthrough if a != "--"]
     rows = []
     for split in args.splits:

@@ -259,10 +259,10 @@ def run_gru(ctx: Context, rows: list[Row]) -> None:
 # 2. LFADS's decoder ----------------------------------------------------------------------------
 
 def decoder_inputs(seed: int = 0) -> tuple[list[torch.Tensor], list]:
-    """``lfads_decoder.decode``'s arguments at LFADS's default sizes over DECODER_STEPS steps and
-    DECODER_TRIALS trials, sampling, with dropout masks, on the CPU: the tensors to differentiate
-    (the controller's input, the initial states and factors, the weights) and the rest (masks,
-    noise, clip)."""
+    """``lfads_decoder.decode``'s arguments at LFADS's default sizes for one model (a member axis
+    of 1) over DECODER_STEPS steps and DECODER_TRIALS trials, sampling, with dropout masks, on the
+    CPU: the tensors to differentiate (the controller's input, the initial states and factors, the
+    weights) and the rest (masks, noise, clip)."""
     from nlbfab.models.lfads import HPARAMS
     con, gen, fac, co = (HPARAMS[k].default for k in ("con_dim", "gen_dim", "fac_dim", "co_dim"))
     steps, trials, clip = DECODER_STEPS, DECODER_TRIALS, HPARAMS["cell_clip"].default
@@ -274,11 +274,13 @@ def decoder_inputs(seed: int = 0) -> tuple[list[torch.Tensor], list]:
     def keep(*shape):
         return (torch.rand(*shape, generator=g) >= 0.2).float() / 0.8
 
-    differentiable = [leaf(steps, trials, 3 * con), leaf(trials, con).clamp(-clip, clip),
-                      leaf(trials, gen).clamp(-clip, clip), leaf(trials, fac), leaf(3 * con, fac, fan_in=fac),
-                      leaf(3 * con, con, fan_in=con), leaf(2 * co, con, fan_in=con), leaf(2 * co),
-                      leaf(3 * gen, co, fan_in=co), leaf(3 * gen), leaf(3 * gen, gen, fan_in=gen), leaf(fac, gen, fan_in=gen)]
-    rest = [keep(steps, trials, fac), keep(steps, trials, gen), torch.randn(steps, trials, co, generator=g), clip]
+    differentiable = [leaf(1, steps, trials, 3 * con), leaf(1, trials, con).clamp(-clip, clip),
+                      leaf(1, trials, gen).clamp(-clip, clip), leaf(1, trials, fac), leaf(1, 3 * con, fac, fan_in=fac),
+                      leaf(1, 3 * con, con, fan_in=con), leaf(1, 2 * co, con, fan_in=con), leaf(1, 2 * co),
+                      leaf(1, 3 * gen, co, fan_in=co), leaf(1, 3 * gen), leaf(1, 3 * gen, gen, fan_in=gen),
+                      leaf(1, fac, gen, fan_in=gen)]
+    rest = [keep(1, steps, trials, fac), keep(1, steps, trials, gen), torch.randn(1, steps, trials, co, generator=g),
+            clip]
     return differentiable, rest
 
 

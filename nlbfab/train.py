@@ -8,9 +8,9 @@ the run's submission. With ``--average-decay`` (LFADS's default) validation, the
 and the submission see an exponential moving average of the weights (``WeightAverage``).
 
 An ensemble (``--ensemble K``) is K members in the same loop: one forward and backward for all
-(batched where the model has ``apply_members``), each member with its own optimizer param group,
-so its own learning rate, gradient clipping, progress, best weights and stop; the run ends when
-every member has stopped. A single model is an ensemble of one.
+(batched where the model has ``apply_members`` and, with its own loss, ``training_loss_members``),
+each member with its own optimizer param group, so its own learning rate, gradient clipping,
+progress, best weights and stop; the run ends when every member has stopped. A single model is an ensemble of one.
 """
 from __future__ import annotations
 
@@ -92,27 +92,25 @@ class ParamsModule(torch.nn.Module):
             return self.model.apply_members(params, heldin, fwd_steps, dropout=dropout, training=self.training)
         loss, terms = self._objective(params, heldin, target, dropout, epoch)
         for session, (companion_heldin, companion_target) in enumerate(companions, 1):
-            loss = loss + sum(self._session_loss(p, companion_heldin, companion_target, dropout, epoch, session)
-                              for p in params)
+            loss = loss + self._session_loss(params, companion_heldin, companion_target, dropout, epoch, session)
         return loss, terms
 
     def _objective(self, params: list[dict], heldin, target, dropout: float, epoch: int):
         """The run's own split's part of ``forward``'s training objective."""
         if self.model.training_loss:
-            losses, terms = zip(*(self.model.training_loss(p, heldin, target, dropout=dropout, epoch=epoch)
-                                  for p in params))
-            return torch.stack(losses).sum(), {name: sum(t[name] for t in terms) / len(terms) for name in terms[0]}
+            losses, terms = self.model.training_loss_members(params, heldin, target, dropout=dropout, epoch=epoch)
+            return losses.sum(), {name: value.mean() for name, value in terms.items()}
         logrates, _ = self.model.apply_members(params, heldin, target.shape[1] - heldin.shape[1], dropout=dropout,
                                                training=True)
         return torch.stack([poisson_nll(member, target) for member in logrates]).sum(), {}
 
-    def _session_loss(self, params: dict, heldin, target, dropout: float, epoch: int, session: int):
-        """One member's training loss on a batch of the ``session``-th ``--with-splits`` split."""
+    def _session_loss(self, params: list[dict], heldin, target, dropout: float, epoch: int, session: int):
+        """The members' summed training loss on a batch of the ``session``-th ``--with-splits`` split."""
         if self.model.training_loss:
-            return self.model.training_loss(params, heldin, target, dropout=dropout, epoch=epoch, session=session)[0]
-        logrates, _ = self.model.apply(params, heldin, target.shape[1] - heldin.shape[1], dropout=dropout,
-                                       training=True, session=session)
-        return poisson_nll(logrates, target)
+            return self.model.training_loss_members(params, heldin, target, dropout=dropout, epoch=epoch,
+                                                    session=session)[0].sum()
+        return sum(poisson_nll(self.model.apply(p, heldin, target.shape[1] - heldin.shape[1], dropout=dropout,
+                                                training=True, session=session)[0], target) for p in params)
 
 
 class RNG:

@@ -18,7 +18,7 @@ from nlbfab import train as loop
 from nlbfab.data import load_split
 from nlbfab.ensemble import greedy_selection, mean_logrates
 from nlbfab.evaluation import predict
-from nlbfab.models import MODELS, Sizes
+from nlbfab.models import MODELS, Sizes, lfads
 from nlbfab.splits import get_split
 from nlbfab.train import TrainConfig, train
 from tests.conftest import homes_with, run_cli
@@ -27,14 +27,22 @@ SIZES = Sizes(heldin=6, heldout=3, bins=12, fwd_steps=4, mean_counts=torch.full(
 FAST = dict(hparams={"hidden_size": 16}, batch_size=16, accelerator="cpu", log_every_n_epochs=100)
 
 
+SETTINGS_OF = {"lfads": lfads.FIXED}  # entries of params that are not trained
+
+
+LFADS_SIZES = {"ic_enc_dim": 8, "ci_enc_dim": 6, "con_dim": 8, "co_dim": 2, "ic_dim": 8, "gen_dim": 16, "fac_dim": 4}
+
+
 def members_and_heldin(name: str, count: int):
-    members = [{k: v.double().requires_grad_() for k, v in MODELS[name].init(SIZES, seed).items()}
-               for seed in range(count)]
+    hparams = LFADS_SIZES if name == "lfads" else {}
+    members = [{k: v.double().requires_grad_(not k.startswith(SETTINGS_OF.get(name, ())))
+                for k, v in MODELS[name].init(SIZES, seed, **hparams).items()} for seed in range(count)]
     return members, torch.poisson(torch.full((5, 12, 6), 0.7)).double()
 
 
-@pytest.mark.parametrize("name", ["sae", "gru_readout"])  # batched (SAE) and one after another
-@pytest.mark.parametrize("training", [True, False])
+# batched (SAE, LFADS: its posterior means, as it samples in training) and one after another
+@pytest.mark.parametrize("name, training", [("sae", True), ("sae", False), ("gru_readout", True),
+                                            ("gru_readout", False), ("lfads", False)])
 def test_members_together_give_each_member_alones_outputs_and_gradients(name, training):
     model = MODELS[name]
     members, heldin = members_and_heldin(name, 3)
@@ -44,11 +52,14 @@ def test_members_together_give_each_member_alones_outputs_and_gradients(name, tr
     torch.testing.assert_close(logrates, torch.stack([a[0] for a in alone]), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(latents, torch.stack([a[1] for a in alone]), rtol=1e-10, atol=1e-10)
     weights = torch.rand_like(logrates)
-    together = torch.autograd.grad((logrates * weights).sum(), [v for p in members for v in p.values()])
-    separate = torch.autograd.grad(sum((a[0] * w).sum() for a, w in zip(alone, weights)),
-                                   [v for p in members for v in p.values()])
+    trained = [v for p in members for v in p.values() if v.requires_grad]
+    together = torch.autograd.grad((logrates * weights).sum(), trained, allow_unused=True)  # LFADS's priors
+    separate = torch.autograd.grad(sum((a[0] * w).sum() for a, w in zip(alone, weights)), trained, allow_unused=True)
+    assert sum(g is not None for g in together) > len(trained) / 2
     for a, b in zip(together, separate):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
 def test_each_member_draws_its_own_dropout_masks():
@@ -56,6 +67,47 @@ def test_each_member_draws_its_own_dropout_masks():
     same = [members[0], {k: v.detach().clone() for k, v in members[0].items()}]
     logrates, _ = MODELS["sae"].apply_members(same, heldin, 4, dropout=0.5, training=True)
     assert not torch.equal(logrates[0], logrates[1])
+
+
+def test_lfads_members_together_give_each_member_alones_training_loss_and_gradients(monkeypatch):
+    # the draws depend only on the last axis (held-in unit, factor, ...), so every member sees
+    # the same coordinated-dropout and posterior-sampling patterns batched and alone; within a
+    # trial coordinated dropout hides some units and not others
+    members, heldin = members_and_heldin("lfads", 3)
+    target = torch.poisson(torch.full((5, 16, 9), 0.7)).double()
+
+    def pattern(*shape, **kwargs):  # torch.rand((2, 3)) or torch.rand(2, 3)
+        shape = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
+        return torch.linspace(0.05, 0.95, shape[-1], dtype=torch.float64).expand(*shape).clone()
+    monkeypatch.setattr(torch, "rand", pattern)
+    monkeypatch.setattr(torch, "randn", lambda *shape, **kwargs: pattern(*shape) * 2 - 1)
+    monkeypatch.setattr(torch, "randn_like", lambda x: pattern(x.shape).to(x.dtype) * 2 - 1)
+    model = MODELS["lfads"]
+    for member in members:
+        member["cd_rate"].fill_(0.5)
+        member["kl_ic_scale"].fill_(0.1)
+        member["kl_co_scale"].fill_(0.1)
+        member["l2_scale"].fill_(0.1)
+    losses, terms = model.training_loss_members(members, heldin, target, dropout=0.0, epoch=100)
+    alone = [model.training_loss(p, heldin, target, dropout=0.0, epoch=100) for p in members]
+    torch.testing.assert_close(losses, torch.stack([a[0] for a in alone]), rtol=1e-10, atol=0)
+    for name in ("recon", "kl_ic", "kl_co", "l2"):
+        torch.testing.assert_close(terms[name], torch.stack([a[1][name] for a in alone]), rtol=1e-10, atol=0)
+        assert len(set(terms[name].tolist())) == 3  # each member's own
+    trained = [v for p in members for v in p.values() if v.requires_grad]
+    weights = torch.tensor([1.0, 2.5, 4.0], dtype=torch.float64)
+    together = torch.autograd.grad((losses * weights).sum(), trained)
+    separate = torch.autograd.grad(sum(a[0] * w for a, w in zip(alone, weights)), trained)
+    for a, b in zip(together, separate):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_lfads_members_draw_their_own_masks_and_samples():
+    members, heldin = members_and_heldin("lfads", 2)
+    same = [members[0], {k: v.detach().clone() for k, v in members[0].items()}]
+    target = torch.poisson(torch.full((5, 16, 9), 0.7)).double()
+    losses, _ = MODELS["lfads"].training_loss_members(same, heldin, target, dropout=0.3, epoch=0)
+    assert losses[0] != losses[1]
 
 
 def test_a_members_gradient_is_that_of_its_own_loss():

@@ -105,14 +105,14 @@ def test_the_inferred_inputs_are_what_drives_the_generator():
     inputs = model.inferred_inputs(params, heldin, 4)
     assert inputs.shape == (4, 16, SMALL["co_dim"]) and torch.equal(inputs, model.inferred_inputs(params, heldin, 4))
     assert inputs.abs().sum() > 0
-    ic_mean, _, _ = lfads._encode(params, heldin, 0.0, training=False)
+    ic_mean, _, _ = lfads._encode(lfads._stacked([params]), heldin[None], 0.0, training=False)
     clip = float(params["cell_clip"])
-    gen = torch.nn.functional.linear(ic_mean, params["g0_w"], params["g0_b"]).clamp(-clip, clip)
+    gen = torch.nn.functional.linear(ic_mean[0], params["g0_w"], params["g0_b"]).clamp(-clip, clip)
     readout = torch.nn.functional.normalize(params["fac_w"], dim=1)
     factors = []
     for t in range(16):
-        gen = lfads._cell(torch.nn.functional.linear(inputs[:, t], params["gen_w_ih"], params["gen_b_ih"]), gen,
-                          params["gen_w_hh"], clip)
+        gates = torch.nn.functional.linear(inputs[:, t], params["gen_w_ih"], params["gen_b_ih"])
+        gen = lfads._cell(gates, gen, params["gen_w_hh"], clip)
         factors.append(torch.nn.functional.linear(gen, readout))
     _, applied = model.apply(params, heldin, 4)
     assert torch.allclose(torch.stack(factors, 1), applied, atol=1e-5)
@@ -135,10 +135,10 @@ def test_the_training_loss_adds_warmed_up_kl_and_l2_terms():
     assert torch.allclose(terms["l2"], lfads.l2_recurrent(params))
 
 
-def decoder_inputs(dtype=torch.float64, sample=True, dropout=True, clip=0.5, seed=0):
-    """``lfads_decoder.decode``'s arguments at tiny sizes (5 steps, 3 trials), the tensors to
-    differentiate first. Initial states within the clip, as ``lfads._decode`` clamps them; with
-    a clip below 1 the clamp acts on some later states."""
+def decoder_inputs(dtype=torch.float64, sample=True, dropout=True, clip=0.5, members=1, seed=0):
+    """``lfads_decoder.decode``'s arguments at tiny sizes (5 steps, ``members`` members of 3
+    trials), the tensors to differentiate first. Initial states within the clip, as
+    ``lfads._decode`` clamps them; with a clip below 1 the clamp acts on some later states."""
     steps, trials, con, gen, fac, co = 5, 3, 4, 5, 3, 2
     g = torch.Generator().manual_seed(seed)
     def leaf(*shape, bound=None):
@@ -146,12 +146,13 @@ def decoder_inputs(dtype=torch.float64, sample=True, dropout=True, clip=0.5, see
         return (x.clamp(-bound, bound) if bound else x).requires_grad_()
     def keep(*shape):
         return (torch.rand(*shape, generator=g) >= 0.3).to(dtype) / 0.7 if dropout else None
-    bound = min(clip, 1)
-    differentiable = [leaf(steps, trials, 3 * con), leaf(trials, con, bound=bound), leaf(trials, gen, bound=bound),
-                      leaf(trials, fac), leaf(3 * con, fac), leaf(3 * con, con), leaf(2 * co, con), leaf(2 * co),
-                      leaf(3 * gen, co), leaf(3 * gen), leaf(3 * gen, gen), leaf(fac, gen)]
-    noise = torch.randn(steps, trials, co, generator=g, dtype=dtype) if sample else None
-    return differentiable, [keep(steps, trials, fac), keep(steps, trials, gen), noise, clip]
+    bound, k = min(clip, 1), members
+    differentiable = [leaf(k, steps, trials, 3 * con), leaf(k, trials, con, bound=bound),
+                      leaf(k, trials, gen, bound=bound), leaf(k, trials, fac), leaf(k, 3 * con, fac),
+                      leaf(k, 3 * con, con), leaf(k, 2 * co, con), leaf(k, 2 * co), leaf(k, 3 * gen, co),
+                      leaf(k, 3 * gen), leaf(k, 3 * gen, gen), leaf(k, fac, gen)]
+    noise = torch.randn(k, steps, trials, co, generator=g, dtype=dtype) if sample else None
+    return differentiable, [keep(k, steps, trials, fac), keep(k, steps, trials, gen), noise, clip]
 
 
 def weighed(outputs, seed=1):
@@ -160,23 +161,25 @@ def weighed(outputs, seed=1):
     return sum((x * torch.randn(x.shape, generator=g, dtype=x.dtype)).sum() for x in outputs)
 
 
-CASES = [(True, True, 0.5), (False, False, 0.5), (True, False, 5.0), (False, True, 5.0)]
+# (sample, dropout, clip, members): one model and an ensemble's members stepping together
+CASES = [(True, True, 0.5, 2), (False, False, 0.5, 1), (True, False, 5.0, 1), (False, True, 5.0, 3)]
 
 
-@pytest.mark.parametrize("sample, dropout, clip", CASES)
-def test_the_decoder_recurrence_passes_gradcheck(sample, dropout, clip):
-    differentiable, rest = decoder_inputs(sample=sample, dropout=dropout, clip=clip)
+@pytest.mark.parametrize("sample, dropout, clip, members", CASES)
+def test_the_decoder_recurrence_passes_gradcheck(sample, dropout, clip, members):
+    differentiable, rest = decoder_inputs(sample=sample, dropout=dropout, clip=clip, members=members)
     if clip < 1:  # the clamp acts
         unclamped = lfads._unroll(*differentiable, *rest[:-1], math.inf)
         assert not torch.allclose(lfads._unroll(*differentiable, *rest)[0], unclamped[0])
     assert torch.autograd.gradcheck(lambda *x: lfads_decoder.ControllerGenerator.apply(*x, *rest), differentiable)
 
 
-@pytest.mark.parametrize("sample, dropout, clip", CASES)
+@pytest.mark.parametrize("sample, dropout, clip, members", CASES)
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, dict(rtol=0, atol=1e-10)),
                                               (torch.float32, dict(rtol=1e-4, atol=1e-5))])
-def test_the_decoder_function_computes_the_autograd_loops_values_and_gradients(sample, dropout, clip, dtype, tolerance):
-    differentiable, rest = decoder_inputs(dtype, sample, dropout, clip)
+def test_the_decoder_function_computes_the_autograd_loops_values_and_gradients(sample, dropout, clip, members, dtype,
+                                                                               tolerance):
+    differentiable, rest = decoder_inputs(dtype, sample, dropout, clip, members)
     ours, reference = lfads_decoder.decode(*differentiable, *rest), lfads._unroll(*differentiable, *rest)
     for name, x, y in zip(("factors", "means", "stds", "inputs"), ours, reference):
         torch.testing.assert_close(x, y, **tolerance, msg=name)

@@ -57,6 +57,17 @@ def test_a_session_is_its_read_in_then_the_shared_model_then_its_read_out():
     assert math.isfinite(float(loss)) and set(terms) == {"recon", "kl_ic", "kl_co", "l2"}
 
 
+def test_members_together_read_a_companion_through_each_members_own_read_in_and_read_out():
+    members = [MODELS["lfads"].init(replace(MAIN, companions=(OTHER,)), seed, readin_dim=7, **SMALL)
+               for seed in range(2)]
+    heldin = torch.poisson(torch.full((3, OTHER.bins, OTHER.heldin), 0.5))
+    logrates, factors = lfads.apply_members(members, heldin, 4, session=1)
+    alone = [lfads.apply(p, heldin, 4, session=1) for p in members]
+    assert logrates.shape == (2, 3, OTHER.bins + 4, 7) and not torch.allclose(logrates[0], logrates[1])
+    torch.testing.assert_close(logrates, torch.stack([a[0] for a in alone]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(factors, torch.stack([a[1] for a in alone]), rtol=1e-5, atol=1e-6)
+
+
 def test_a_companion_gives_an_epoch_as_many_batches_as_it_has_steps_from_whole_passes():
     from nlbfab.data import TrainingPool
     from nlbfab.train import Companion, companion_batches

@@ -33,10 +33,11 @@ search or sweep split without companions refuses it given, and leaves it out of 
 An ensemble (``--ensemble K``) runs K members, each with its own parameter dict. A model may
 give their batched form, ``apply_members(members, heldin, fwd_steps, *, dropout, training) ->
 (logrates (K, trials, bins + fwd, neurons), latents (K, ...))``, equal to stacking ``apply`` of
-each member; the SAE's steps every member's GRUs together. Without it the members run one after
-another in the same step (``torch.func.vmap`` cannot batch them: the GRU kernel is an autograd
-Function and spike dropout draws a mask of data-dependent size), as do models with their own
-``training_loss``.
+each member, and with its own ``training_loss``, ``training_loss_members(members, heldin, target,
+*, dropout, epoch) -> (losses (K,), terms {name: (K,)})``; the SAE's and LFADS's step every
+member's recurrences together. Without them the members run one after another in the same step
+(``torch.func.vmap`` cannot batch them: the GRU kernels are autograd Functions and spike dropout
+draws a mask of data-dependent size).
 """
 from __future__ import annotations
 
@@ -134,6 +135,19 @@ class Model:
             return batched(members, heldin, fwd_steps, dropout=dropout, training=training)
         outputs = [self.apply(p, heldin, fwd_steps, dropout=dropout, training=training) for p in members]
         return torch.stack([o[0] for o in outputs]), torch.stack([o[1] for o in outputs])
+
+    def training_loss_members(self, members: list[dict], heldin, target, *, dropout: float, epoch: int,
+                              session: int = 0):
+        """``training_loss`` of each member: ``(losses (K,), terms {name: (K,)})``; the model's
+        batched ``training_loss_members`` where it has one and there is more than one member.
+        ``session`` reaches the model only where it is a companion's (``--with-splits``)."""
+        batched = getattr(self.module, "training_loss_members", None)
+        by_session = {"session": session} if session else {}
+        if batched and len(members) > 1:
+            return batched(members, heldin, target, dropout=dropout, epoch=epoch, **by_session)
+        losses, terms = zip(*(self.training_loss(p, heldin, target, dropout=dropout, epoch=epoch, **by_session)
+                              for p in members))
+        return torch.stack(losses), {name: torch.stack([t[name] for t in terms]) for name in terms[0]}
 
     def settle(self, given: dict, dataset: str | None = None, with_splits: bool = True) -> dict:
         """The model's hyperparameters: its defaults (for ``dataset``, where the model declares

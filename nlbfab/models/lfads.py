@@ -18,6 +18,11 @@ as well (a GRU state is a convex combination of the last state and a tanh). The 
 generator run as one autograd Function with a hand-written backward through time
 (``nlbfab.models.lfads_decoder``), on a GPU as well, where it is faster than the loop autograd
 records (``benchmarks/gpu_check.py`` compares the two there).
+
+``apply_members`` and ``training_loss_members`` run an ensemble's members together: their weights
+stacked (``(K, ...)``), every member's encoders in one call of the GRU kernel, controller and
+generator in the Function with a member axis, the linear maps as batched matmuls; ``apply`` and
+``training_loss`` are the one-member case of the same code.
 """
 from __future__ import annotations
 
@@ -168,48 +173,77 @@ def _session_maps(g, sizes, readin_dim: int, fac_dim: int) -> dict[str, torch.Te
 FIXED = ("ic_prior_logvar", *SETTINGS)  # not trained: lfads-torch keeps the IC prior's variance fixed
 
 
+def _stacked(members: list[dict]) -> dict[str, torch.Tensor]:
+    """K members' parameter dicts as one dict of ``(K, ...)`` tensors (one member's as views)."""
+    if len(members) == 1:
+        return {name: value[None] for name, value in members[0].items()}
+    return {name: torch.stack([m[name] for m in members]) for name in members[0]}
+
+
+def _setting(params, name: str) -> float:
+    """A setting of stacked ``params``: the run's, the same for all its members."""
+    return float(params[name].reshape(-1)[0])
+
+
+def _linear(x, w, b=None):
+    """``F.linear`` with each member's weights: ``x (K, ..., in)``, ``w (K, out, in)``, ``b (K,
+    out)`` -> ``(K, ..., out)``, one batched matmul."""
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])
+    y = torch.bmm(flat, w.mT) if b is None else torch.baddbmm(b[:, None], flat, w.mT)
+    return y.view(*x.shape[:-1], w.shape[-2])
+
+
 def _read_in(params, heldin, session: int, dropout: float, training: bool):
-    """The encoders' input: the held-in spikes under spike dropout (which draws only for
-    nonzero counts on a CPU), through the session's read-in where there are companion splits."""
+    """The encoders' input: the held-in spikes ``(K, trials, bins, heldin)`` under spike dropout
+    (which draws only for nonzero counts on a CPU), through the session's read-in where there are
+    companion splits."""
     x = spike_dropout(heldin, dropout, training)
     if f"readin{session}_w" in params:
-        x = F.linear(x, params[f"readin{session}_w"], params[f"readin{session}_b"])
+        x = _linear(x, params[f"readin{session}_w"], params[f"readin{session}_b"])
     return x
 
 
 def _encode(params, x, dropout: float, training: bool):
-    """Posterior of the initial condition ``(mean, std)``, both ``(trials, ic_dim)``, and the
-    controller's input ``(trials, bins, 2 ci_enc_dim)``, lagged by ``ci_lag`` bins, from the
-    encoders' input ``x`` (``_read_in``)."""
-    clip, lag = float(params["cell_clip"]), int(params["ci_lag"])
+    """Posterior of the initial condition ``(mean, std)``, both ``(K, trials, ic_dim)``, and the
+    controller's input ``(K, bins, trials, 2 ci_enc_dim)`` (time before trials, as the decoder
+    takes it), lagged by ``ci_lag`` bins, from the
+    encoders' input ``x: (K, trials, bins, inputs)`` (``_read_in``) and stacked ``params``.
+    Every member's encoders step together in the GRU kernel."""
+    clip, lag = _setting(params, "cell_clip"), int(_setting(params, "ci_lag"))
+    members, trials = x.shape[:2]
     same = params["ic_enc_fwd_w_hh"].shape == params["ci_enc_fwd_w_hh"].shape
     groups = [ENCODERS] if same else [ENCODERS[:2], ENCODERS[2:]]  # equal sizes: all four in one kernel call
-    outputs, finals = [], []
+    outputs, finals = {}, {}
     for names in groups:
-        weights = [{k: params[f"{n}_{k}"] for k in ("w_ih", "w_hh", "b_ih")} for n in names]
+        weights = [{k: params[f"{n}_{k}"][m] for k in ("w_ih", "w_hh", "b_ih")} for m in range(members) for n in names]
         for w in weights:
             w["b_hh"] = torch.zeros_like(w["b_ih"])
-        h0 = torch.stack([params[f"{n}_h0"].clamp(-clip, clip).expand(x.shape[0], -1) for n in names])
-        out, h_n = gru(x, h0, weights, tuple(n.endswith("bwd") for n in names))
-        outputs += list(out)
-        finals += list(h_n)
-    ic_params = F.linear(F.dropout(torch.cat(finals[:2], -1), dropout, training), params["ic_w"], params["ic_b"])
-    ic_mean, ic_logvar = ic_params.chunk(2, -1)
-    ic_std = torch.sqrt(ic_logvar.exp() + params["ic_post_var_min"])
-    ci_fwd, ci_bwd = outputs[2], outputs[3]
+        h0 = torch.stack([params[f"{n}_h0"][m].clamp(-clip, clip).expand(trials, -1)
+                          for m in range(members) for n in names])
+        # one member's encoders share its input; members' inputs differ (their own dropout)
+        inputs = x[0] if members == 1 else x.repeat_interleave(len(names), 0)
+        out, h_n = gru(inputs, h0, weights, tuple(n.endswith("bwd") for n in names) * members)
+        out, h_n = out.unflatten(0, (members, len(names))), h_n.unflatten(0, (members, len(names)))
+        for i, name in enumerate(names):
+            outputs[name], finals[name] = out[:, i].transpose(1, 2), h_n[:, i]  # the kernel's own time-major order
+    ic_features = F.dropout(torch.cat([finals["ic_enc_fwd"], finals["ic_enc_bwd"]], -1), dropout, training)
+    ic_mean, ic_logvar = _linear(ic_features, params["ic_w"], params["ic_b"]).chunk(2, -1)
+    ic_std = torch.sqrt(ic_logvar.exp() + _setting(params, "ic_post_var_min"))
+    ci_fwd, ci_bwd = outputs["ci_enc_fwd"], outputs["ci_enc_bwd"]
     if lag:
-        ci_fwd = F.pad(ci_fwd, (0, 0, lag, 0))[:, :-lag]
-        ci_bwd = F.pad(ci_bwd, (0, 0, 0, lag))[:, lag:]
+        ci_fwd = F.pad(ci_fwd, (0, 0, 0, 0, lag, 0))[:, :-lag]
+        ci_bwd = F.pad(ci_bwd, (0, 0, 0, 0, 0, lag))[:, lag:]
     return ic_mean, ic_std, torch.cat([ci_fwd, ci_bwd], -1)
 
 
 def _cell(gates_x, h, w_hh, clip):
-    """One GRU step from the input's gate pre-activations ``gates_x`` (bias included)."""
-    gates_h = F.linear(h, w_hh)
+    """One GRU step of each member from the input's gate pre-activations ``gates_x: (K, trials,
+    3 hidden)`` (bias included), ``h: (K, trials, hidden)``, ``w_hh: (K, 3 hidden, hidden)``."""
+    gates_h = h @ w_hh.mT
     hidden = h.shape[-1]
-    reset_update = torch.sigmoid(gates_x[:, :2 * hidden] + gates_h[:, :2 * hidden])
-    reset, update = reset_update[:, :hidden], reset_update[:, hidden:]
-    new = torch.tanh(gates_x[:, 2 * hidden:] + reset * gates_h[:, 2 * hidden:])
+    reset_update = torch.sigmoid(gates_x[..., :2 * hidden] + gates_h[..., :2 * hidden])
+    reset, update = reset_update[..., :hidden], reset_update[..., hidden:]
+    new = torch.tanh(gates_x[..., 2 * hidden:] + reset * gates_h[..., 2 * hidden:])
     return torch.lerp(new, h.to(new.dtype), update).clamp(-clip, clip)  # under autocast h may be float32
 
 
@@ -222,96 +256,117 @@ def _keep_masks(shape, p: float, training: bool, like: torch.Tensor):
 
 
 def _decode(params, ic, ci, fwd_steps: int, dropout: float, training: bool, sample: bool):
-    """Unroll controller and generator over ``bins + fwd_steps``. Returns the factors
-    ``(trials, steps, fac_dim)`` and the inferred inputs' posterior means, standard deviations
-    and the inputs used (samples or means), each ``(trials, steps, co_dim)``."""
-    trials, bins, _ = ci.shape
-    clip = float(params["cell_clip"])
-    fac_w = F.normalize(params["fac_w"], dim=1)  # lfads-torch's kernel-normalised factor map
-    ci = F.pad(ci, (0, 0, 0, fwd_steps))
+    """Unroll controller and generator over ``bins + fwd_steps``, every member at once, from the
+    initial conditions ``ic: (K, trials, ic_dim)`` and the controller's input ``ci: (K, bins,
+    trials, width)``. Returns the factors ``(K, trials, steps, fac_dim)`` and the inferred inputs'
+    posterior means, standard deviations and the inputs used (samples or means), each ``(K,
+    trials, steps, co_dim)``."""
+    members, bins, trials, ci_width = ci.shape
+    clip = _setting(params, "cell_clip")
+    fac_w = F.normalize(params["fac_w"], dim=-1)  # lfads-torch's kernel-normalised factor map
+    ci = F.pad(ci, (0, 0, 0, 0, 0, fwd_steps))
     keep_ci = _keep_masks(ci.shape, dropout, training, ci)
     ci = ci * keep_ci if keep_ci is not None else ci
-    ci_width = ci.shape[-1]
-    # the controller's input projection of every step at once, time-major; the factors' part waits for them
-    con_x = F.linear(ci.transpose(0, 1), params["con_w_ih"][:, :ci_width], params["con_b_ih"])
-    gen = F.linear(ic, params["g0_w"], params["g0_b"])
+    # the controller's input projection of every step at once; the factors' part waits for them
+    con_x = _linear(ci, params["con_w_ih"][..., :ci_width], params["con_b_ih"])
+    gen = _linear(ic, params["g0_w"], params["g0_b"])
     steps = bins + fwd_steps
     # every step's dropout masks and noise drawn at once: a draw per step is most of a step's time on a CPU
-    keep_gen = _keep_masks((steps + 1, trials, gen.shape[1]), dropout, training, gen)
-    keep_factor = _keep_masks((steps, trials, fac_w.shape[0]), dropout, training, gen)
-    factor = F.linear(gen * keep_gen[-1] if keep_gen is not None else gen, fac_w)
+    keep_gen = _keep_masks((members, steps + 1, trials, gen.shape[-1]), dropout, training, gen)
+    keep_factor = _keep_masks((members, steps, trials, fac_w.shape[-2]), dropout, training, gen)
+    factor = _linear(gen * keep_gen[:, -1] if keep_gen is not None else gen, fac_w)
     gen = gen.clamp(-clip, clip)
-    con = params["con_h0"].clamp(-clip, clip).expand(trials, -1)
-    noise = torch.randn(steps, trials, params["co_b"].shape[0] // 2, device=ci.device, dtype=con_x.dtype) if sample else None
-    outputs = decode(con_x, con, gen, factor, params["con_w_ih"][:, ci_width:], params["con_w_hh"],
+    con = params["con_h0"].clamp(-clip, clip)[:, None].expand(-1, trials, -1)
+    noise = torch.randn(members, steps, trials, params["co_b"].shape[-1] // 2, device=ci.device,
+                        dtype=con_x.dtype) if sample else None
+    outputs = decode(con_x, con, gen, factor, params["con_w_ih"][..., ci_width:], params["con_w_hh"],
                      params["co_w"], params["co_b"], params["gen_w_ih"], params["gen_b_ih"], params["gen_w_hh"],
-                     fac_w, keep_factor, None if keep_gen is None else keep_gen[:-1], noise, clip)
-    return tuple(x.transpose(0, 1) for x in outputs)
+                     fac_w, keep_factor, None if keep_gen is None else keep_gen[:, :-1], noise, clip)
+    return tuple(x.transpose(1, 2) for x in outputs)
 
 
 def _unroll(con_x, con0, gen0, factor0, con_w_factors, con_w_hh, co_w, co_b, gen_w_ih, gen_b_ih, gen_w_hh, fac_w,
             keep_factor, keep_gen, noise, clip: float):
-    """``nlbfab.models.lfads_decoder.decode`` (same arguments and outputs, time-major) step by step,
-    recorded by autograd: the reference the tests and ``benchmarks/gpu_check.py`` hold the decoder to."""
+    """``nlbfab.models.lfads_decoder.decode`` (same arguments and outputs) step by step,
+    recorded by autograd: the reference the tests and ``benchmarks/gpu_check.py`` hold the
+    decoder to."""
     con, gen, factor = con0, gen0, factor0
     factors, means, stds, inputs = [], [], [], []
-    for t in range(con_x.shape[0]):
-        factor_in = factor * keep_factor[t] if keep_factor is not None else factor
-        con = _cell(con_x[t] + F.linear(factor_in, con_w_factors), con, con_w_hh, clip)
-        mean, logvar = F.linear(con, co_w, co_b).chunk(2, -1)
+    for t in range(con_x.shape[1]):
+        factor_in = factor * keep_factor[:, t] if keep_factor is not None else factor
+        con = _cell(con_x[:, t] + factor_in @ con_w_factors.mT, con, con_w_hh, clip)
+        mean, logvar = (con @ co_w.mT + co_b[:, None]).chunk(2, -1)
         std = torch.exp(0.5 * logvar)
-        u = mean + std * noise[t] if noise is not None else mean
-        gen = _cell(F.linear(u, gen_w_ih, gen_b_ih), gen, gen_w_hh, clip)
-        factor = F.linear(gen * keep_gen[t] if keep_gen is not None else gen, fac_w)
+        u = mean + std * noise[:, t] if noise is not None else mean
+        gen = _cell(u @ gen_w_ih.mT + gen_b_ih[:, None], gen, gen_w_hh, clip)
+        factor = (gen * keep_gen[:, t] if keep_gen is not None else gen) @ fac_w.mT
         factors.append(factor)
         means.append(mean)
         stds.append(std)
         inputs.append(u)
-    return tuple(torch.stack(x) for x in (factors, means, stds, inputs))
+    return tuple(torch.stack(x, 1) for x in (factors, means, stds, inputs))
 
 
 def _forward(params, heldin, fwd_steps, dropout, training, sample, session=0):
+    """Stacked ``params`` (``_stacked``) on ``heldin: (K, trials, bins, heldin)``: each member's
+    log-rates and factors, ``(K, trials, bins + fwd_steps, ...)``, and its posteriors."""
     ic_mean, ic_std, ci = _encode(params, _read_in(params, heldin, session, dropout, training), dropout, training)
     ic = ic_mean + ic_std * torch.randn_like(ic_std) if sample else ic_mean
     factors, co_mean, co_std, co = _decode(params, ic, ci, fwd_steps, dropout, training, sample)
     readout = f"readout{session}" if session else "readout"
-    logrates = F.linear(factors, params[f"{readout}_w"], params[f"{readout}_b"])
+    logrates = _linear(factors, params[f"{readout}_w"], params[f"{readout}_b"])
     return logrates, factors, (ic_mean, ic_std), (co_mean, co_std, co)
+
+
+def apply_members(members, heldin, fwd_steps: int, *, dropout: float = 0.0, training: bool = False,
+                  session: int = 0):
+    """``apply`` of K members at once (``members``: K parameter dicts of one run's settings), each
+    with its own dropout masks and posterior samples, on the same ``heldin: (trials, bins,
+    heldin)``: ``(logrates (K, trials, bins + fwd, neurons), factors (K, trials, bins + fwd,
+    fac_dim))``. Every member's encoders, controller and generator step together: one batched
+    matmul where the members in turn would make K."""
+    logrates, factors, _, _ = _forward(_stacked(members), heldin.expand(len(members), *heldin.shape), fwd_steps,
+                                       dropout, training, sample=training, session=session)
+    return logrates, factors
 
 
 def apply(params, heldin, fwd_steps: int, *, dropout: float = 0.0, training: bool = False, session: int = 0):
     """``heldin: (trials, bins, heldin)`` -> ``(logrates, factors)`` over ``bins + fwd_steps``
     bins. Posterior means (deterministic) unless ``training``, which samples both posteriors.
     ``session``: which split's read-in and read-out (0, the run's split; k, its k-th companion)."""
-    logrates, factors, _, _ = _forward(params, heldin, fwd_steps, dropout, training, sample=training,
-                                       session=session)
-    return logrates, factors
+    logrates, factors = apply_members([params], heldin, fwd_steps, dropout=dropout, training=training,
+                                      session=session)
+    return logrates[0], factors[0]
 
 
 def inferred_inputs(params, heldin, fwd_steps: int) -> torch.Tensor:
     """The inferred inputs' posterior means, ``(trials, bins + fwd_steps, co_dim)``: what the
     controller says pushed each trial off the path its initial condition sets, step by step the
     generator's only input in ``apply``."""
-    _, _, _, (co_mean, _, _) = _forward(params, heldin, fwd_steps, 0.0, training=False, sample=False)
-    return co_mean
+    _, _, _, (co_mean, _, _) = _forward(_stacked([params]), heldin[None], fwd_steps, 0.0, training=False,
+                                        sample=False)
+    return co_mean[0]
 
 
 def kl_normal(mean, std, prior_mean, prior_logvar) -> torch.Tensor:
     """KL(N(mean, std^2) || N(prior_mean, exp(prior_logvar))), summed over the last axis and
-    averaged over trials: the initial condition's KL term."""
+    averaged over trials: the initial condition's KL term. ``mean, std: (..., trials, dims)``,
+    the prior's ``(..., dims)``; leading axes (members) stay."""
+    prior_mean, prior_logvar = prior_mean.unsqueeze(-2), prior_logvar.unsqueeze(-2)
     prior_var = prior_logvar.exp()
     kl = 0.5 * (prior_logvar - 2 * std.log() + (std ** 2 + (mean - prior_mean) ** 2) / prior_var - 1)
-    return kl.sum(-1).mean()
+    return kl.sum(-1).mean(-1)
 
 
 def ar1_log_prob(u, logtau, lognvar) -> torch.Tensor:
-    """Log-density of ``u: (trials, steps, dims)`` under independent AR(1) processes per dim
-    with time constant ``exp(logtau)`` bins and noise variance ``exp(lognvar)``, started from
-    their stationary distribution; summed over steps and dims, per trial."""
-    alpha = torch.exp(-1 / logtau.exp())
-    nvar = lognvar.exp()
-    first = torch.distributions.Normal(0.0, torch.sqrt(nvar / (1 - alpha ** 2))).log_prob(u[:, 0])
-    rest = torch.distributions.Normal(alpha * u[:, :-1], nvar.sqrt()).log_prob(u[:, 1:])
+    """Log-density of ``u: (..., trials, steps, dims)`` under independent AR(1) processes per dim
+    with time constant ``exp(logtau)`` bins and noise variance ``exp(lognvar)`` (``(...,
+    dims)``), started from their stationary distribution; summed over steps and dims, per trial."""
+    alpha = torch.exp(-1 / logtau.exp()).unsqueeze(-2)  # (..., 1, dims): the same for every trial
+    nvar = lognvar.exp().unsqueeze(-2)
+    first = torch.distributions.Normal(0.0, torch.sqrt(nvar / (1 - alpha ** 2))).log_prob(u[..., 0, :])
+    rest = torch.distributions.Normal(alpha.unsqueeze(-2) * u[..., :-1, :], nvar.unsqueeze(-2).sqrt()).log_prob(
+        u[..., 1:, :])
     return first.sum(-1) + rest.sum((-1, -2))
 
 
@@ -319,7 +374,7 @@ def kl_ar1(u, mean, std, logtau, lognvar) -> torch.Tensor:
     """A one-sample estimate of KL(posterior || AR(1) prior) of the inferred inputs at the
     sample ``u`` drawn from ``N(mean, std^2)``, averaged over trials (lfads-torch's estimate)."""
     log_q = torch.distributions.Normal(mean, std).log_prob(u).sum((-1, -2))
-    return (log_q - ar1_log_prob(u, logtau, lognvar)).mean()
+    return (log_q - ar1_log_prob(u, logtau, lognvar)).mean(-1)
 
 
 def ramp(epoch: int, start: float, increase: float) -> float:
@@ -344,9 +399,29 @@ def coordinated_dropout_loss(logrates, target, hidden) -> torch.Tensor:
 
 
 def l2_recurrent(params) -> torch.Tensor:
-    """lfads-torch's penalty: half the squared norm of every recurrent matrix, per entry."""
+    """lfads-torch's penalty: half the squared norm of every recurrent matrix, per entry (of each
+    member, where ``params`` are stacked)."""
     matrices = [params[f"{n}_w_hh"] for n in (*ENCODERS, "con", "gen")]
-    return 0.5 * sum(w.pow(2).sum() for w in matrices) / sum(w.numel() for w in matrices)
+    return 0.5 * sum(w.pow(2).sum((-1, -2)) for w in matrices) / sum(w.shape[-1] * w.shape[-2] for w in matrices)
+
+
+def training_loss_members(members, heldin, target, *, dropout: float, epoch: int, session: int = 0):
+    """``training_loss`` of K members at once (``members``: K parameter dicts of one run's
+    settings), each with its own coordinated dropout, dropout masks and posterior samples, on the
+    same batch: ``(losses (K,), terms {name: (K,)})``."""
+    params, bins = _stacked(members), heldin.shape[1]
+    masked, hidden = coordinated_dropout(heldin.expand(len(members), *heldin.shape), _setting(params, "cd_rate"))
+    logrates, _, (ic_mean, ic_std), (co_mean, co_std, co) = _forward(
+        params, masked, target.shape[1] - bins, dropout, training=True, sample=True, session=session)
+    recon = torch.stack([coordinated_dropout_loss(rates, target, hid) for rates, hid in zip(logrates, hidden)])
+    kl_ic = kl_normal(ic_mean.float(), ic_std.float(), params["ic_prior_mean"], params["ic_prior_logvar"])
+    kl_co = kl_ar1(co.float(), co_mean.float(), co_std.float(), params["co_prior_logtau"], params["co_prior_lognvar"])
+    l2 = l2_recurrent(params)
+    kl_weight = ramp(epoch, _setting(params, "kl_start_epoch"), _setting(params, "kl_increase_epoch"))
+    l2_weight = ramp(epoch, _setting(params, "l2_start_epoch"), _setting(params, "l2_increase_epoch"))
+    loss = recon + kl_weight * (_setting(params, "kl_ic_scale") * kl_ic + _setting(params, "kl_co_scale") * kl_co) \
+        + l2_weight * _setting(params, "l2_scale") * l2
+    return loss, {"recon": recon.detach(), "kl_ic": kl_ic.detach(), "kl_co": kl_co.detach(), "l2": l2.detach()}
 
 
 def training_loss(params, heldin, target, *, dropout: float, epoch: int, session: int = 0):
@@ -355,16 +430,5 @@ def training_loss(params, heldin, target, *, dropout: float, epoch: int, session
     held-out neurons and all forward bins), plus the warmed-up KL terms and L2 penalty.
     ``target: (trials, bins + fwd, heldin + heldout)``; ``session`` as in ``apply``. Returns
     ``(loss, terms)``."""
-    bins = heldin.shape[1]
-    masked, hidden = coordinated_dropout(heldin, float(params["cd_rate"]))
-    logrates, _, (ic_mean, ic_std), (co_mean, co_std, co) = _forward(
-        params, masked, target.shape[1] - bins, dropout, training=True, sample=True, session=session)
-    recon = coordinated_dropout_loss(logrates, target, hidden)
-    kl_ic = kl_normal(ic_mean.float(), ic_std.float(), params["ic_prior_mean"], params["ic_prior_logvar"])
-    kl_co = kl_ar1(co.float(), co_mean.float(), co_std.float(), params["co_prior_logtau"], params["co_prior_lognvar"])
-    l2 = l2_recurrent(params)
-    kl_weight = ramp(epoch, float(params["kl_start_epoch"]), float(params["kl_increase_epoch"]))
-    l2_weight = ramp(epoch, float(params["l2_start_epoch"]), float(params["l2_increase_epoch"]))
-    loss = recon + kl_weight * (params["kl_ic_scale"] * kl_ic + params["kl_co_scale"] * kl_co) \
-        + l2_weight * params["l2_scale"] * l2
-    return loss, {"recon": recon.detach(), "kl_ic": kl_ic.detach(), "kl_co": kl_co.detach(), "l2": l2.detach()}
+    losses, terms = training_loss_members([params], heldin, target, dropout=dropout, epoch=epoch, session=session)
+    return losses[0], {name: value[0] for name, value in terms.items()}
