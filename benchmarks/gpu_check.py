@@ -6,7 +6,9 @@
    recorded and under ``torch.no_grad()``.
 2. lfads: LFADS's controller and generator as ``nlbfab.models.lfads_decoder``'s autograd
    Function (the decoder on every device) against the step-by-step loop autograd records (its
-   reference), on the GPU at mc_maze's 5 ms sizes: outputs and every gradient, and each one's time.
+   reference), on the GPU at mc_maze's 5 ms sizes: outputs and every gradient, and each one's
+   time; then an ensemble's 4 members through the Function at once, against the loop, and timed
+   against the same members through it one after another.
 3. train: synthesize mc_maze, preprocess mc_maze-20ms-val, then ``nlbfab-train`` a few epochs
    of the SAE in 32-true, bf16-mixed and 16-mixed, and of LFADS in 32-true and bf16-mixed: exit
    0, no warning from torch, finite and falling loss, checkpoints, a scored submission, all on
@@ -53,12 +55,12 @@ GRU_CASES = {"pair": (False, True), "single": (False,)}  # the SAE's encoder pai
 GRU_BATCH, GRU_BINS, GRU_FEATURES, GRU_HIDDEN = 64, 35, 137, 64  # mc_maze at 20 ms
 GRU_TOLERANCE = 1e-4  # largest difference / largest value: float32 rounding is ~1e-6 here, TF32 ~1e-3
 SWEEP_DATASETS = ("mc_maze_small", "mc_rtt")
-# (model, members, bin width, precision); an LFADS ensemble's members run one after another
+# (model, members, bin width, precision); an ensemble's members step together
 THROUGHPUT = [("sae", 1, 20, "32-true"), ("sae", 1, 20, "bf16-mixed"), ("sae", 1, 5, "32-true"), ("sae", 1, 5, "bf16-mixed"),
               ("lfads", 1, 20, "32-true"), ("lfads", 1, 20, "bf16-mixed"), ("lfads", 4, 20, "bf16-mixed"),
               ("lfads", 1, 5, "32-true"), ("lfads", 1, 5, "bf16-mixed")]
 # the decoder's comparison: LFADS's default sizes, a batch of 64 trials over mc_maze's 140 + 40 bins at 5 ms
-DECODER_STEPS, DECODER_TRIALS = 180, 64
+DECODER_STEPS, DECODER_TRIALS, DECODER_MEMBERS = 180, 64, 4
 DECODER_TOLERANCE = 1e-4  # largest difference / largest value, as the GRU's
 # a warning torch's C++ side prints, e.g. "[W1204 17:11:11.345770898 RNN.cpp:1479] Warning: ..."
 TORCH_WARNING = re.compile(r"\[W\d{4} ")
@@ -88,7 +90,7 @@ def plan(selected: list[str], cpu: bool, gpus: int) -> list[Row]:
     if "gru" in selected:
         rows += [Row("gru", f"gru {case} {mode}", *_skip(no_gpu)) for case in GRU_CASES for mode in ("grad", "no_grad")]
     if "lfads" in selected:
-        rows.append(Row("lfads", "lfads decoder", *_skip(no_gpu)))
+        rows += [Row("lfads", name, *_skip(no_gpu)) for name in ("lfads decoder", f"lfads decoder x{DECODER_MEMBERS}")]
     if "train" in selected:
         for model, precision in TRAINED:
             fp16_on_cpu = cpu and precision == "16-mixed"
@@ -258,10 +260,10 @@ def run_gru(ctx: Context, rows: list[Row]) -> None:
 
 # 2. LFADS's decoder ----------------------------------------------------------------------------
 
-def decoder_inputs(seed: int = 0) -> tuple[list[torch.Tensor], list]:
-    """``lfads_decoder.decode``'s arguments at LFADS's default sizes for one model (a member axis
-    of 1) over DECODER_STEPS steps and DECODER_TRIALS trials, sampling, with dropout masks, on the
-    CPU: the tensors to differentiate (the controller's input, the initial states and factors, the
+def decoder_inputs(members: int = 1, seed: int = 0) -> tuple[list[torch.Tensor], list]:
+    """``lfads_decoder.decode``'s arguments at LFADS's default sizes for ``members`` members over
+    DECODER_STEPS steps and DECODER_TRIALS trials, sampling, with dropout masks, on the CPU: the
+    tensors to differentiate (the controller's input, the initial states and factors, the
     weights) and the rest (masks, noise, clip)."""
     from nlbfab.models.lfads import HPARAMS
     con, gen, fac, co = (HPARAMS[k].default for k in ("con_dim", "gen_dim", "fac_dim", "co_dim"))
@@ -274,26 +276,28 @@ def decoder_inputs(seed: int = 0) -> tuple[list[torch.Tensor], list]:
     def keep(*shape):
         return (torch.rand(*shape, generator=g) >= 0.2).float() / 0.8
 
-    differentiable = [leaf(1, steps, trials, 3 * con), leaf(1, trials, con).clamp(-clip, clip),
-                      leaf(1, trials, gen).clamp(-clip, clip), leaf(1, trials, fac), leaf(1, 3 * con, fac, fan_in=fac),
-                      leaf(1, 3 * con, con, fan_in=con), leaf(1, 2 * co, con, fan_in=con), leaf(1, 2 * co),
-                      leaf(1, 3 * gen, co, fan_in=co), leaf(1, 3 * gen), leaf(1, 3 * gen, gen, fan_in=gen),
-                      leaf(1, fac, gen, fan_in=gen)]
-    rest = [keep(1, steps, trials, fac), keep(1, steps, trials, gen), torch.randn(1, steps, trials, co, generator=g),
+    k = members
+    differentiable = [leaf(k, steps, trials, 3 * con), leaf(k, trials, con).clamp(-clip, clip),
+                      leaf(k, trials, gen).clamp(-clip, clip), leaf(k, trials, fac), leaf(k, 3 * con, fac, fan_in=fac),
+                      leaf(k, 3 * con, con, fan_in=con), leaf(k, 2 * co, con, fan_in=con), leaf(k, 2 * co),
+                      leaf(k, 3 * gen, co, fan_in=co), leaf(k, 3 * gen), leaf(k, 3 * gen, gen, fan_in=gen),
+                      leaf(k, fac, gen, fan_in=gen)]
+    rest = [keep(k, steps, trials, fac), keep(k, steps, trials, gen), torch.randn(k, steps, trials, co, generator=g),
             clip]
     return differentiable, rest
 
 
-def decoder_results(decoder, case, device) -> tuple[dict[str, torch.Tensor], float]:
+def decoder_results(decoder, case, device, timed: bool = True) -> tuple[dict[str, torch.Tensor], float]:
     """``decoder``'s outputs on ``device`` and the gradients of a loss weighing every output entry
-    differently, on the CPU, and the median seconds of a forward and backward (of 5, after 2)."""
+    differently, on the CPU, and the median seconds of a forward and backward (of 5, after 2;
+    of the one run where not ``timed``: a reference's values alone)."""
     differentiable, rest = case
     leaves = [x.to(device, copy=True).requires_grad_() for x in differentiable]
     rest = [x.to(device) if isinstance(x, torch.Tensor) else x for x in rest]
     g = torch.Generator().manual_seed(1)
     weights = None
     seconds = []
-    for _ in range(7):
+    for _ in range(7 if timed else 1):
         _synchronize(device)
         started = time.perf_counter()
         outputs = decoder(*leaves, *rest)
@@ -303,7 +307,7 @@ def decoder_results(decoder, case, device) -> tuple[dict[str, torch.Tensor], flo
         _synchronize(device)
         seconds.append(time.perf_counter() - started)
     names = ["factors", "means", "stds", "inputs"] + [f"d input {k}" for k in range(len(leaves))]
-    return {n: x.detach().cpu() for n, x in zip(names, [*outputs, *grads])}, statistics.median(seconds[2:])
+    return {n: x.detach().cpu() for n, x in zip(names, [*outputs, *grads])}, statistics.median(seconds[2:] or seconds)
 
 
 def _synchronize(device) -> None:
@@ -319,19 +323,48 @@ def check_decoder(ctx: Context) -> tuple[str, dict]:
     with tf32_off():
         reference, loop_seconds = decoder_results(_unroll, case, ctx.device)
         candidate, function_seconds = decoder_results(decode, case, ctx.device)
-    errors = {k: float((candidate[k] - v).abs().max() / v.abs().max().clamp_min(1e-30)) for k, v in reference.items()}
-    worst = max(errors, key=errors.get)
-    if errors[worst] > DECODER_TOLERANCE or not all(torch.isfinite(v).all() for v in candidate.values()):
-        raise CheckFailed(f"the Function's {worst} differs from the loop's by {errors[worst]:.2e} of its largest "
-                          f"value (> {DECODER_TOLERANCE:g})")
+    worst, errors = _against_the_loop(reference, candidate)
     timing = {"function_ms": 1e3 * function_seconds, "loop_ms": 1e3 * loop_seconds}
     return (f"Function = autograd loop on {ctx.device.type} ({len(errors)} tensors, worst {worst}: "
             f"{errors[worst]:.1e} of max); forward + backward of {DECODER_TRIALS} trials x {DECODER_STEPS} steps: "
             f"Function {timing['function_ms']:.0f} ms, loop {timing['loop_ms']:.0f} ms", errors | timing)
 
 
+def check_decoder_members(ctx: Context) -> tuple[str, dict]:
+    """DECODER_MEMBERS members through the Function at once against the loop, and the Function's
+    time for them at once against each member through it in turn (as LFADS's ensembles stepped
+    before their members were batched)."""
+    from nlbfab.models.lfads import _unroll
+    from nlbfab.models.lfads_decoder import decode
+    case = decoder_inputs(DECODER_MEMBERS)
+    differentiable, (keep_factor, keep_gen, noise, clip) = case
+    with tf32_off():
+        reference, _ = decoder_results(_unroll, case, ctx.device, timed=False)
+        candidate, together = decoder_results(decode, case, ctx.device)
+        in_turn = sum(decoder_results(decode, ([x[k:k + 1] for x in differentiable], [
+            keep_factor[k:k + 1], keep_gen[k:k + 1], noise[k:k + 1], clip]), ctx.device)[1]
+            for k in range(DECODER_MEMBERS))
+    worst, errors = _against_the_loop(reference, candidate)
+    timing = {"together_ms": 1e3 * together, "in_turn_ms": 1e3 * in_turn}
+    return (f"{DECODER_MEMBERS} members at once = autograd loop ({len(errors)} tensors, worst {worst}: "
+            f"{errors[worst]:.1e} of max); forward + backward: at once {timing['together_ms']:.0f} ms, "
+            f"one after another {timing['in_turn_ms']:.0f} ms", errors | timing)
+
+
+def _against_the_loop(reference: dict, candidate: dict) -> tuple[str, dict]:
+    """Each tensor's largest difference over its largest value, and the worst tensor's name;
+    CheckFailed past DECODER_TOLERANCE or on a value that is not finite."""
+    errors = {k: float((candidate[k] - v).abs().max() / v.abs().max().clamp_min(1e-30)) for k, v in reference.items()}
+    worst = max(errors, key=errors.get)
+    if errors[worst] > DECODER_TOLERANCE or not all(torch.isfinite(v).all() for v in candidate.values()):
+        raise CheckFailed(f"the Function's {worst} differs from the loop's by {errors[worst]:.2e} of its largest "
+                          f"value (> {DECODER_TOLERANCE:g})")
+    return worst, errors
+
+
 def run_lfads(ctx: Context, rows: list[Row]) -> None:
     _attempt(rows[0], lambda: check_decoder(ctx))
+    _attempt(rows[1], lambda: check_decoder_members(ctx))
 
 
 # 3. training runs -----------------------------------------------------------------------------

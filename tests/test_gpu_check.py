@@ -39,7 +39,7 @@ def test_every_check_runs_on_the_cpu_and_passes(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     rows = _table(done.stdout)
     assert list(rows) == [r.name for r in gpu_check.plan(list(gpu_check.CHECKS), cpu=True, gpus=0)]
-    assert len(rows) == 22
+    assert len(rows) == 23
     not_passed = {name: row for name, row in rows.items() if row[0] != "PASS"}
     assert not_passed == {"train 16-mixed": ("SKIP", "CPUs have no float16 autocast: nlbfab-train refuses 16-mixed there")}
     saved = json.loads(results.read_text())
@@ -48,6 +48,8 @@ def test_every_check_runs_on_the_cpu_and_passes(tmp_path):
     assert len(throughput) == 9 and all(v > 0 for v in throughput)
     decoder = next(r for r in saved["rows"] if r["name"] == "lfads decoder")["values"]
     assert decoder["function_ms"] > 0 and decoder["loop_ms"] > 0 and len(decoder) == 16 + 2  # every tensor compared
+    members = next(r for r in saved["rows"] if r["name"] == "lfads decoder x4")["values"]
+    assert members["together_ms"] > 0 and members["in_turn_ms"] > 0 and len(members) == 16 + 2
     with_grads = next(r for r in saved["rows"] if r["name"] == "gru pair grad")["values"]
     assert {"d inputs", "d h0", "d w_ih[1]", "d b_hh[1]"} <= set(with_grads)  # every gradient compared
     assert (tmp_path / "work" / "runs" / "gpu-check-all" / "submission-test.h5").is_file()  # a given workdir is kept
@@ -58,7 +60,7 @@ def test_without_a_gpu_every_check_is_skipped_as_needing_one(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "no CUDA GPU: every check below needs a CUDA GPU" in done.stdout
     rows = _table(done.stdout)
-    assert len(rows) == 21 and set(rows.values()) == {("SKIP", "needs a CUDA GPU")}
+    assert len(rows) == 22 and set(rows.values()) == {("SKIP", "needs a CUDA GPU")}
     assert not (tmp_path / "work").exists()  # nothing was synthesized or trained
     assert {r["status"] for r in json.loads((tmp_path / "results.json").read_text())["rows"]} == {"SKIP"}
 
@@ -68,7 +70,7 @@ def test_the_plan_skips_only_what_the_machine_cannot_run():
     assert one_gpu.pop("ddp") == ("SKIP", "needs 2 or more GPUs (1 visible)")
     assert set(one_gpu.values()) == {("PENDING", "")} and "synth + prep mc_maze-20ms-val" in one_gpu
     two_gpus = gpu_check.plan(list(gpu_check.CHECKS), cpu=False, gpus=2)
-    assert all(r.status == "PENDING" for r in two_gpus) and len(two_gpus) == 22
+    assert all(r.status == "PENDING" for r in two_gpus) and len(two_gpus) == 23
     assert [r.name for r in gpu_check.plan(["gru"], cpu=False, gpus=1)] == [
         "gru pair grad", "gru pair no_grad", "gru single grad", "gru single no_grad"]
     assert [r.check for r in gpu_check.plan(["ddp"], cpu=False, gpus=2)] == ["data", "ddp"]  # ddp trains on the split
