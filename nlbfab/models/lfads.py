@@ -181,7 +181,7 @@ def _stacked(members: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def _setting(params, name: str) -> float:
-    """A setting of stacked ``params``: the run's, the same for all its members."""
+    """A setting of stacked ``params`` as a number: the run's, the same for all its members."""
     return float(params[name].reshape(-1)[0])
 
 
@@ -228,7 +228,7 @@ def _encode(params, x, dropout: float, training: bool):
             outputs[name], finals[name] = out[:, i].transpose(1, 2), h_n[:, i]  # the kernel's own time-major order
     ic_features = F.dropout(torch.cat([finals["ic_enc_fwd"], finals["ic_enc_bwd"]], -1), dropout, training)
     ic_mean, ic_logvar = _linear(ic_features, params["ic_w"], params["ic_b"]).chunk(2, -1)
-    ic_std = torch.sqrt(ic_logvar.exp() + _setting(params, "ic_post_var_min"))
+    ic_std = torch.sqrt(ic_logvar.exp() + params["ic_post_var_min"][:, None, None])
     ci_fwd, ci_bwd = outputs["ci_enc_fwd"], outputs["ci_enc_bwd"]
     if lag:
         ci_fwd = F.pad(ci_fwd, (0, 0, 0, 0, lag, 0))[:, :-lag]
@@ -419,8 +419,9 @@ def training_loss_members(members, heldin, target, *, dropout: float, epoch: int
     l2 = l2_recurrent(params)
     kl_weight = ramp(epoch, _setting(params, "kl_start_epoch"), _setting(params, "kl_increase_epoch"))
     l2_weight = ramp(epoch, _setting(params, "l2_start_epoch"), _setting(params, "l2_increase_epoch"))
-    loss = recon + kl_weight * (_setting(params, "kl_ic_scale") * kl_ic + _setting(params, "kl_co_scale") * kl_co) \
-        + l2_weight * _setting(params, "l2_scale") * l2
+    # the weights as tensors: reading them as numbers would wait for a GPU
+    loss = recon + kl_weight * (params["kl_ic_scale"] * kl_ic + params["kl_co_scale"] * kl_co) \
+        + l2_weight * params["l2_scale"] * l2
     return loss, {"recon": recon.detach(), "kl_ic": kl_ic.detach(), "kl_co": kl_co.detach(), "l2": l2.detach()}
 
 
