@@ -42,9 +42,9 @@ def decode(con_x, con0, gen0, factor0, con_w_factors, con_w_hh, co_w, co_b, gen_
     fed to the first step; weights as in ``nlbfab.models.lfads`` with K in front
     (``con_w_factors: (K, 3 con, fac)``: the factor columns of ``con_w_ih``; ``fac_w`` already
     normalised); ``keep_factor: (K, steps, trials, fac)``, ``keep_gen: (K, steps, trials, gen)``:
-    dropout masks or None; ``noise: (K, steps, trials, co)`` or None (no sampling). Returns ``(factors (K, steps, trials, fac), means, stds,
-    inputs (K, steps, trials, co))``. Under autocast it computes in the autocast dtype; gradients
-    reach float32 weights as float32."""
+    dropout masks or None; ``noise: (K, steps, trials, co)`` or None (no sampling). Returns
+    ``(factors (K, steps, trials, fac), means, stds, inputs (K, steps, trials, co))``. Under
+    autocast it computes in the autocast dtype; gradients reach float32 weights as float32."""
     device = con_x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else con_x.dtype
     tensors = [None if x is None else x.to(dtype) for x in (
