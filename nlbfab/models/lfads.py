@@ -36,7 +36,7 @@ from nlbfab.loss import poisson_nll
 from nlbfab.models.dropout import spike_dropout
 from nlbfab.models.gru import gru
 from nlbfab.models.lfads_decoder import decode
-from nlbfab.search_space import loguniform, uniform
+from nlbfab.search_space import choice, loguniform, uniform
 from nlbfab.train_config import Hyperparameter, Valid
 
 POSITIVE, AT_LEAST_ONE, NON_NEGATIVE = Valid(low=0, low_open=True), Valid(low=1), Valid(low=0)
@@ -71,8 +71,12 @@ HPARAMS = {
 }
 # nlbfab-search's default space (README: Hyperparameter search): the regularisers lfads-torch tunes
 # on NLB (dropout, coordinated dropout, KL and L2 weights) and the learning rate, around the
-# defaults above; the sizes keep their per-dataset defaults
+# defaults above, and the factors: every unit's read-out weighs each factor, and on few trials
+# those weights overfit (on realistic synthetic mc_maze_small 8 factors scored 4 points of the
+# oracle's co-bps above 40: benchmarks/README.md, "Fewer factors"); the other sizes keep their
+# per-dataset defaults
 SEARCH_SPACE = {
+    "fac_dim": choice(8, 16, 24, 40),
     "learning_rate": loguniform(2e-3, 1e-2),
     "dropout": uniform(0.0, 0.5),
     "cd_rate": uniform(0.1, 0.5),
