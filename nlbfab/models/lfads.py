@@ -72,7 +72,7 @@ HPARAMS = {
 # nlbfab-search's default space (README: Hyperparameter search): the regularisers lfads-torch tunes
 # on NLB (dropout, coordinated dropout, KL and L2 weights) and the learning rate, around the
 # defaults above, and the factors: every unit's read-out weighs each factor, and on few trials
-# those weights overfit (on realistic synthetic mc_maze_small 8 factors scored 4 points of the
+# those weights overfit (on realistic synthetic mc_maze_small 8 factors scored 3.5 points of the
 # oracle's co-bps above 40: benchmarks/README.md, "Fewer factors"); the other sizes keep their
 # per-dataset defaults
 SEARCH_SPACE = {
