@@ -75,7 +75,7 @@ class ParamsModule(torch.nn.Module):
         self.members = torch.nn.ModuleList(MemberParams(model, params) for params in members)
 
     def forward(self, heldin, fwd_steps: int, dropout: float = 0.0, target=None, epoch: int = 0, members=None,
-                inputs: bool = False, companions=()):
+                inputs: bool = False, companions=(), submission: bool = False):
         """The members' ``apply`` outputs stacked, ``(logrates (K, ...), latents (K, ...))``, of all
         members or of those indexed by ``members``. Given a ``target``, the training objective
         ``(loss, terms)`` instead: the sum over members of the model's ``training_loss`` or of
@@ -83,11 +83,14 @@ class ParamsModule(torch.nn.Module):
         each member's loss on the batches of ``companions``, ``(heldin, target)`` of the
         ``--with-splits`` splits in order (``session`` 1, 2, ...). With ``inputs``, the model's
         ``inferred_inputs`` stacked, ``(K, trials, steps, inputs)``: through ``forward`` like the
-        rest, so that Fabric's precision and DDP wrappers see every use."""
+        rest, so that Fabric's precision and DDP wrappers see every use. With ``submission``, the
+        model's ``submission_apply_members`` (eval mode)."""
         chosen = self.members if members is None else [self.members[k] for k in members]
         params = [member.all_params() for member in chosen]
         if inputs:
             return torch.stack([self.model.inferred_inputs(p, heldin, fwd_steps) for p in params])
+        if submission:
+            return self.model.submission_apply_members(params, heldin, fwd_steps)
         if target is None:
             return self.model.apply_members(params, heldin, fwd_steps, dropout=dropout, training=self.training)
         loss, terms = self._objective(params, heldin, target, dropout, epoch)
@@ -512,10 +515,11 @@ def keep_best(best: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], i
                    if int(key.split(".")[1]) in improved}
 
 
-def ensemble_forward(module, fwd_steps: int, members: list[int]):
-    """``predict``'s forward for the mean rates of ``members``, with the first one's latents."""
+def ensemble_forward(module, fwd_steps: int, members: list[int], submission: bool = False):
+    """``predict``'s forward for the mean rates of ``members``, with the first one's latents; with
+    ``submission``, as the submission takes them (the model's ``submission_apply_members``)."""
     def forward(heldin):
-        logrates, latents = module(heldin, fwd_steps, members=members)
+        logrates, latents = module(heldin, fwd_steps, members=members, submission=submission)
         return mean_logrates(logrates), latents[0]
     return forward
 
@@ -529,11 +533,12 @@ def first_member_inputs(module, fwd_steps: int, members: list[int]):
     return lambda heldin: module(heldin, fwd_steps, members=members[:1], inputs=True)[0]
 
 
-def run_hooks(state: TrainState, data: SplitData, hooks, epoch: int, members: list[int]) -> tuple[dict, dict]:
-    """Predict all trials with the mean of ``members`` in eval mode and run every hook (on rank 0);
-    returns (metrics, predictions)."""
+def run_hooks(state: TrainState, data: SplitData, hooks, epoch: int, members: list[int],
+              submission: bool = False) -> tuple[dict, dict]:
+    """Predict all trials with the mean of ``members`` in eval mode (with ``submission``, as the
+    submission takes them) and run every hook (on rank 0); returns (metrics, predictions)."""
     state.module.eval()
-    predictions = predict(ensemble_forward(state.module, data.fwd_steps, members), data,
+    predictions = predict(ensemble_forward(state.module, data.fwd_steps, members, submission), data,
                           first_member_inputs(state.module, data.fwd_steps, members))
     scores = {}
     if state.fabric.is_global_zero:
@@ -759,7 +764,8 @@ def choose_members(state: TrainState, data: SplitData, run: Run, homes: Homes) -
 
 def member_table(state: TrainState, data: SplitData, run: Run, chosen: list[int]) -> list[dict]:
     """Each member's seed, best epoch and monitored value, why it stopped, whether it is in the
-    submission and, on the val phase, its NLB metrics (``nlbfab.evaluation.metrics``)."""
+    submission and, on the val phase, its NLB metrics (``nlbfab.evaluation.metrics``) from one
+    plain pass, as validation sees it."""
     rows = []
     for k, p in enumerate(state.members):
         row = {"member": k, "seed": run.config.seed + k, "best_epoch": p.best_epoch, "best_monitored": p.best,
@@ -779,7 +785,7 @@ def finish(state: TrainState, data: SplitData, run: Run, homes: Homes, stop_reas
     state.module.load_state_dict(state.best)
     chosen = choose_members(state, data, run, homes)
     best_epoch = max(state.members[k].best_epoch for k in chosen)
-    scores, predictions = run_hooks(state, data, run.hooks, best_epoch, chosen)
+    scores, predictions = run_hooks(state, data, run.hooks, best_epoch, chosen, submission=True)
     if run.config.save_latents:  # the first chosen member's, as the hooks show; every rank predicts, as DDP needs
         arrays = predict_latents(ensemble_forward(state.module, data.fwd_steps, chosen[:1]),
                                  first_member_inputs(state.module, data.fwd_steps, chosen), data)

@@ -70,9 +70,9 @@ def test_a_trained_runs_best_inputs_are_scored_against_its_eval_windows(tmp_path
     name, params = benchmark.best_params(homes.runs / "tiny" / split.name)
     data = load_split(split, homes)
     with torch.no_grad():
-        logrates, _ = get_model(name).apply(params, data.eval_heldin, data.fwd_steps)
+        logrates, _ = get_model(name).submission_apply_members([params], data.eval_heldin, data.fwd_steps)
     with h5py.File(submission_file(homes.runs / "tiny", "val")) as h5:
-        np.testing.assert_allclose(logrates[:, :data.bins, data.heldin:].exp().numpy(),
+        np.testing.assert_allclose(logrates[0, :, :data.bins, data.heldin:].exp().numpy(),
                                    h5[split.group]["eval_rates_heldout"][()], rtol=1e-4)
     (row,) = benchmark.input_rows(homes, ["mc_maze"], [20], seed=0)
     assert (row["split"], row["run"], row["inputs"]) == (split.name, "tiny", 3)

@@ -96,6 +96,31 @@ def test_inference_uses_the_posterior_means_and_is_deterministic():
     assert not torch.equal(first, sampled)
 
 
+def test_the_submissions_rates_are_the_mean_of_passes_under_coordinated_dropout():
+    model = MODELS["lfads"]
+    params = model.init(SIZES, 0, **SMALL, submit_passes=5)
+    heldin = torch.poisson(torch.full((4, 12, 6), 0.5))
+    with torch.no_grad():
+        logrates, factors = lfads.submission_apply_members([params], heldin, 4)
+        generator, by_hand = torch.Generator().manual_seed(0), []
+        for _ in range(5):
+            hidden = torch.rand(heldin.shape, generator=generator) < 0.3
+            by_hand.append(lfads.apply(params, heldin.masked_fill(hidden, 0) / 0.7, 4)[0].exp())
+        plain, plain_factors = lfads.apply(params, heldin, 4)
+        again, _ = lfads.submission_apply_members([params], heldin, 4)
+        one_pass = model.init(SIZES, 0, **SMALL, submit_passes=1)
+        single, _ = lfads.submission_apply_members([one_pass], heldin, 4)
+        other = model.init(SIZES, 1, **SMALL, submit_passes=5)
+        both, _ = lfads.submission_apply_members([params, other], heldin, 4)
+        alone, _ = lfads.submission_apply_members([other], heldin, 4)
+    assert torch.allclose(logrates[0], torch.stack(by_hand).mean(0).log(), atol=1e-6)
+    assert not torch.allclose(logrates[0], plain, atol=1e-3)
+    assert torch.equal(factors[0], plain_factors)  # the latents: the pass on every input
+    assert torch.equal(again, logrates)  # deterministic
+    assert torch.equal(single[0], plain)  # one pass: every input
+    assert torch.allclose(both, torch.cat([logrates, alone]), atol=1e-6)  # members batched as alone
+
+
 def test_the_inferred_inputs_are_what_drives_the_generator():
     """Unrolled by hand from the initial condition's posterior mean, a generator fed the inferred
     inputs gives ``apply``'s factors; the inputs are deterministic and reach the forward bins."""
@@ -254,6 +279,12 @@ def test_lfads_trains_through_the_loop_and_logs_its_loss_terms(prepared, homes):
         assert h5["eval_inputs"].shape == (len(data.eval_heldin), data.bins + data.fwd_steps, SMALL["co_dim"])
         assert torch.allclose(torch.from_numpy(h5["eval_inputs"][()]), inputs, atol=1e-5)
         assert h5["train_latents"].shape == (len(data.train_heldin), data.bins + data.fwd_steps, SMALL["fac_dim"])
+    # the submission holds the mean of passes under coordinated dropout
+    with h5py.File(Path(summary["run_dir"], "rates.h5")) as h5, torch.no_grad():
+        (group,) = h5
+        submitted = torch.from_numpy(h5[group]["eval_rates_heldout"][()])
+        logrates, _ = lfads.submission_apply_members([params], data.eval_heldin, data.fwd_steps)
+        assert torch.allclose(submitted, logrates[0, :, :data.bins, data.heldin:].exp(), atol=1e-5)
     checkpoint = torch.load(f"{summary['run_dir']}/checkpoints/best.ckpt", weights_only=False)
     assert "members.0.fixed_cell_clip" in checkpoint["model"] and "cell_clip" not in [
         k.split(".")[-1] for k in checkpoint["model"] if k.startswith("members.0.params.")]

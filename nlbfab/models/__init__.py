@@ -10,7 +10,7 @@ nothing else; ``SEARCH_SPACE``, where a model declares one, is what ``nlbfab-sea
 trials from (``nlbfab.search_space``). Register one in ``MODELS``, or name an importable module with ``--model
 my_package.my_model``.
 
-Seven optional parts let a model train in its own way and show more of itself (the SAE and
+Eight optional parts let a model train in its own way and show more of itself (the SAE and
 ``gru_readout`` have none):
 ``training_loss(params, heldin, target, *, dropout, epoch) -> (loss, terms)`` replaces the
 Poisson loss of ``apply``'s training-mode rates: it may transform the batch (LFADS's coordinated
@@ -23,7 +23,10 @@ trained (settings and fixed priors, kept with the weights so that ``apply`` need
 sizes from lfads-torch's per-dataset configs); and
 ``inferred_inputs(params, heldin, fwd_steps) -> (trials, bins + fwd_steps, inputs)``, the inputs
 from outside the dynamics that the model infers at each step (LFADS's controller outputs,
-posterior means), which the hooks plot (``nlbfab.hooks.inputs_hook``).
+posterior means), which the hooks plot (``nlbfab.hooks.inputs_hook``);
+``submission_apply_members(members, heldin, fwd_steps)``, ``apply_members`` in eval mode as the
+submission's rates take it (LFADS's averages passes under coordinated dropout; validation and the
+choice of members keep the one plain pass).
 ``SHARES_ACROSS_SPLITS``: the model trains with ``--with-splits``: its ``init`` reads the other
 splits' ``Sizes`` from ``sizes.companions``, and ``apply`` and ``training_loss`` take ``session=k``
 for the k-th of them (0, the default, is the run's own split, all that validation, the hooks and
@@ -135,6 +138,14 @@ class Model:
             return batched(members, heldin, fwd_steps, dropout=dropout, training=training)
         outputs = [self.apply(p, heldin, fwd_steps, dropout=dropout, training=training) for p in members]
         return torch.stack([o[0] for o in outputs]), torch.stack([o[1] for o in outputs])
+
+    def submission_apply_members(self, members: list[dict], heldin, fwd_steps: int):
+        """The submission's rates and latents: the model's ``submission_apply_members`` where it
+        has one, else ``apply_members`` in eval mode."""
+        own = getattr(self.module, "submission_apply_members", None)
+        if own:
+            return own(members, heldin, fwd_steps)
+        return self.apply_members(members, heldin, fwd_steps, dropout=0.0, training=False)
 
     def training_loss_members(self, members: list[dict], heldin, target, *, dropout: float, epoch: int,
                               session: int = 0):

@@ -56,6 +56,9 @@ HPARAMS = {
                                  AT_LEAST_ONE, with_splits_only=True),
     "cd_rate": Hyperparameter(0.3, "Coordinated dropout: share of held-in inputs hidden in training.",
                               Valid(low=0, high=1, high_open=True)),
+    "submit_passes": Hyperparameter(32, "The submission's rates: each member's mean over this many passes with the "
+                                   "held-in inputs hidden as in training (--cd-rate), each pass its own mask; 1: "
+                                   "one pass on every input.", AT_LEAST_ONE),
     "cell_clip": Hyperparameter(5.0, "Bound on the GRU states.", Valid(low=1)),
     "ic_post_var_min": Hyperparameter(1e-4, "Floor of the initial condition's posterior variance.", POSITIVE),
     "ic_prior_var": Hyperparameter(0.1, "Variance of the initial condition's prior.", POSITIVE),
@@ -104,8 +107,8 @@ DATASET_DEFAULTS = {
                  "l2_scale": 1e-3},
 }
 # what init stores besides tensors: read back by apply and training_loss from the params dict
-SETTINGS = ("ci_lag", "cell_clip", "ic_post_var_min", "cd_rate", "kl_ic_scale", "kl_co_scale", "l2_scale",
-            "kl_start_epoch", "kl_increase_epoch", "l2_start_epoch", "l2_increase_epoch")
+SETTINGS = ("ci_lag", "cell_clip", "ic_post_var_min", "cd_rate", "submit_passes", "kl_ic_scale", "kl_co_scale",
+            "l2_scale", "kl_start_epoch", "kl_increase_epoch", "l2_start_epoch", "l2_increase_epoch")
 ENCODERS = ("ic_enc_fwd", "ic_enc_bwd", "ci_enc_fwd", "ci_enc_bwd")
 
 
@@ -343,6 +346,24 @@ def apply(params, heldin, fwd_steps: int, *, dropout: float = 0.0, training: boo
     return logrates[0], factors[0]
 
 
+def submission_apply_members(members, heldin, fwd_steps: int):
+    """The submission's ``apply_members``: each member's rates the mean over ``submit_passes``
+    passes whose held-in inputs coordinated dropout hides as in training (``cd_rate``), the
+    factors those of the pass on every input. Trained on inputs so hidden, the model reads each
+    mask as another view of the trial, and the mean of its views is a cheap ensemble
+    (benchmarks/README.md, "Passes under coordinated dropout"). The masks draw from a CPU
+    generator seeded 0: the same rates on every call, rank and device."""
+    logrates, factors = apply_members(members, heldin, fwd_steps)
+    passes, rate = int(members[0]["submit_passes"]), float(members[0]["cd_rate"])
+    if passes == 1 or rate == 0:
+        return logrates, factors
+    generator = torch.Generator().manual_seed(0)
+    total = torch.zeros(logrates.shape, device=logrates.device)
+    for _ in range(passes):
+        total += apply_members(members, coordinated_dropout(heldin, rate, generator)[0], fwd_steps)[0].float().exp()
+    return (total / passes).log(), factors
+
+
 def inferred_inputs(params, heldin, fwd_steps: int) -> torch.Tensor:
     """The inferred inputs' posterior means, ``(trials, bins + fwd_steps, co_dim)``: what the
     controller says pushed each trial off the path its initial condition sets, step by step the
@@ -389,7 +410,8 @@ def ramp(epoch: int, start: float, increase: float) -> float:
 def coordinated_dropout(heldin, rate: float, generator=None):
     """Hide each held-in entry with probability ``rate`` (the rest scaled by ``1 / (1 - rate)``).
     Returns ``(masked input, hidden)``; the loss trains the model on the hidden entries only."""
-    hidden = torch.rand(heldin.shape, device=heldin.device, generator=generator) < rate
+    device = generator.device if generator is not None else heldin.device
+    hidden = (torch.rand(heldin.shape, device=device, generator=generator) < rate).to(heldin.device)
     return heldin.masked_fill(hidden, 0) / (1 - rate), hidden
 
 
