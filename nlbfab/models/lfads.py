@@ -351,8 +351,8 @@ def submission_apply_members(members, heldin, fwd_steps: int):
     passes whose held-in inputs coordinated dropout hides as in training (``cd_rate``), the
     factors those of the pass on every input. Trained on inputs so hidden, the model reads each
     mask as another view of the trial, and the mean of its views is a cheap ensemble
-    (benchmarks/README.md, "Passes under coordinated dropout"). The masks draw from a CPU
-    generator seeded 0: the same rates on every call, rank and device."""
+    (benchmarks/README.md, "Passes under coordinated dropout"). Each call's masks draw from a CPU
+    generator seeded 0: the same rates for the same trials on every call and rank."""
     logrates, factors = apply_members(members, heldin, fwd_steps)
     passes, rate = int(members[0]["submit_passes"]), float(members[0]["cd_rate"])
     if passes == 1 or rate == 0:
