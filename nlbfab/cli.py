@@ -197,6 +197,37 @@ def submit(run_tag):
         click.echo(f"{path}: {len(groups)} group(s): {', '.join(groups)}")
 
 
+@click.command(cls=Command)
+@click.option("--split", "split_name", required=True, help="The split whose runs to pool, e.g. mc_maze_small-20ms-val.")
+@click.option("--run-tag", "run_tags", multiple=True,
+              help="A finished run of the split (repeatable; two or more on the val phase). On the test phase, "
+                   "default: the runs the val pool of --pool-tag chose.")
+@click.option("--pool-tag", required=True, help="The pool's own run tag: its rates go into RUNS_HOME/POOL_TAG's "
+                                                 "submission file.")
+@click.option("--top", type=click.IntRange(min=1),
+              help="Val phase: the most runs in the mean, chosen greedily by val co-bps while each raises the "
+                   "mean's (default: no limit).")
+@friendly_errors
+def pool(split_name, run_tags, pool_tag, top):
+    """Submit the mean rates of several finished runs of one split (other models, settings or
+    seeds): on the val phase of those that raise the mean's val co-bps, on the test phase of the
+    runs the val pool chose."""
+    from nlbfab.pool import pool_runs
+    split = get_split(split_name)
+    homes = config.homes(writable=("RUNS_HOME",), existing={"PREP_HOME": f"run 'bin/nlbfab-prep --split {split.name}'"})
+    for tag in (*run_tags, pool_tag):
+        layout.check_run_tag(tag)
+    summary = pool_runs(split, list(run_tags), pool_tag, top, homes, _report)
+    chosen = summary["pool"]["chosen"]
+    for tag, value in summary["pool"].get("co-bps", {}).items():
+        click.echo(f"{'*' if tag in chosen else ' '} {tag:24s} co-bps {value:.4f}")
+    click.echo(f"{split.name}: the mean of {len(chosen)} run(s) ({', '.join(chosen)}) in {summary['submission']}")
+    if "metrics" in summary and split.phase == "test":
+        click.echo("  scored against the test file EvalAI would hold (a synthetic dataset's copy):")
+    for name, value in summary.get("metrics", {}).items():
+        click.echo(f"  {name:10s} {value:.4f}")
+
+
 @click.command(cls=Command, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--datasets", multiple=True, help="Datasets to train (comma-separated or repeated; default all 7).")
 @click.option("--bins", multiple=True, help="Bin widths in ms: 5, 20 (default both).")
@@ -404,7 +435,7 @@ def list_splits():
 
 
 COMMANDS = {"synth": synth, "prep": prep, "download": download, "baseline": baseline, "train": train,
-            "scores": scores, "submit": submit, "all": sweep, "search": search, "splits": list_splits}
+            "scores": scores, "submit": submit, "pool": pool, "all": sweep, "search": search, "splits": list_splits}
 
 if __name__ == "__main__":  # bin/nlbfab-<command> runs: python -m nlbfab.cli <command> [options]
     # sys.argv stays whole: Fabric's DDP launcher starts the other ranks with the same command line

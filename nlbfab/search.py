@@ -23,8 +23,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-import h5py
-import numpy as np
 import ray
 import torch
 from ray import tune
@@ -38,10 +36,9 @@ from nlbfab.errors import UserError
 from nlbfab.evaluation import co_bps
 from nlbfab.layout import Homes
 from nlbfab.models import get_model
-from nlbfab.scoring import local_target, submit_and_score
+from nlbfab.pool import read_rates, submit_mean
 from nlbfab.search_space import Distribution, space_from_json, space_to_json, split_settings
 from nlbfab.splits import Split, get_split
-from nlbfab.submission import expected_shapes
 from nlbfab.train import NonFiniteLoss, fabric_for, train
 from nlbfab.train_config import TrainConfig, with_split_names
 
@@ -328,12 +325,6 @@ def write_best(plan: SearchPlan, homes: Homes, rows: list[dict]) -> Path:
     return path
 
 
-def read_rates(path: Path, split: Split) -> dict[str, np.ndarray]:
-    """A run's rates file (``nlbfab.submission.write_rates``): the split's arrays by name."""
-    with h5py.File(path, "r") as h5:
-        return {key: h5[split.group][key][()] for key in h5[split.group]}
-
-
 def top_trials(plan: SearchPlan, homes: Homes, rows: list[dict], count: int,
                report: Callable[[str], None]) -> list[str]:
     """At most ``count`` finished trials whose mean rates give the best val co-bps, chosen greedily
@@ -349,17 +340,6 @@ def top_trials(plan: SearchPlan, homes: Homes, rows: list[dict], count: int,
              for t in finished]
     data = load_split(split, homes)
     return [finished[k] for k in greedy_selection(rates, lambda mean: co_bps(data, mean), min(count, len(finished)))]
-
-
-def submit_mean(split: Split, run_dirs: list[Path], homes: Homes, run_tag: str, report: Callable[[str], None]) -> dict:
-    """The mean of the rates of ``run_dirs`` (runs on ``split``) as the split's group of
-    ``RUNS_HOME/{run_tag}``'s submission file, its shapes checked, and scored as EvalAI would
-    where it can be here (``local_target``). Returns ``{"submission": path}`` and, where scored,
-    ``"metrics"``."""
-    rates = [read_rates(layout.rates_file(run_dir), split) for run_dir in run_dirs]
-    mean = {key: np.mean([r[key] for r in rates], 0) for key in rates[0]}
-    return submit_and_score(split, mean, homes.tag_dir(run_tag), expected_shapes(split, homes),
-                            local_target(homes, split, report))
 
 
 def as_test_phase(split: Split) -> Split:

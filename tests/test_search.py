@@ -118,7 +118,7 @@ def test_submit_top_submits_the_mean_rates_of_the_chosen_trials(searched, homes)
 
 
 def test_two_trials_submitted_are_the_mean_of_their_rates(searched, homes, tmp_path):
-    from nlbfab.search import submit_mean
+    from nlbfab.pool import submit_mean
     _, folder = searched
     two = [r["trial"] for r in trials(folder) if r["status"] == "finished"][:2]
     submitted = submit_mean(SPLIT, [folder / t / SPLIT.name for t in two], homes_with(runs=tmp_path), "two", print)
