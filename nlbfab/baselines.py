@@ -12,7 +12,7 @@ from nlbfab.errors import UserError
 from nlbfab.layout import Homes
 from nlbfab.oracle import oracle_rates, true_rate_dataset
 from nlbfab.scoring import local_target, submit_and_score
-from nlbfab.smoothing import smoothing_rates
+from nlbfab.smoothing import SETTINGS, smoothing_rates
 from nlbfab.splits import Split
 from nlbfab.submission import expected_shapes
 
@@ -21,7 +21,7 @@ def _smoothing(split: Split, homes: Homes) -> dict[str, np.ndarray]:
     with h5py.File(homes.split_file(split, "train_input"), "r") as train, \
             h5py.File(homes.split_file(split, "eval_input"), "r") as evaluation:
         return smoothing_rates(train["train_spikes_heldin"][()], train["train_spikes_heldout"][()],
-                               evaluation["eval_spikes_heldin"][()], split.bin_ms)
+                               evaluation["eval_spikes_heldin"][()], split.bin_ms, *SETTINGS[split.dataset.name])
 
 
 def predict_baseline(method: str, splits: list[Split], homes: Homes) -> Iterator[tuple[Split, dict[str, np.ndarray]]]:

@@ -16,7 +16,7 @@ from nlbfab.native.session import open_session
 from nlbfab.native.tensors import Binned, eval_target, value_fields
 from nlbfab.oracle import oracle_rates
 from nlbfab.scoring import score
-from nlbfab.smoothing import smoothing_rates
+from nlbfab.smoothing import SETTINGS, smoothing_rates
 from nlbfab.splits import DATASETS, get_split
 from nlbfab.submission import write_rates
 from tests.conftest import homes_with, run_cli
@@ -87,8 +87,8 @@ def test_the_test_phase_scores_the_oracle_above_smoothing(prepared, synthetic, t
     assert group["eval_spikes_heldout"].shape[:2] == eval_heldin.shape[:2]  # the test trials, as submitted
     assert group["eval_spikes_heldout"].shape[2] == heldout.shape[2]
     scores = {}
-    for model, rates in (("smoothing", smoothing_rates(heldin, heldout, eval_heldin, split.bin_ms)),
-                         ("oracle", oracle_rates(synthetic, split))):
+    smoothed = smoothing_rates(heldin, heldout, eval_heldin, split.bin_ms, *SETTINGS[split.dataset.name])
+    for model, rates in (("smoothing", smoothed), ("oracle", oracle_rates(synthetic, split))):
         scores[model] = score(target, write_rates(tmp_path / f"{model}.h5", split.group, split.phase, rates), split)
     assert scores["oracle"]["co-bps"] > scores["smoothing"]["co-bps"] + 0.02
     assert all(np.isfinite(v) for v in scores["oracle"].values()) and "fp-bps" in scores["oracle"]

@@ -6,7 +6,7 @@ import pytest
 from nlbfab import cli
 from nlbfab.oracle import oracle_rates, true_rate_dataset
 from nlbfab.scoring import score
-from nlbfab.smoothing import smoothing_rates
+from nlbfab.smoothing import SETTINGS, smoothing_rates
 from nlbfab.splits import DATASETS, get_split, splits_of
 from nlbfab.submission import write_rates
 from nlbfab.layout import dataset_dir
@@ -46,7 +46,7 @@ def test_oracle_beats_smoothing_on_co_bps(prepared, synthetic, tmp_path, name):
     train = tensors(prepared, split, "train_input.h5")
     evaluation = tensors(prepared, split, "eval_input.h5")
     smooth = smoothing_rates(train["train_spikes_heldin"], train["train_spikes_heldout"],
-                             evaluation["eval_spikes_heldin"], split.bin_ms)
+                             evaluation["eval_spikes_heldin"], split.bin_ms, *SETTINGS[split.dataset.name])
     oracle = oracle_rates(synthetic, split)
     target = prepared / split.name / "eval_target.h5"
     scores = {}

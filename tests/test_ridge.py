@@ -13,7 +13,7 @@ from tests.conftest import homes_with
 from nlbfab.evaluation import metrics
 from nlbfab.ridge import ALPHAS, fit_and_eval_decoder
 from nlbfab.scoring import split_metrics
-from nlbfab.smoothing import smooth_spikes
+from nlbfab.smoothing import gaussian_window, smooth_spikes
 from nlbfab.splits import get_split
 
 ORIGINAL = nlb_tools.evaluation.fit_and_eval_decoder
@@ -94,7 +94,7 @@ def smoothed_rates(data) -> dict[str, np.ndarray]:
     related to behaviour, so every metric is a real number."""
     rates = {}
     for prefix, recon in (("train", data.train_recon), ("eval", data.eval_recon)):
-        smooth = (smooth_spikes(recon.numpy(), 2.0) + 0.01).astype(np.float32)
+        smooth = (smooth_spikes(recon.numpy(), gaussian_window(40, 20)) + 0.01).astype(np.float32)
         bins, heldin = data.bins, data.heldin
         rates[f"{prefix}_rates_heldin"] = smooth[:, :bins, :heldin]
         rates[f"{prefix}_rates_heldout"] = smooth[:, :bins, heldin:]
