@@ -34,26 +34,33 @@ def read_rates(path: Path, split: Split) -> dict[str, np.ndarray]:
 
 
 def submit_mean(split: Split, run_dirs: list[Path], homes: Homes, run_tag: str, report: Callable[[str], None]) -> dict:
-    """The mean of the rates of ``run_dirs`` (runs on ``split``) as the split's group of
+    """``submit_mean_rates`` of the rates files of ``run_dirs`` (runs on ``split``)."""
+    return submit_mean_rates(split, [read_rates(layout.rates_file(run_dir), split) for run_dir in run_dirs], homes,
+                             run_tag, report)
+
+
+def submit_mean_rates(split: Split, rates: list[dict[str, np.ndarray]], homes: Homes, run_tag: str,
+                      report: Callable[[str], None]) -> dict:
+    """The mean of runs' ``rates`` (each ``read_rates``' arrays) as the split's group of
     ``RUNS_HOME/{run_tag}``'s submission file, its shapes checked, and scored as EvalAI would
     where it can be here (``local_target``). Returns ``{"submission": path}`` and, where scored,
     ``"metrics"``."""
-    rates = [read_rates(layout.rates_file(run_dir), split) for run_dir in run_dirs]
     mean = {key: np.mean([r[key] for r in rates], 0) for key in rates[0]}
     return submit_and_score(split, mean, homes.tag_dir(run_tag), expected_shapes(split, homes),
                             local_target(homes, split, report))
 
 
-def run_rates(homes: Homes, run_tag: str, split: Split) -> dict[str, np.ndarray]:
+def run_rates(homes: Homes, run_tag: str, split: Split, expected: dict[str, tuple]) -> dict[str, np.ndarray]:
     """The rates a finished run of ``run_tag`` submitted for ``split``, checked against the
-    split's shapes; one line naming the run where there are none or they do not fit."""
+    split's shapes (``expected_shapes``); one line naming the run where there are none or they do
+    not fit."""
     path = layout.rates_file(homes.run_dir(run_tag, split))
     if not path.is_file():
         raise UserError(f"run '{run_tag}' has no rates for {split.name} ({path}): train it with 'bin/nlbfab-train "
                         f"--split {split.name} --run-tag {run_tag}', or check the tag and RUNS_HOME")
     rates = read_rates(path, split)
     try:
-        check_rates(rates, expected_shapes(split, homes), split.group)
+        check_rates(rates, expected, split.group)
     except UserError as error:
         raise UserError(f"run '{run_tag}': {error}; train it again on this split's tensors") from None
     return rates
@@ -97,7 +104,8 @@ def pool_runs(split: Split, run_tags: list[str], pool_tag: str, top: int | None,
     elif len(run_tags) < 2:
         raise UserError("name two or more runs to pool, each with --run-tag")
     check_pool_tag(homes, pool_tag, run_tags, split)
-    rates = [run_rates(homes, tag, split) for tag in run_tags]
+    expected = expected_shapes(split, homes)
+    rates = [run_rates(homes, tag, split, expected) for tag in run_tags]
     summary = {"split": split.name, "pool": {"runs": list(run_tags), "chosen": list(run_tags)}}
     if split.phase == "val":
         data = load_split(split, homes)
@@ -105,7 +113,7 @@ def pool_runs(split: Split, run_tags: list[str], pool_tag: str, top: int | None,
         chosen = greedy_selection([r["eval_rates_heldout"] for r in rates], lambda mean: co_bps(data, mean),
                                   top or len(run_tags))
         summary["pool"]["chosen"] = [run_tags[k] for k in chosen]
-    run_dirs = [homes.run_dir(tag, split) for tag in summary["pool"]["chosen"]]
-    summary |= submit_mean(split, run_dirs, homes, pool_tag, report)
+    chosen_rates = [rates[run_tags.index(tag)] for tag in summary["pool"]["chosen"]]
+    summary |= submit_mean_rates(split, chosen_rates, homes, pool_tag, report)
     layout.write_json(layout.metrics_file(homes.run_dir(pool_tag, split)), summary)
     return summary
