@@ -282,8 +282,10 @@ def sweep(ctx, datasets, bins, phases, run_tag, resume, no_prep, search_trials, 
     if alone and unused:
         raise UserError(f"{option_name(unused[0])} acts only with --with-splits, and {alone} would train alone: "
                         f"share its dataset with --share-datasets, or drop the option")
-    sw.prepare_missing(list(dict.fromkeys([*splits, *(c for r in runs for c in r.with_splits)])), homes, no_prep,
-                       _report)
+    needed = [*splits, *(c for r in runs for c in r.with_splits)]
+    if run_settings.train_test_heldin:  # a val run reads its dataset's test trials from the test split
+        needed += [replace(s, phase="test") for s in needed if s.phase == "val"]
+    sw.prepare_missing(list(dict.fromkeys(needed)), homes, no_prep, _report)
     _report(sw.where(runs, where, homes.tag_dir(run_tag)))
     started = time.perf_counter()
     sw.sweep(runs, homes, run_tag, list(ctx.args), where, sw.live_table(len(runs) + 1, sys.stderr))
@@ -352,6 +354,10 @@ def search(ctx, split_name, trials, space, run_tag, address, resume, submit_top,
         if not homes.split_file(needed, "eval_input").is_file():
             raise UserError(f"--with-splits: {needed.name} is not preprocessed: run 'bin/nlbfab-prep --split "
                             f"{needed.name}'")
+    for needed in [sr.as_test_phase(s) for s in [split, *companions]] if plan.fixed.get("train_test_heldin") else []:
+        if not homes.split_file(needed, "eval_input").is_file():
+            raise UserError(f"--train-test-heldin reads {needed.name}, which is not preprocessed: run 'bin/nlbfab-prep "
+                            f"--split {needed.name}'")
     with sr.ray_session(address):
         plan, rows = sr.search(plan, homes, resume, _report)
         click.echo(sr.trials_table(rows, plan.space))
@@ -401,7 +407,8 @@ def search_each(splits: list, trials: int, top: int, run_tag: str, address: str 
     plans = [sr.SearchPlan(val.name, trials, *search_space(val.name, None, args), run_tag=run_tag)
              for val in pairs.values()]  # every space and setting checked before any work
     homes = config.homes(writable=("PREP_HOME", "RUNS_HOME"))
-    sw.prepare_missing(list(dict.fromkeys([*pairs.values(), *splits])), homes, no_prep, _report)
+    tests = [replace(val, phase="test") for val, plan in zip(pairs.values(), plans) if plan.fixed.get("train_test_heldin")]
+    sw.prepare_missing(list(dict.fromkeys([*pairs.values(), *splits, *tests])), homes, no_prep, _report)
     with sr.ray_session(address):
         for key, plan in zip(pairs, plans):
             plan, rows = sr.search(plan, homes, False, _report)

@@ -180,17 +180,54 @@ def with_eval_heldin(data: SplitData, seed: int) -> tuple[SplitData, TrainingPoo
     which training would now fit: a fixed ``MONITORED_SHARE`` of those entries (drawn with
     ``seed``) leaves the pool, and the returned split's ``eval_recon`` keeps only them, so that
     the monitor scores entries no step trained on. Both tensors on ``data``'s device."""
-    trials, bins, heldin = data.eval_heldin.shape
     trained = data.eval_heldin
     if data.split.phase == "test":
         generator = torch.Generator().manual_seed(seed)
         monitored = (torch.rand(data.eval_heldin.shape, generator=generator) < MONITORED_SHARE).to(data.eval_heldin.device)
         trained = data.eval_heldin.masked_fill(monitored, float("nan"))
         data = replace(data, eval_recon=data.eval_recon.masked_fill(~monitored, float("nan")))
-    eval_target = data.eval_heldin.new_full((trials, *data.train_recon.shape[1:]), float("nan"))
-    eval_target[:, :bins, :heldin] = trained
-    pool = TrainingPool(torch.cat([data.train_heldin, data.eval_heldin]), torch.cat([data.train_recon, eval_target]))
+    pool = TrainingPool(torch.cat([data.train_heldin, data.eval_heldin]),
+                        torch.cat([data.train_recon, heldin_only(trained, data.train_recon.shape[1:])]))
     return data, pool
+
+
+def heldin_only(heldin: torch.Tensor, target_shape: tuple[int, ...]) -> torch.Tensor:
+    """The targets, of ``target_shape`` (bins + fwd, heldin + heldout), of trials known by their
+    held-in spikes alone: those in the observed bins of the held-in units, NaN (unknown, trained
+    on by nothing) for the held-out units and the forward bins."""
+    trials, bins, units = heldin.shape
+    target = heldin.new_full((trials, *target_shape), float("nan"))
+    target[:, :bins, :units] = heldin
+    return target
+
+
+def load_test_heldin(data: SplitData, homes: Homes) -> torch.Tensor:
+    """The held-in spikes of the test trials of a val split's dataset, at its bin width: the test
+    split's eval input (the test NWB file's trials, whose held-out neurons and forward bins no one
+    is given). A missing file, or one whose trials are not ``data``'s bins and held-in units, fails
+    naming the ``nlbfab-prep`` that makes it."""
+    test = replace(data.split, phase="test")
+    if not homes.split_dir(test).is_dir():
+        raise UserError(f"--train-test-heldin reads {test.name}, which is not preprocessed: "
+                        f"run 'bin/nlbfab-prep --split {test.name}'")
+    rebuild = f"bin/nlbfab-prep --split {test.name} --force"
+    path = homes.split_file(test, "eval_input")
+    arrays = _read(path, rebuild)
+    _require(arrays, {"eval_spikes_heldin"}, path, rebuild)
+    heldin = _float_tensor(arrays["eval_spikes_heldin"])
+    expected = (data.bins, data.heldin)
+    if heldin.ndim != 3 or tuple(heldin.shape[1:]) != expected or torch.isnan(heldin).any():
+        raise UserError(f"{path}: eval_spikes_heldin {tuple(heldin.shape)} is not test trials x {expected[0]} bins x "
+                        f"{expected[1]} held-in units without NaN: run '{rebuild}'")
+    return heldin
+
+
+def with_test_heldin(pool: TrainingPool, test_heldin: torch.Tensor) -> TrainingPool:
+    """``pool`` and the test trials, their held-in spikes the input and the only target (a val
+    run's more trials of the dataset's own neurons and dynamics; nothing of theirs is scored)."""
+    test_heldin = test_heldin.to(pool.heldin.device)
+    return TrainingPool(torch.cat([pool.heldin, test_heldin]),
+                        torch.cat([pool.target, heldin_only(test_heldin, pool.target.shape[1:])]))
 
 
 def batch_indices(n_trials: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:

@@ -29,7 +29,8 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from tqdm import tqdm
 
 from nlbfab import layout
-from nlbfab.data import SplitData, TrainingPool, batch_indices, load_split, train_trials_only, with_eval_heldin
+from nlbfab.data import (SplitData, TrainingPool, batch_indices, load_split, load_test_heldin, train_trials_only,
+                         with_eval_heldin, with_test_heldin)
 from nlbfab.ensemble import greedy_selection, mean_logrates, val_choice
 from nlbfab.errors import UserError, first_line
 from nlbfab.evaluation import co_bps, inference_batch, metrics, predict
@@ -607,6 +608,17 @@ def print_epoch(state: TrainState, data: SplitData, seconds: float) -> None:
     state.fabric.print(f"{line}  {seconds:6.1f} s")
 
 
+def training_pool(data: SplitData, config: TrainConfig, homes: Homes) -> tuple[SplitData, TrainingPool]:
+    """The trials a split's training draws its batches from: its train trials, with
+    ``--train-eval-heldin`` its eval trials' held-in spikes (``data`` then keeps only what the
+    monitor may score), with ``--train-test-heldin`` on the val phase its dataset's test trials'
+    (on the test phase those are the eval trials already)."""
+    data, pool = with_eval_heldin(data, config.seed) if config.train_eval_heldin else (data, train_trials_only(data))
+    if config.train_test_heldin and data.split.phase == "val":
+        pool = with_test_heldin(pool, load_test_heldin(data, homes))
+    return data, pool
+
+
 def set_up(config: TrainConfig, homes: Homes, hooks, resume: bool,
            quiet: bool) -> tuple[TrainState, SplitData, TrainingPool, Run, tuple[Companion, ...]]:
     """Fabric, the split on its device, the trials training draws from (and those of the
@@ -634,11 +646,12 @@ def set_up(config: TrainConfig, homes: Homes, hooks, resume: bool,
     given_batch = config.batch_size
     config = replace(with_batch_size(config, data.train_heldin.shape[0]),
                      average_decay=model.average_decay(config.average_decay),
-                     train_eval_heldin=model.train_eval_heldin(config.train_eval_heldin),
+                     train_eval_heldin=model.train_eval_heldin(config.train_eval_heldin)
+                     or (config.train_test_heldin and split.phase == "test"),
                      hparams=model.settle(config.hparams, split.dataset.name, with_splits=bool(companion_names)))
-    data, pool = with_eval_heldin(data, config.seed) if config.train_eval_heldin else (data, train_trials_only(data))
-    companions = tuple(Companion(other.split.name, with_eval_heldin(other, config.seed)[1] if config.train_eval_heldin
-                                 else train_trials_only(other), given_batch or auto_batch_size(other.train_heldin.shape[0]))
+    data, pool = training_pool(data, config, homes)
+    companions = tuple(Companion(other.split.name, training_pool(other, config, homes)[1],
+                                 given_batch or auto_batch_size(other.train_heldin.shape[0]))
                        for other in others)
     run = Run(config, run_dir, tuple(hooks), quiet, () if resume else tuple(layout.old_run_files(run_dir)))
     if fabric.is_global_zero:

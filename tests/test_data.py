@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nlbfab.data import MONITORED_SHARE, batch_indices, load_split, with_eval_heldin
+from nlbfab.data import MONITORED_SHARE, batch_indices, load_split, load_test_heldin, with_eval_heldin, with_test_heldin
 from nlbfab.errors import UserError
 from nlbfab.splits import get_split
 from tests.conftest import homes_with
@@ -125,3 +125,37 @@ def test_on_the_test_phase_a_fixed_fifth_of_the_eval_heldin_is_monitored_and_nev
     other, _ = with_eval_heldin(data, seed=4)
     assert torch.equal(torch.isnan(again.eval_recon), ~monitored)  # fixed by the seed: resume sees the same
     assert not torch.equal(torch.isnan(other.eval_recon), ~monitored)
+
+
+def test_training_on_test_heldin_adds_the_test_files_trials_with_only_their_heldin_known(prepared):
+    data = load_split(get_split("mc_maze-20ms-val"), homes_with(prep=prepared))
+    test = load_split(get_split("mc_maze-20ms-test"), homes_with(prep=prepared))
+    _, pool = with_eval_heldin(data, seed=0)
+    added = with_test_heldin(pool, load_test_heldin(data, homes_with(prep=prepared)))
+    before = pool.heldin.shape[0]
+    assert torch.equal(added.heldin, torch.cat([pool.heldin, test.eval_heldin]))  # the test phase's eval trials
+    torch.testing.assert_close(added.target[:before], pool.target, rtol=0, atol=0, equal_nan=True)
+    target = added.target[before:]
+    assert torch.equal(target[:, :data.bins, :data.heldin], test.eval_heldin)
+    assert torch.isnan(target[:, data.bins:]).all() and torch.isnan(target[:, :, data.heldin:]).all()
+
+
+def test_test_heldin_of_a_test_split_never_preprocessed_names_the_command(prepared, tmp_path):
+    home = copy_split(prepared, tmp_path, "mc_maze-20ms-val")
+    data = load_split(get_split("mc_maze-20ms-val"), homes_with(prep=home))
+    with pytest.raises(UserError, match=r"^--train-test-heldin reads mc_maze-20ms-test, which is not preprocessed: "
+                                        r"run 'bin/nlbfab-prep --split mc_maze-20ms-test'$"):
+        load_test_heldin(data, homes_with(prep=home))
+
+
+def test_test_heldin_of_other_units_names_the_file_and_the_command(prepared, tmp_path):
+    home = copy_split(prepared, tmp_path, "mc_maze-20ms-val")
+    copy_split(prepared, tmp_path, "mc_maze-20ms-test")
+    with h5py.File(home / "mc_maze-20ms-test" / "eval_input.h5", "r+") as h5:
+        spikes = h5["eval_spikes_heldin"][()]
+        del h5["eval_spikes_heldin"]
+        h5["eval_spikes_heldin"] = spikes[:, :, :-1]
+    data = load_split(get_split("mc_maze-20ms-val"), homes_with(prep=home))
+    with pytest.raises(UserError, match=r"eval_input.h5: eval_spikes_heldin \(12, 35, 11\) is not test trials x 35 "
+                                        r"bins x 12 held-in units .*nlbfab-prep --split mc_maze-20ms-test --force"):
+        load_test_heldin(data, homes_with(prep=home))

@@ -4,6 +4,7 @@ an interruption, and a bad search space refused in one line before Ray starts.""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,6 +185,16 @@ def test_a_space_over_an_option_that_acts_only_with_companions_needs_them(prepar
     assert result.exit_code == 2 and result.output.startswith("error: search space readin_dim")
     assert "--readin-dim acts only with --with-splits: add --with-splits or drop it" in result.output
     assert not (homes["RUNS_HOME"] / "bad").exists()
+
+
+def test_train_test_heldin_needs_the_test_split_prepared_before_ray_starts(prepared, homes, tmp_path, monkeypatch):
+    shutil.copytree(prepared / SPLIT.name, tmp_path / SPLIT.name)
+    monkeypatch.setenv("PREP_HOME", str(tmp_path))
+    result = run_cli(cli.search, "--split", SPLIT.name, "--run-tag", "needs-test", "--train-test-heldin")
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        f"error: --train-test-heldin reads {TEST_SPLIT.name}, which is not preprocessed: run 'bin/nlbfab-prep --split "
+        f"{TEST_SPLIT.name}'"]
+    assert not (homes["RUNS_HOME"] / "needs-test").exists()
 
 
 def test_an_unreadable_space_file_and_a_test_split_are_refused(prepared, homes, tmp_path):

@@ -85,3 +85,13 @@ def test_a_ray_address_nothing_answers_at_is_one_line_before_any_run(prepared, h
     assert result.exit_code == 2 and result.stderr.startswith(f"error: --address {address}: ")
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (homes["RUNS_HOME"] / "unreached").exists()
+
+
+def test_train_test_heldin_has_the_val_runs_test_splits_prepared(prepared, homes, tmp_path, monkeypatch):
+    shutil.copytree(prepared / "mc_rtt-20ms-val", tmp_path / "mc_rtt-20ms-val")
+    monkeypatch.setenv("PREP_HOME", str(tmp_path))
+    result = run_cli(cli.sweep, "--datasets", "mc_rtt", "--bins", "20", "--phases", "val", "--run-tag", "needs-test",
+                     "--no-prep", "--train-test-heldin", *QUICK)
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "error: 1 split(s) not preprocessed: run 'bin/nlbfab-prep --split mc_rtt-20ms-test'"]
+    assert not (homes["RUNS_HOME"] / "needs-test").exists()

@@ -228,6 +228,43 @@ def test_train_eval_heldin_draws_batches_from_the_eval_trials_too(homes, prepare
         assert h5["mc_maze_20/train_rates_heldin"].shape[0] == 40
 
 
+def test_train_test_heldin_draws_batches_from_the_test_files_trials_too(homes, prepared, monkeypatch):
+    real, batches = loop.train_step, []
+
+    def recording(state, batch, config, companions=()):
+        batches.append(batch)
+        return real(state, batch, config, companions)
+
+    monkeypatch.setattr(loop, "train_step", recording)
+    summary = train(TrainConfig(split="mc_maze-20ms-val", run_tag="test-heldin", train_test_heldin=True, max_epochs=2,
+                                **FAST), homes_with(), quiet=True)
+    with h5py.File(prepared / "mc_maze-20ms-test" / "eval_input.h5") as h5:
+        test = torch.as_tensor(h5["eval_spikes_heldin"][()], dtype=torch.float32)
+    heldin = torch.cat([b[0] for b in batches])
+    unknown = torch.isnan(torch.cat([b[1] for b in batches])).flatten(1).any(1)
+    assert heldin.shape[0] == 2 * (40 + 12)  # two epochs of the 40 train and 12 test trials, no eval trials
+    assert int(unknown.sum()) == 2 * 12 and torch.equal(heldin[unknown].sum(0), 2 * test.sum(0))
+    assert json.loads((homes["RUNS_HOME"] / "test-heldin" / "mc_maze-20ms-val" / "config.json").read_text())[
+        "train_test_heldin"] is True
+    assert np.isfinite(summary["metrics"]["co-bps"])
+
+
+def test_train_test_heldin_on_the_test_phase_trains_on_its_eval_trials(homes, prepared):
+    from nlbfab import cli
+    from tests.conftest import run_cli
+    result = run_cli(cli.train, "--split", "mc_rtt-20ms-test", "--max-epochs", "1", "--quiet", "--run-tag",
+                     "test-phase-test-heldin", "--train-test-heldin", "--hidden-size", "8")
+    assert result.exit_code == 0, result.output
+    config = json.loads((homes["RUNS_HOME"] / "test-phase-test-heldin" / "mc_rtt-20ms-test" / "config.json").read_text())
+    assert config["train_eval_heldin"] is True  # the SAE's default is off: the test trials are its eval trials
+    result = run_cli(cli.train, "--split", "mc_rtt-20ms-test", "--run-tag", "contradiction", "--train-test-heldin",
+                     "--no-train-eval-heldin")
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "error: --train-test-heldin --no-train-eval-heldin: mc_rtt-20ms-test's test trials are its eval trials; give "
+        "one of the two"]
+    assert not (homes["RUNS_HOME"] / "contradiction").exists()
+
+
 def test_train_eval_heldin_on_the_test_phase_monitors_entries_it_never_trains(homes, prepared):
     small = {"ic_enc_dim": 8, "ci_enc_dim": 8, "con_dim": 8, "ic_dim": 8, "gen_dim": 16, "fac_dim": 4}
     losses = {}

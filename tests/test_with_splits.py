@@ -160,6 +160,25 @@ def test_the_companions_train_with_the_model_and_only_its_own_split_is_submitted
         assert trained.shape == initial[f"readout{k}_w"].shape and not torch.equal(trained, initial[f"readout{k}_w"])
 
 
+def test_train_test_heldin_adds_each_val_splits_test_trials_to_its_pool(prepared, homes, monkeypatch):
+    from nlbfab import train as loop
+    from nlbfab.data import load_split
+    from nlbfab.splits import get_split
+    real, pools = loop.training_pool, {}
+
+    def recording(data, config, homes):
+        data, pool = real(data, config, homes)
+        pools[data.split.name] = pool.heldin.shape[0]
+        return data, pool
+
+    monkeypatch.setattr(loop, "training_pool", recording)
+    shared_run("share-test-heldin", 1, train_test_heldin=True)
+    trials = {name: sum(load_split(get_split(name.replace("val", phase)), homes_with()).eval_heldin.shape[0]
+                        for phase in ("val", "test")) + load_split(get_split(name), homes_with()).train_heldin.shape[0]
+              for name in [SPLIT, *WITH.split(",")]}  # train, eval (--train-eval-heldin, LFADS's default), test trials
+    assert pools == trials
+
+
 def test_a_resumed_run_with_companions_ends_with_the_same_weights(prepared, homes):
     whole = shared_run("share-whole", 4)
     shared_run("share-parts", 2)
