@@ -612,7 +612,7 @@ def training_pool(data: SplitData, config: TrainConfig, homes: Homes) -> tuple[S
     """The trials a split's training draws its batches from: its train trials, with
     ``--train-eval-heldin`` its eval trials' held-in spikes (``data`` then keeps only what the
     monitor may score), with ``--train-test-heldin`` on the val phase its dataset's test trials'
-    (on the test phase those are the eval trials already)."""
+    (on the test phase those are the eval trials: ``--train-eval-heldin`` decides)."""
     data, pool = with_eval_heldin(data, config.seed) if config.train_eval_heldin else (data, train_trials_only(data))
     if config.train_test_heldin and data.split.phase == "val":
         pool = with_test_heldin(pool, load_test_heldin(data, homes))
@@ -646,8 +646,7 @@ def set_up(config: TrainConfig, homes: Homes, hooks, resume: bool,
     given_batch = config.batch_size
     config = replace(with_batch_size(config, data.train_heldin.shape[0]),
                      average_decay=model.average_decay(config.average_decay),
-                     train_eval_heldin=model.train_eval_heldin(config.train_eval_heldin)
-                     or (config.train_test_heldin and split.phase == "test"),
+                     train_eval_heldin=model.train_eval_heldin(config.train_eval_heldin),
                      hparams=model.settle(config.hparams, split.dataset.name, with_splits=bool(companion_names)))
     data, pool = training_pool(data, config, homes)
     companions = tuple(Companion(other.split.name, training_pool(other, config, homes)[1],

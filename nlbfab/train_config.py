@@ -116,9 +116,9 @@ class TrainConfig:
               "and forward bins stay unknown); on the test phase a fixed fifth of those entries is monitored "
               "instead of trained on [default: the model's TRAIN_EVAL_HELDIN: on for lfads, off for the others].")
     train_test_heldin: bool = setting(
-        False, "Also train on the held-in spikes of the dataset's test trials (their held-out neurons and forward "
-               "bins are no one's): on the val phase read from its test split (prepare it), with --with-splits each "
-               "val split's; on the test phase they are the eval trials, so it turns on --train-eval-heldin.")
+        False, "Val phase: also train on the held-in spikes of the dataset's test trials (their held-out neurons "
+               "and forward bins are no one's), read from its test split (prepare it); with --with-splits each val "
+               "split's. The test phase's test trials are its eval trials: --train-eval-heldin decides there.")
     with_splits: str = setting(
         "", "Also train on these splits, comma-separated (other datasets, the same bin width): one model whose "
             "dynamics they share, each split with a read-in and read-out of its own (models that can: lfads); "
@@ -184,9 +184,6 @@ def check(config: TrainConfig) -> None:
     if not re.fullmatch(r"auto|[1-9][0-9]*|[0-9]+,|[0-9]+(,[0-9]+)+", config.devices):
         raise UserError(f"--devices {config.devices}: must be a positive number, auto, or GPU indices such as 0,2")
     check_run_tag(config.run_tag)
-    if config.train_test_heldin and config.train_eval_heldin is False and get_split(config.split).phase == "test":
-        raise UserError(f"--train-test-heldin --no-train-eval-heldin: {config.split}'s test trials are its eval trials; "
-                        f"give one of the two")
     companion_splits(config)
 
 

@@ -249,20 +249,21 @@ def test_train_test_heldin_draws_batches_from_the_test_files_trials_too(homes, p
     assert np.isfinite(summary["metrics"]["co-bps"])
 
 
-def test_train_test_heldin_on_the_test_phase_trains_on_its_eval_trials(homes, prepared):
-    from nlbfab import cli
-    from tests.conftest import run_cli
-    result = run_cli(cli.train, "--split", "mc_rtt-20ms-test", "--max-epochs", "1", "--quiet", "--run-tag",
-                     "test-phase-test-heldin", "--train-test-heldin", "--hidden-size", "8")
-    assert result.exit_code == 0, result.output
-    config = json.loads((homes["RUNS_HOME"] / "test-phase-test-heldin" / "mc_rtt-20ms-test" / "config.json").read_text())
-    assert config["train_eval_heldin"] is True  # the SAE's default is off: the test trials are its eval trials
-    result = run_cli(cli.train, "--split", "mc_rtt-20ms-test", "--run-tag", "contradiction", "--train-test-heldin",
-                     "--no-train-eval-heldin")
-    assert result.exit_code == 2 and result.output.strip().splitlines() == [
-        "error: --train-test-heldin --no-train-eval-heldin: mc_rtt-20ms-test's test trials are its eval trials; give "
-        "one of the two"]
-    assert not (homes["RUNS_HOME"] / "contradiction").exists()
+def test_train_test_heldin_adds_nothing_on_the_test_phase_whose_test_trials_are_the_eval_trials(homes, prepared,
+                                                                                                 monkeypatch):
+    real, batches = loop.train_step, {}
+
+    def recording(state, batch, config, companions=()):
+        batches.setdefault(config.run_tag, []).append(batch)
+        return real(state, batch, config, companions)
+
+    monkeypatch.setattr(loop, "train_step", recording)
+    for tag, flag in (("test-phase-plain", False), ("test-phase-test-heldin", True)):
+        # as a search's test phase builds it from a val trial's config.json: the eval trials' training settled off
+        train(TrainConfig(split="mc_rtt-20ms-test", run_tag=tag, train_test_heldin=flag, train_eval_heldin=False,
+                          max_epochs=1, **FAST), homes_with(), quiet=True)
+    plain, flagged = (torch.cat([b[1] for b in batches[tag]]) for tag in ("test-phase-plain", "test-phase-test-heldin"))
+    assert torch.equal(flagged, plain) and not torch.isnan(flagged).any()  # the same train trials' batches, both times
 
 
 def test_train_eval_heldin_on_the_test_phase_monitors_entries_it_never_trains(homes, prepared):
