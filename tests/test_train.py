@@ -207,7 +207,8 @@ def test_a_second_model_trains_through_the_same_loop(homes, prepared):
         assert h5["mc_maze_20/eval_rates_heldout"].shape == (16, 35, 4)
 
 
-def test_train_eval_heldin_draws_batches_from_the_eval_trials_too(homes, prepared, monkeypatch):
+def recorded_batches(monkeypatch) -> list:
+    """The list every ``(heldin, target)`` batch the loop trains on is appended to, from now on."""
     real, batches = loop.train_step, []
 
     def recording(state, batch, config, companions=()):
@@ -215,6 +216,11 @@ def test_train_eval_heldin_draws_batches_from_the_eval_trials_too(homes, prepare
         return real(state, batch, config, companions)
 
     monkeypatch.setattr(loop, "train_step", recording)
+    return batches
+
+
+def test_train_eval_heldin_draws_batches_from_the_eval_trials_too(homes, prepared, monkeypatch):
+    batches = recorded_batches(monkeypatch)
     records = []
     summary = train(TrainConfig(split="mc_maze-20ms-val", run_tag="eval-heldin", train_eval_heldin=True, max_epochs=2,
                                 **FAST), homes_with(), quiet=True, on_epoch=records.append)
@@ -229,13 +235,7 @@ def test_train_eval_heldin_draws_batches_from_the_eval_trials_too(homes, prepare
 
 
 def test_train_test_heldin_draws_batches_from_the_test_files_trials_too(homes, prepared, monkeypatch):
-    real, batches = loop.train_step, []
-
-    def recording(state, batch, config, companions=()):
-        batches.append(batch)
-        return real(state, batch, config, companions)
-
-    monkeypatch.setattr(loop, "train_step", recording)
+    batches = recorded_batches(monkeypatch)
     summary = train(TrainConfig(split="mc_maze-20ms-val", run_tag="test-heldin", train_test_heldin=True, max_epochs=2,
                                 **FAST), homes_with(), quiet=True)
     with h5py.File(prepared / "mc_maze-20ms-test" / "eval_input.h5") as h5:
@@ -251,18 +251,14 @@ def test_train_test_heldin_draws_batches_from_the_test_files_trials_too(homes, p
 
 def test_train_test_heldin_adds_nothing_on_the_test_phase_whose_test_trials_are_the_eval_trials(homes, prepared,
                                                                                                  monkeypatch):
-    real, batches = loop.train_step, {}
-
-    def recording(state, batch, config, companions=()):
-        batches.setdefault(config.run_tag, []).append(batch)
-        return real(state, batch, config, companions)
-
-    monkeypatch.setattr(loop, "train_step", recording)
+    batches, targets = recorded_batches(monkeypatch), []
     for tag, flag in (("test-phase-plain", False), ("test-phase-test-heldin", True)):
         # as a search's test phase builds it from a val trial's config.json: the eval trials' training settled off
         train(TrainConfig(split="mc_rtt-20ms-test", run_tag=tag, train_test_heldin=flag, train_eval_heldin=False,
                           max_epochs=1, **FAST), homes_with(), quiet=True)
-    plain, flagged = (torch.cat([b[1] for b in batches[tag]]) for tag in ("test-phase-plain", "test-phase-test-heldin"))
+        targets.append(torch.cat([b[1] for b in batches]))
+        batches.clear()
+    plain, flagged = targets
     assert torch.equal(flagged, plain) and not torch.isnan(flagged).any()  # the same train trials' batches, both times
 
 
