@@ -17,7 +17,7 @@ from nlbfab import config, layout
 from nlbfab.command import (Command, TrainCommand, check_pass_through, chosen_datasets, friendly_errors,
                             given_train_options, train_config, train_options)
 from nlbfab.errors import UserError
-from nlbfab.splits import SPLIT_NAMES, get_split, splits_of
+from nlbfab.splits import SPLIT_NAMES, as_test_phase, get_split, splits_of
 from nlbfab.train_config import option_name, with_split_names
 
 
@@ -284,7 +284,7 @@ def sweep(ctx, datasets, bins, phases, run_tag, resume, no_prep, search_trials, 
                         f"share its dataset with --share-datasets, or drop the option")
     needed = [*splits, *(c for r in runs for c in r.with_splits)]
     if run_settings.train_test_heldin:  # a val run reads its dataset's test trials from the test split
-        needed += [replace(s, phase="test") for s in needed if s.phase == "val"]
+        needed += [as_test_phase(s) for s in needed if s.phase == "val"]
     sw.prepare_missing(list(dict.fromkeys(needed)), homes, no_prep, _report)
     _report(sw.where(runs, where, homes.tag_dir(run_tag)))
     started = time.perf_counter()
@@ -334,7 +334,7 @@ def search(ctx, split_name, trials, space, run_tag, address, resume, submit_top,
     homes = config.homes(writable=("RUNS_HOME",), existing={"PREP_HOME": f"run 'bin/nlbfab-prep --split {split.name}'"})
     if no_test and not submit_top:
         raise UserError("--no-test goes with --submit-top: it keeps the submitted trials' settings off the test split")
-    phases = [split] + ([sr.as_test_phase(split)] if submit_top and not no_test else [])
+    phases = [split] + ([as_test_phase(split)] if submit_top and not no_test else [])
     for needed in phases:
         if not homes.split_file(needed, "eval_input").is_file():
             raise UserError(f"{needed.name} is not preprocessed: run 'bin/nlbfab-prep --split {needed.name}'")
@@ -350,11 +350,11 @@ def search(ctx, split_name, trials, space, run_tag, address, resume, submit_top,
         plan = sr.SearchPlan(split.name, trials, *search_space(split.name, space, ctx.args), run_tag=run_tag,
                              **plan_options)
     companions = [get_split(name) for name in with_split_names(plan.fixed.get("with_splits", ""))]
-    for needed in companions + ([sr.as_test_phase(c) for c in companions] if len(phases) > 1 else []):
+    for needed in companions + ([as_test_phase(c) for c in companions] if len(phases) > 1 else []):
         if not homes.split_file(needed, "eval_input").is_file():
             raise UserError(f"--with-splits: {needed.name} is not preprocessed: run 'bin/nlbfab-prep --split "
                             f"{needed.name}'")
-    for needed in [sr.as_test_phase(s) for s in [split, *companions]] if plan.fixed.get("train_test_heldin") else []:
+    for needed in [as_test_phase(s) for s in [split, *companions]] if plan.fixed.get("train_test_heldin") else []:
         if not homes.split_file(needed, "eval_input").is_file():
             raise UserError(f"--train-test-heldin reads {needed.name}, which is not preprocessed: run 'bin/nlbfab-prep "
                             f"--split {needed.name}'")
@@ -407,7 +407,7 @@ def search_each(splits: list, trials: int, top: int, run_tag: str, address: str 
     plans = [sr.SearchPlan(val.name, trials, *search_space(val.name, None, args), run_tag=run_tag)
              for val in pairs.values()]  # every space and setting checked before any work
     homes = config.homes(writable=("PREP_HOME", "RUNS_HOME"))
-    tests = [replace(val, phase="test") for val, plan in zip(pairs.values(), plans) if plan.fixed.get("train_test_heldin")]
+    tests = [as_test_phase(val) for val, plan in zip(pairs.values(), plans) if plan.fixed.get("train_test_heldin")]
     sw.prepare_missing(list(dict.fromkeys([*pairs.values(), *splits, *tests])), homes, no_prep, _report)
     with sr.ray_session(address):
         for key, plan in zip(pairs, plans):

@@ -14,7 +14,7 @@ import torch
 
 from nlbfab.errors import UserError, first_line
 from nlbfab.layout import Homes
-from nlbfab.splits import Split
+from nlbfab.splits import Split, as_test_phase
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,7 @@ def load_test_heldin(data: SplitData, homes: Homes) -> torch.Tensor:
     split's eval input (the test NWB file's trials, whose held-out neurons and forward bins no one
     is given). A missing file, or one whose trials are not ``data``'s bins and held-in units, fails
     naming the ``nlbfab-prep`` that makes it."""
-    test = replace(data.split, phase="test")
+    test = as_test_phase(data.split)
     if not homes.split_dir(test).is_dir():
         raise UserError(f"--train-test-heldin reads {test.name}, which is not preprocessed: "
                         f"run 'bin/nlbfab-prep --split {test.name}'")

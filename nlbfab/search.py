@@ -38,7 +38,7 @@ from nlbfab.layout import Homes
 from nlbfab.models import get_model
 from nlbfab.pool import read_rates, submit_mean
 from nlbfab.search_space import Distribution, space_from_json, space_to_json, split_settings
-from nlbfab.splits import Split, get_split
+from nlbfab.splits import Split, as_test_phase, get_split
 from nlbfab.train import NonFiniteLoss, fabric_for, train
 from nlbfab.train_config import TrainConfig, with_split_names
 
@@ -340,11 +340,6 @@ def top_trials(plan: SearchPlan, homes: Homes, rows: list[dict], count: int,
              for t in finished]
     data = load_split(split, homes)
     return [finished[k] for k in greedy_selection(rates, lambda mean: co_bps(data, mean), min(count, len(finished)))]
-
-
-def as_test_phase(split: Split) -> Split:
-    """The test-phase split of a val-phase one: the same dataset and bin width."""
-    return replace(split, phase="test")
 
 
 def config_on_test_split(plan: SearchPlan, homes: Homes, trial: str, test_split: Split) -> TrainConfig:

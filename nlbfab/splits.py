@@ -8,7 +8,7 @@ shapes and DANDI locations instead of spelling them out again.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nlbfab.errors import UserError
 
@@ -133,6 +133,11 @@ def get_split(name: str) -> Split:
     near = difflib.get_close_matches(name, SPLIT_NAMES, n=1, cutoff=0.6)
     hint = f"did you mean {near[0]}?" if near else f"valid splits: {', '.join(SPLIT_NAMES)}"
     raise UserError(f"unknown split '{name}': {hint} (format: dataset-BINms-phase, e.g. mc_maze-20ms-val)")
+
+
+def as_test_phase(split: Split) -> Split:
+    """The test-phase split of a val-phase one: the same dataset and bin width."""
+    return replace(split, phase="test")
 
 
 def get_dataset(name: str) -> Dataset:
