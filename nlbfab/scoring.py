@@ -106,14 +106,38 @@ def cut_test_target(homes: Homes, split: Split, report: Callable[[str], None]) -
     return evalai_target(homes, split)
 
 
+def _making(split: Split, tag: str) -> str:
+    """The command that writes ``tag``'s submission of ``split``, for an error line."""
+    if tag == "oracle":
+        return f"'bin/nlbfab-baseline --split {split.name} --method oracle'"
+    return (f"'bin/nlbfab-train --split {split.name} --run-tag {tag}' (a model) or 'bin/nlbfab-baseline --split "
+            f"{split.name} --run-tag {tag}' (smoothing)")
+
+
+def _check_scorable(split: Split, tag: str, path: Path) -> None:
+    """Fail in one line, naming the command that makes it, where run ``tag`` has no submission
+    file at ``path`` or the file has no group of ``split`` (a run of other splits): checked for
+    every run before a test target is cut, which takes a while. A damaged file passes here, for
+    ``score`` to name its repair."""
+    if not path.is_file():
+        raise UserError(f"no submission for run '{tag}' at {path}: make it with {_making(split, tag)}")
+    try:
+        with h5py.File(path, "r") as submission:
+            present = split.group in submission
+    except OSError:
+        return
+    if not present:
+        raise UserError(f"run '{tag}' has no {split.name} in {path} (no group '{split.group}'): make it with "
+                        f"{_making(split, tag)}")
+
+
 def score_table(split: Split, run_tags: list[str], homes: Homes, report: Callable[[str], None] = print) -> str:
     """A table of each run's metrics on ``split``; with a run tagged ``oracle``, a column gives
     co-bps as a share of the oracle's. A test split is scored against the target EvalAI would
     hold (``cut_test_target``), once every run's file is found."""
     paths = {tag: submission_file(homes.tag_dir(tag), split.phase) for tag in run_tags}
     for tag, path in paths.items():
-        if not path.is_file():
-            raise UserError(f"no submission for run '{tag}' at {path}: train or run a baseline with --run-tag {tag}")
+        _check_scorable(split, tag, path)
     if split.phase == "test":
         target = cut_test_target(homes, split, report)
     else:

@@ -104,6 +104,11 @@ def test_scores_command_scores_a_synthetic_test_split_and_says_why_not_elsewhere
     missing = run_cli(cli.scores, "--split", "mc_rtt-20ms-test", "--run-tag", "oracle", "--run-tag", "never-run")
     assert missing.exit_code == 2 and missing.stderr.splitlines() == [missing.stderr.strip()]  # before any cutting
     assert "no submission for run 'never-run'" in missing.stderr
+    assert "'bin/nlbfab-train --split mc_rtt-20ms-test --run-tag never-run'" in missing.stderr
+    other_split = run_cli(cli.scores, "--split", "mc_rtt-05ms-test", "--run-tag", "oracle")  # its file: 20 ms only
+    assert other_split.exit_code == 2 and other_split.stderr.splitlines() == [other_split.stderr.strip()]
+    assert "run 'oracle' has no mc_rtt-05ms-test" in other_split.stderr
+    assert "make it with 'bin/nlbfab-baseline --split mc_rtt-05ms-test --method oracle'" in other_split.stderr
 
     dataset = DATASETS["mc_rtt"]
     copy = dataset_dir(tmp_path, dataset)
