@@ -154,15 +154,19 @@ def check_submissions(runs_dir: Path, splits: list[Split], homes: Homes) -> list
 
 
 def progress_table(runs: list[Run]) -> str:
-    """split, device, status, epoch, best monitored value, elapsed: one line a run."""
-    lines = [f"{'split':24s} {'device':7s} {'status':9s} {'epoch':>9s} {'best':>8s} {'elapsed':>8s}"]
+    """split, device, status, epoch, the best monitored value so far, elapsed: one line a run.
+    The val phase monitors val co-bps, the test phase (no held-out target) its eval trials'
+    loss, whose negative the run records as its monitored value: each has a column of its own."""
+    lines = [f"{'split':24s} {'device':7s} {'status':9s} {'epoch':>9s} {'co-bps':>8s} {'val loss':>8s} {'elapsed':>8s}"]
     for run in runs:
         p = run.progress
         epoch = f"{p['epoch'] + 1}/{p['max_epochs']}" if p else "-"
-        best = f"{p['best']:.4f}" if p and p["best_epoch"] >= 0 else "-"
+        best = {"co-bps": "-", "val loss": "-"}
+        if p and p["best_epoch"] >= 0:
+            best |= {"co-bps": f"{p['best']:.4f}"} if run.split.phase == "val" else {"val loss": f"{-p['best']:.4f}"}
         elapsed = f"{run.seconds:.0f} s" if run.status in ("queued", "running", "done", "failed") else "-"
         lines.append(f"{run.split.name:24s} {run.slot.name if run.slot else '-':7s} {run.status:9s} "
-                     f"{epoch:>9s} {best:>8s} {elapsed:>8s}")
+                     f"{epoch:>9s} {best['co-bps']:>8s} {best['val loss']:>8s} {elapsed:>8s}")
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ import pytest
 from nlbfab import cli
 from nlbfab.splits import get_split
 from nlbfab.layout import run_state
-from nlbfab.sweep import local_slots, longest_first
+from nlbfab.sweep import Run, local_slots, longest_first, progress_table
 from tests.conftest import run_cli
 
 QUICK = ["--max-epochs", "2", "--hidden-size", "8", "--log-every-n-epochs", "100", "--workers", "2"]
@@ -25,6 +25,20 @@ def test_slots_pin_gpus_or_divide_the_cores():
     assert len(gpu) == 6 and {s.env["CUDA_VISIBLE_DEVICES"] for s in gpu} == {"0", "1"}
     cpu = local_slots(gpus=0, jobs_per_gpu=3, workers=4, cpus=16)
     assert len(cpu) == 4 and all(s.env["OMP_NUM_THREADS"] == "4" and s.accelerator == "cpu" for s in cpu)
+
+
+def test_the_live_table_shows_val_co_bps_and_the_test_phases_loss_in_their_own_columns(tmp_path):
+    def run(name, best):
+        progress = {"epoch": 9, "best": best, "best_epoch": 7, "max_epochs": 400, "device": "cpu"}
+        return Run(get_split(name), tmp_path / name, status="running", progress=progress)
+
+    table = progress_table([run("mc_maze-20ms-val", 0.3512), run("mc_maze-20ms-test", -0.1501),
+                            Run(get_split("mc_maze-05ms-val"), tmp_path)])
+    header, val, test, waiting = [line.split() for line in table.splitlines()]
+    assert header[4:7] == ["co-bps", "val", "loss"]
+    assert val[3:6] == ["10/400", "0.3512", "-"]
+    assert test[3:6] == ["10/400", "-", "0.1501"]
+    assert waiting[2:6] == ["waiting", "-", "-", "-"]
 
 
 def test_a_sweep_fills_both_submission_files_and_resume_skips_finished(prepared, homes):
