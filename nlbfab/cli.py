@@ -155,11 +155,12 @@ def resumed_options(ctx: click.Context, options: dict, saved_config: Path) -> di
 
 def member_table(summary: dict) -> str:
     """An ensemble run's members (* for those in the submission) and their mean: seed, best epoch,
-    and the NLB metrics (val phase) or the monitored held-in loss (test phase)."""
+    and the NLB metrics (val phase) or the val loss it was stopped on (test phase: the eval
+    trials' held-in loss, the negative of its monitored value)."""
     members = summary["ensemble"]["members"]
-    values = [m.get("metrics") or {"-val loss": m["best_monitored"]} for m in members]
+    values = [m.get("metrics") or {"val loss": -m["best_monitored"]} for m in members]
     names = list(values[0])
-    mean = summary["metrics"] if "metrics" in members[0] else {"-val loss": summary["best_monitored"]}
+    mean = summary["metrics"] if "metrics" in members[0] else {"val loss": -summary["best_monitored"]}
     lines = [f"{'member':>9s} {'seed':>6s} {'best at':>8s}" + "".join(f"{n:>10s}" for n in names) + "  stopped"]
     for m, v in zip(members, values):
         lines.append(f"{m['member']:>8d}{'*' if m['chosen'] else ' '} {m['seed']:>6d} {m['best_epoch']:>8d}"

@@ -595,16 +595,21 @@ def write_progress(state: TrainState, run: Run) -> None:
 
 
 def print_epoch(state: TrainState, data: SplitData, seconds: float) -> None:
-    record, name = state.history[-1], "val co-bps" if data.split.phase == "val" else "-val loss"
+    """One line an epoch: the losses, and the monitored value with the best so far. The test
+    phase monitors its val loss itself (its negative, so that higher is better): the line shows
+    the loss, lower is better, rather than a negative one."""
+    record = state.history[-1]
     line = f"epoch {record['epoch']:4d}  train {record['train_loss']:.5f}  val {record['val_loss']:.5f}  "
+    scored = data.split.phase == "val"
+    shown = (lambda value: value) if scored else (lambda value: -value)
     if len(state.members) == 1:
         p = state.members[0]
-        line += f"{name} {record['monitored']:.4f}  best {p.best:.4f} @ {p.best_epoch}"
+        line += (f"val co-bps {record['monitored']:.4f}  " if scored else "") + f"best {shown(p.best):.4f} @ {p.best_epoch}"
     else:
-        bests = [p.best for p in state.members]
+        bests = sorted(shown(p.best) for p in state.members)
         training = sum(not p.stop for p in state.members)
-        line += (f"{name} {record['monitored']:.4f} (mean of {len(bests)})  members' best {min(bests):.4f}.."
-                 f"{max(bests):.4f}  {training} training")
+        line += ((f"val co-bps {record['monitored']:.4f} (mean of {len(bests)})  " if scored else f"(mean of {len(bests)})  ")
+                 + f"members' best {bests[0]:.4f}..{bests[-1]:.4f}  {training} training")
     state.fabric.print(f"{line}  {seconds:6.1f} s")
 
 

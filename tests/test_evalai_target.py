@@ -139,7 +139,10 @@ def test_a_test_phase_run_on_synthetic_data_is_scored_as_the_scores_command_scor
     assert summary["metrics"] == pytest.approx(expected) and math.isfinite(summary["metrics"]["co-bps"])
     assert f"co-bps     {expected['co-bps']:.4f}" in result.output
     members = [line for line in result.output.splitlines() if line.strip().startswith(("0*", "1*", "mean of *"))]
-    assert len(members) == 3 and "-val loss" in result.output  # members keep their monitored held-in loss
+    assert len(members) == 3 and "val loss" in result.output and "-val loss" not in result.output
+    losses = [float(line.split()[3]) for line in members[:2]]  # members show the held-in loss they stopped on
+    ensemble = summary["ensemble"]["members"]
+    assert losses == pytest.approx([-m["best_monitored"] for m in ensemble], abs=1e-4) and min(losses) > 0
 
 
 def test_a_test_phase_run_without_evalais_copy_is_submitted_unscored(prepared, synthetic, tmp_path, monkeypatch):

@@ -33,6 +33,29 @@ def run(homes, prepared, **options):
     return train(config, homes_with(), quiet=True)
 
 
+def test_the_epoch_line_shows_val_co_bps_or_the_test_phases_val_loss_with_the_best_so_far(homes, prepared, capsys):
+    def epoch_lines(split, ensemble):
+        config = TrainConfig(**{**FAST, "split": split, "run_tag": f"line{ensemble}", "max_epochs": 3,
+                                "ensemble": ensemble, "log_every_n_epochs": 100})
+        summary = train(config, homes_with())
+        return summary, [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+
+    summary, lines = epoch_lines("mc_maze-20ms-val", 1)
+    assert [line[6:8] for line in lines] == [["val", "co-bps"]] * 3
+    assert float(lines[-1][10]) == pytest.approx(summary["best_monitored"], abs=1e-4)  # "best B @ E"
+    # the test phase monitors its val loss: shown as the loss, lower is better, never negative
+    summary, lines = epoch_lines("mc_rtt-20ms-test", 1)
+    val_losses = [float(line[5]) for line in lines]
+    bests = [float(line[7]) for line in lines]
+    assert [line[6] for line in lines] == ["best"] * 3 and bests == pytest.approx(np.minimum.accumulate(val_losses), abs=1e-4)
+    assert bests[-1] == pytest.approx(-summary["best_monitored"], abs=1e-4) and min(bests) > 0
+    summary, lines = epoch_lines("mc_rtt-20ms-test", 2)
+    assert " ".join(lines[-1][6:11]) == "(mean of 2) members' best"
+    low, high = map(float, lines[-1][11].split(".."))
+    members = [-m["best_monitored"] for m in summary["ensemble"]["members"]]
+    assert (low, high) == pytest.approx((min(members), max(members)), abs=1e-4) and low > 0
+
+
 def test_a_run_writes_checkpoints_logs_and_a_scored_submission(homes, prepared):
     summary = run(homes, prepared, split="mc_maze-20ms-val", run_tag="basic", max_epochs=6)
     run_dir = homes["RUNS_HOME"] / "basic" / "mc_maze-20ms-val"
