@@ -77,13 +77,16 @@ def raster_hook(logger, data: SplitData, predictions, epoch: int) -> None:
 
 def trajectory_figure(data: SplitData, predictions):
     """Top 3 principal components of the latent states of all eval trials, start (o) and end (x)
-    marked, coloured by condition where the split has conditions."""
+    marked, coloured by condition where the split has conditions. Latents of fewer than 3
+    dimensions (``--fac-dim 2``) keep the 3-D axes, the missing components at 0."""
     latents = predictions["eval_latents"]
     flat = latents.reshape(-1, latents.shape[-1])
     centred = flat - flat.mean(0)
     _, singular, components = np.linalg.svd(centred, full_matrices=False)
-    explained = singular ** 2 / np.sum(singular ** 2)
-    pcs = (centred @ components[:3].T).reshape(latents.shape[0], latents.shape[1], -1)
+    explained = np.zeros(3)
+    explained[:min(3, singular.size)] = (singular ** 2 / max(np.sum(singular ** 2), np.finfo(float).tiny))[:3]
+    pcs = np.zeros((latents.shape[0], latents.shape[1], 3))
+    pcs[..., :min(3, components.shape[0])] = (centred @ components[:3].T).reshape(latents.shape[0], latents.shape[1], -1)
     colours = _condition_colours(data, latents.shape[0])
     figure = plt.figure(figsize=(7, 6), constrained_layout=True)
     # One artist for all lines, one for all starts, one for all ends (three per trial were slow to

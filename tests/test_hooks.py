@@ -9,7 +9,7 @@ import torch
 from matplotlib.text import Text
 
 from nlbfab.data import SplitData
-from nlbfab.hooks import inputs_figure, inputs_hook, raster_figure
+from nlbfab.hooks import inputs_figure, inputs_hook, raster_figure, trajectory_figure
 from nlbfab.splits import get_split
 
 HELDIN, HELDOUT, BINS, FWD = 137, 45, 35, 10  # mc_maze at 20 ms
@@ -162,3 +162,17 @@ def test_the_inputs_hook_logs_only_where_the_model_infers_inputs(rates, inputs):
     assert log.figures == []
     inputs_hook(log, data, predictions | {"eval_inputs": inputs}, epoch=4)
     assert log.figures == [("inputs/inferred", 4)]
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3, 8])
+def test_the_trajectory_figure_draws_latents_of_any_dimension_in_3d(rates, dims):
+    # --fac-dim 1 or 2 used to fail in matplotlib: the figure needs three components
+    rng = np.random.default_rng(1)
+    latents = np.cumsum(rng.normal(size=(2, BINS + FWD, dims)), axis=1)
+    figure = trajectory_figure(_split_data("val", rates), {"eval_latents": latents})
+    ax = figure.axes[0]
+    assert ax.name == "3d" and len(ax.collections) == 3  # the lines, the starts, the ends
+    shares = [float(share) for share in ax.get_title().split("(")[1].rstrip(")").replace("%", "").split(", ")]
+    assert len(shares) == 3 and all(share > 0 for share in shares[:dims]) and shares[dims:] == [0] * (3 - min(dims, 3))
+    assert sum(shares) == pytest.approx(100, abs=1.5) if dims <= 3 else sum(shares) < 100
+    plt.close(figure)
