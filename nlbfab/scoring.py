@@ -17,7 +17,7 @@ from threadpoolctl import threadpool_limits
 
 from nlbfab.errors import UserError, first_line
 from nlbfab.evalai_target import evalai_target
-from nlbfab.layout import Homes, hidden_test_file, submission_file
+from nlbfab.layout import Homes, hidden_test_file, submission_file, truth_file
 from nlbfab.splits import Split
 from nlbfab.submission import submit
 
@@ -133,8 +133,9 @@ def _check_scorable(split: Split, tag: str, path: Path) -> None:
 
 def score_table(split: Split, run_tags: list[str], homes: Homes, report: Callable[[str], None] = print) -> str:
     """A table of each run's metrics on ``split``; with a run tagged ``oracle``, a column gives
-    co-bps as a share of the oracle's. A test split is scored against the target EvalAI would
-    hold (``cut_test_target``), once every run's file is found."""
+    co-bps as a share of the oracle's (on a synthetic dataset without it, ``report`` says how to
+    add it). A test split is scored against the target EvalAI would hold (``cut_test_target``),
+    once every run's file is found."""
     paths = {tag: submission_file(homes.tag_dir(tag), split.phase) for tag in run_tags}
     for tag, path in paths.items():
         _check_scorable(split, tag, path)
@@ -147,10 +148,14 @@ def score_table(split: Split, run_tags: list[str], homes: Homes, report: Callabl
     rows = {tag: score(target, path, split) for tag, path in paths.items()}
     names = list(dict.fromkeys(k for metrics in rows.values() for k in metrics))
     oracle = rows.get("oracle", {}).get("co-bps")
-    header = f"{'run':14s}" + "".join(f"{n:>10s}" for n in names) + ("  of oracle" if oracle else "")
+    if oracle is None and truth_file(homes.data, split.dataset).is_file():
+        report(f"(each run's share of the true rates' co-bps: add --run-tag oracle, made by 'bin/nlbfab-baseline "
+               f"--split {split.name} --method oracle')")
+    width = max(14, *(len(tag) + 2 for tag in rows))
+    header = f"{'run':{width}s}" + "".join(f"{n:>10s}" for n in names) + ("  of oracle" if oracle else "")
     lines = [f"{split.name}", header]
     for tag, metrics in rows.items():
-        line = f"{tag:14s}" + "".join(f"{metrics[n]:10.4f}" if n in metrics else f"{'-':>10s}" for n in names)
+        line = f"{tag:{width}s}" + "".join(f"{metrics[n]:10.4f}" if n in metrics else f"{'-':>10s}" for n in names)
         if oracle:
             line += f"  {100 * metrics['co-bps'] / oracle:8.1f}%"
         lines.append(line)

@@ -100,6 +100,17 @@ def test_scores_command_scores_a_synthetic_test_split_and_says_why_not_elsewhere
     result = run_cli(cli.scores, "--split", "mc_rtt-20ms-test", "--run-tag", "oracle")
     assert result.exit_code == 0, result.output
     assert "mc_rtt-20ms-test" in result.output and "co-bps" in result.output and "100.0%" in result.output
+    assert "add --run-tag oracle" not in result.stderr
+    # a tag longer than the first column keeps the columns in line; without the oracle, how to add it
+    long_tag = "oracle-copy-with-a-long-tag"
+    shutil.copytree(homes["RUNS_HOME"] / "oracle", homes["RUNS_HOME"] / long_tag)
+    result = run_cli(cli.scores, "--split", "mc_rtt-20ms-test", "--run-tag", long_tag)
+    assert result.exit_code == 0, result.output
+    header, row = result.stdout.splitlines()[-2:]
+    first_value = row.split()[1]  # co-bps, right-aligned under its name
+    assert row.startswith(long_tag + "  ")
+    assert header.index("co-bps") + len("co-bps") == row.index(first_value) + len(first_value)
+    assert "add --run-tag oracle, made by 'bin/nlbfab-baseline --split mc_rtt-20ms-test --method oracle'" in result.stderr
 
     missing = run_cli(cli.scores, "--split", "mc_rtt-20ms-test", "--run-tag", "oracle", "--run-tag", "never-run")
     assert missing.exit_code == 2 and missing.stderr.splitlines() == [missing.stderr.strip()]  # before any cutting
