@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from nlbfab import cli, prep
-from nlbfab.config import split_file_names
 from nlbfab.layout import PREP_MARKER, TRAIN_WINDOW_TARGET
 from tests.conftest import homes_with
 from nlbfab.splits import ALL_SPLITS, DATASETS, get_split
