@@ -273,11 +273,10 @@ def sweep(ctx, datasets, bins, phases, run_tag, resume, no_prep, search_trials, 
     shared = sw.shared_datasets(share, run_settings.model, bool(search_trials))
     if search_trials:
         return search_each(splits, search_trials, search_top, run_tag, placement["address"], no_prep, ctx.args)
-    if any(a.startswith("--ensemble-top") for a in ctx.args) and {s.phase for s in splits} == {"val", "test"}:
-        _report("note: a test-phase run takes the members its val run chose only if that run has finished when it "
-                "ends; to be sure, run --phases val first, then --phases test")
     homes = config.homes(writable=("PREP_HOME", "RUNS_HOME"))
-    runs = sw.plan_runs(splits, homes.tag_dir(run_tag), resume, shared)
+    # a test run takes the members its val run chose (--ensemble-top): it starts once that run has ended
+    val_first = any(a.startswith("--ensemble-top") for a in ctx.args)
+    runs = sw.plan_runs(splits, homes.tag_dir(run_tag), resume, shared, val_first)
     alone = next((r.split.name for r in runs if not r.with_splits), None)
     unused = get_model(run_settings.model).only_with_splits(run_settings.hparams)
     if alone and unused:

@@ -48,6 +48,7 @@ class Run:
     returncode: int | None = None
     progress: dict = field(default_factory=dict)
     with_splits: tuple[Split, ...] = ()  # its --with-splits companions (--share-datasets)
+    after: Run | None = None  # a run that must end before this one starts (its val run, for --ensemble-top)
 
     @property
     def log(self) -> Path:
@@ -109,18 +110,26 @@ def _poll(run: Run) -> bool:
     return True
 
 
+def ready(run: Run) -> bool:
+    """Whether a waiting run may start: the run it comes after (if any) has ended, however."""
+    return run.after is None or run.after.status in ("done", "failed", "skipped")
+
+
 def run_local(runs: list[Run], slots: list[Slot], run_tag: str, train_args: list[str],
               show: Callable[[list[Run]], None], interval: float = 2.0) -> list[Run]:
-    """Run every waiting run on the slots, longest first; ``show`` is called as things change."""
+    """Run every waiting run on the slots, longest first of those ``ready``; ``show`` is called as
+    things change."""
     queue = [r for r in runs if r.status == "waiting"]
     busy: dict[str, Run] = {}
     show(runs)
     try:
         while queue or busy:
             for slot in slots:
-                if slot.name not in busy and queue:
-                    busy[slot.name] = queue.pop(0)
-                    _start(busy[slot.name], slot, run_tag, train_args)
+                run = next((r for r in queue if ready(r)), None)
+                if slot.name not in busy and run:
+                    queue.remove(run)
+                    busy[slot.name] = run
+                    _start(run, slot, run_tag, train_args)
             time.sleep(interval)
             for name, run in list(busy.items()):
                 if _poll(run):
@@ -222,12 +231,17 @@ def run_ray(runs: list[Run], address: str | None, gpus_per_run: float | None, ru
             gpus_per_run = 0.3 if ray.cluster_resources().get("GPU", 0) else 0.0
         slot = Slot("ray-gpu" if gpus_per_run else "ray-cpu", {}, "gpu" if gpus_per_run else "cpu")
         task = ray.remote(_train_process).options(num_cpus=1, num_gpus=gpus_per_run)
-        pending = {}
-        for run in [r for r in runs if r.status == "waiting"]:
-            run.slot, run.status, run.started = slot, "queued", time.perf_counter()
-            run.run_dir.mkdir(parents=True, exist_ok=True)
-            layout.clear_progress(run.run_dir)
-            pending[task.remote(_command(run, run_tag, train_args), paths, str(run.log))] = run
+        pending, waiting = {}, [r for r in runs if r.status == "waiting"]
+
+        def submit_ready() -> None:
+            for run in [r for r in waiting if ready(r)]:
+                waiting.remove(run)
+                run.slot, run.status, run.started = slot, "queued", time.perf_counter()
+                run.run_dir.mkdir(parents=True, exist_ok=True)
+                layout.clear_progress(run.run_dir)
+                pending[task.remote(_command(run, run_tag, train_args), paths, str(run.log))] = run
+
+        submit_ready()
         show(runs)
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=interval)
@@ -236,6 +250,7 @@ def run_ray(runs: list[Run], address: str | None, gpus_per_run: float | None, ru
                 run.returncode = ray.get(ref)
                 run.status = "done" if run.returncode == 0 else "failed"
                 run.seconds = time.perf_counter() - run.started
+            submit_ready()
             for run in pending.values():
                 _refresh(run)
             show(runs)
@@ -313,10 +328,19 @@ def shared_splits(split: Split, shared: list[str]) -> tuple[Split, ...]:
                  and s.bin_ms == split.bin_ms and s.phase == split.phase)
 
 
-def plan_runs(splits: list[Split], tag_dir: Path, resume: bool, shared: list[str] = ()) -> list[Run]:
+def plan_runs(splits: list[Split], tag_dir: Path, resume: bool, shared: list[str] = (),
+              val_first: bool = False) -> list[Run]:
     """One run per split, longest first, each with its ``shared_splits``; with ``resume``,
-    finished ones skipped and interrupted ones resumed from their last checkpoint."""
+    finished ones skipped and interrupted ones resumed from their last checkpoint. With
+    ``val_first`` (``--ensemble-top``: a test run takes the members its val run chose, if that
+    run has ended), each test run comes after its dataset and bin width's val run where both are
+    planned."""
     runs = [Run(s, tag_dir / s.name, with_splits=shared_splits(s, shared)) for s in longest_first(splits)]
+    if val_first:
+        val_runs = {(r.split.dataset, r.split.bin_ms): r for r in runs if r.split.phase == "val"}
+        for run in runs:
+            if run.split.phase == "test":
+                run.after = val_runs.get((run.split.dataset, run.split.bin_ms))
     for run in runs:
         state = layout.run_state(run.run_dir)
         if resume and state == "finished":

@@ -7,7 +7,8 @@ import pytest
 
 from nlbfab import cli
 from nlbfab.splits import get_split
-from nlbfab.layout import run_state
+from nlbfab.layout import read_metrics, run_state
+from nlbfab import sweep as sw
 from nlbfab.sweep import Run, local_slots, longest_first, progress_table
 from tests.conftest import run_cli
 
@@ -39,6 +40,43 @@ def test_the_live_table_shows_val_co_bps_and_the_test_phases_loss_in_their_own_c
     assert val[3:6] == ["10/400", "0.3512", "-"]
     assert test[3:6] == ["10/400", "-", "0.1501"]
     assert waiting[2:6] == ["waiting", "-", "-", "-"]
+
+
+def test_with_ensemble_top_a_test_run_starts_once_its_val_run_has_ended(tmp_path, monkeypatch):
+    splits = [get_split(n) for n in ("mc_rtt-20ms-val", "mc_rtt-20ms-test", "mc_maze-20ms-test")]
+    runs = sw.plan_runs(splits, tmp_path, resume=False, val_first=True)
+    by_name = {r.split.name: r for r in runs}
+    assert runs[0].split.name == "mc_maze-20ms-test" and runs[1].split.name == "mc_rtt-20ms-test"  # longest first
+    assert by_name["mc_rtt-20ms-test"].after is by_name["mc_rtt-20ms-val"] and by_name["mc_maze-20ms-test"].after is None
+    assert all(r.after is None for r in sw.plan_runs(splits, tmp_path, resume=False))
+
+    events = []  # each run takes two polls; three slots, so only the order of readiness holds the test run back
+    monkeypatch.setattr(sw, "_start", lambda run, slot, *_: (events.append(("start", run.split.name)),
+                                                              setattr(run, "status", "running")))
+
+    def poll(run):
+        run.progress["polls"] = run.progress.get("polls", 0) + 1
+        if run.progress["polls"] < 2:
+            return False
+        run.status = "done"
+        events.append(("end", run.split.name))
+        return True
+    monkeypatch.setattr(sw, "_poll", poll)
+    sw.run_local(runs, local_slots(0, 1, 3, 3), "tag", [], lambda _: None, interval=0)
+    assert events.index(("start", "mc_rtt-20ms-test")) > events.index(("end", "mc_rtt-20ms-val"))
+    assert events[:2] == [("start", "mc_maze-20ms-test"), ("start", "mc_rtt-20ms-val")]
+    assert all(r.status == "done" for r in runs)
+
+
+def test_a_sweep_with_ensemble_top_takes_each_val_runs_choice_on_the_test_phase(prepared, homes):
+    result = run_cli(cli.sweep, "--datasets", "mc_rtt", "--bins", "20", "--run-tag", "top", "--ensemble", "3",
+                     "--ensemble-top", "1", *QUICK)
+    assert result.exit_code == 0, result.output
+    runs = homes["RUNS_HOME"] / "top"
+    chosen = {phase: [m["member"] for m in read_metrics(runs / f"mc_rtt-20ms-{phase}")["ensemble"]["members"] if m["chosen"]]
+              for phase in ("val", "test")}
+    assert len(chosen["val"]) == 1 and chosen["test"] == chosen["val"]
+    assert "chosen by the val run" in (runs / "mc_rtt-20ms-test" / "train.log").read_text()
 
 
 def test_a_sweep_fills_both_submission_files_and_resume_skips_finished(prepared, homes):
