@@ -601,12 +601,12 @@ def print_epoch(state: TrainState, data: SplitData, seconds: float) -> None:
     record = state.history[-1]
     line = f"epoch {record['epoch']:4d}  train {record['train_loss']:.5f}  val {record['val_loss']:.5f}  "
     scored = data.split.phase == "val"
-    shown = (lambda value: value) if scored else (lambda value: -value)
+    sign = 1 if scored else -1  # the test phase's monitored value is minus its val loss
     if len(state.members) == 1:
         p = state.members[0]
-        line += (f"val co-bps {record['monitored']:.4f}  " if scored else "") + f"best {shown(p.best):.4f} @ {p.best_epoch}"
+        line += (f"val co-bps {record['monitored']:.4f}  " if scored else "") + f"best {sign * p.best:.4f} @ {p.best_epoch}"
     else:
-        bests = sorted(shown(p.best) for p in state.members)
+        bests = sorted(sign * p.best for p in state.members)
         training = sum(not p.stop for p in state.members)
         line += ((f"val co-bps {record['monitored']:.4f} (mean of {len(bests)})  " if scored else f"(mean of {len(bests)})  ")
                  + f"members' best {bests[0]:.4f}..{bests[-1]:.4f}  {training} training")
