@@ -162,6 +162,9 @@ def synthesize(dataset: Dataset, data_home: Path, scale: str = "tiny", seed: int
     folder = dataset_dir(data_home, dataset)
     folder.mkdir(parents=True, exist_ok=True)
     files, truth = generate(dataset, scale, seed, variability)
+    # the truth file, written last, marks the set complete: without it (an interrupted run) the
+    # folder is not taken for a finished dataset of the settings its old truth file named
+    (folder / TRUTH_FILE).unlink(missing_ok=True)
     rng = np.random.default_rng([seed, sum(map(ord, dataset.name)), 1])
     for which, session in files.items():
         if which == "test":  # EvalAI's copy first, from a copy of the state DANDI's copy is drawn in

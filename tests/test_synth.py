@@ -422,3 +422,17 @@ def test_synth_skips_only_a_dataset_made_with_the_same_variability(homes, tmp_pa
 def test_the_command_offers_every_variability():
     option = next(p for p in cli.synth.params if p.name == "variability")
     assert list(option.type.choices) == list(VARIABILITIES) and option.default == "low"
+
+
+def test_an_interrupted_synthesis_is_not_taken_for_the_earlier_dataset(tmp_path, monkeypatch):
+    """Killed after its first new NWB file, a synthesis with other settings leaves no dataset that
+    looks complete: the earlier truth file would have named the earlier settings, and a later
+    run with those settings would have kept a mix of two datasets."""
+    from nlbfab import synth_nwb
+    dataset = DATASETS["mc_rtt"]
+    synthesize(dataset, tmp_path, "tiny", 0)
+    assert existing_synthesis(tmp_path, dataset) == ("tiny", 0, "low")
+    monkeypatch.setattr(synth_nwb, "write_truth", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(dataset, tmp_path, "tiny", 1)
+    assert existing_synthesis(tmp_path, dataset) is None
