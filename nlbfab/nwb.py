@@ -23,7 +23,7 @@ import scipy.signal as signal
 from nlb_tools import make_tensors
 from nlb_tools.nwb_interface import NWBDataset, smooth_column
 
-from nlbfab.errors import UserError
+from nlbfab.errors import UserError, first_line
 
 _IN_MEMORY: dict[tuple[str, str], "TimeSortedNWBDataset"] = {}  # (folder, prefix) -> 1 ms dataset
 
@@ -74,7 +74,11 @@ def load_dataset(folder: Path, hint: str = "") -> TimeSortedNWBDataset:
     folder = Path(folder)
     if not folder.is_dir() or not any(folder.glob("*.nwb")):
         raise UserError(f"no NWB files in {folder}" + (f": {hint}" if hint else ""))
-    return TimeSortedNWBDataset(str(folder))
+    try:
+        return TimeSortedNWBDataset(str(folder))
+    except (OSError, KeyError, ValueError) as error:  # h5py and pynwb on a damaged or truncated file
+        raise UserError(f"cannot read the NWB files in {folder} ({first_line(error)}): one is damaged; download "
+                        f"it again (bin/nlbfab-download) or, if synthetic, remake it (bin/nlbfab-synth --force)") from None
 
 
 @contextmanager

@@ -51,8 +51,11 @@ def is_up_to_date(split: Split, homes: Homes) -> bool:
     marker = homes.prep_marker(split)
     if not marker.is_file():
         return False
-    made = json.loads(marker.read_text())
-    return made.get("sources") == _fingerprint(source_files(homes, split.dataset)) and \
+    try:  # a prep.json cut short or edited by hand: the split is made again
+        made = json.loads(marker.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(made, dict) and made.get("sources") == _fingerprint(source_files(homes, split.dataset)) and \
         made.get("files") == homes.split_file_names()
 
 

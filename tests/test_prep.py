@@ -163,3 +163,14 @@ def test_a_wrong_split_name_is_one_line_with_the_nearest_match(homes):
     assert result.output.strip().splitlines() == [
         "error: unknown split 'mc_maze-20ms-vall': did you mean mc_maze-20ms-val? "
         "(format: dataset-BINms-phase, e.g. mc_maze-20ms-val)"]
+
+
+@pytest.mark.parametrize("text", ["", '{"split": ', "[]"])
+def test_a_damaged_prep_marker_makes_the_split_stale(synthetic, tmp_path, text):
+    split = get_split("mc_maze_small-20ms-test")
+    homes = homes_with(data=synthetic, prep=tmp_path)
+    prep.prepare_dataset(split.dataset, [split], homes, report=lambda line: None)
+    (tmp_path / split.name / PREP_MARKER).write_text(text)  # cut short by a full disk, or edited
+    assert not prep.is_up_to_date(split, homes)
+    assert prep.prepare_dataset(split.dataset, [split], homes, report=lambda line: None) == [split]
+    assert prep.is_up_to_date(split, homes)
