@@ -8,8 +8,10 @@ sooner; a split that crashes is reported and the others go on.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +124,9 @@ def run_local(runs: list[Run], slots: list[Slot], run_tag: str, train_args: list
     queue = [r for r in runs if r.status == "waiting"]
     busy: dict[str, Run] = {}
     show(runs)
+    # `kill PID` (SIGTERM: a batch system's time limit, a supervisor) ends the sweep as Ctrl-C
+    # does, so that the finally below stops its runs instead of leaving them orphaned
+    previous = signal.signal(signal.SIGTERM, _interrupted) if _main_thread() else None
     try:
         while queue or busy:
             for slot in slots:
@@ -138,7 +143,17 @@ def run_local(runs: list[Run], slots: list[Slot], run_tag: str, train_args: list
     finally:  # Ctrl-C: stop the runs; --resume continues them from their last checkpoints
         for run in busy.values():
             run.process.terminate()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return runs
+
+
+def _interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def check_submissions(runs_dir: Path, splits: list[Split], homes: Homes) -> list[str]:
@@ -351,8 +366,17 @@ def plan_runs(splits: list[Split], tag_dir: Path, resume: bool, shared: list[str
 
 def _placement_slots(placement: Placement) -> list[Slot]:
     import torch
-    cpus = os.cpu_count() or 1
+    cpus = available_cpus()
     return local_slots(torch.cuda.device_count(), placement.jobs_per_gpu, placement.workers or cpus, cpus)
+
+
+def available_cpus() -> int:
+    """The cores this process may run on: those of its CPU affinity (taskset, a batch job's
+    allocation, a container's cpuset), which ``os.cpu_count`` ignores."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def where(runs: list[Run], placement: Placement, tag_dir: Path) -> str:
@@ -382,6 +406,8 @@ def outcome(runs: list[Run], splits: list[Split], homes: Homes, tag_dir: Path) -
     problems) and whether it succeeded."""
     lines = [f"FAILED {r.split.name} (exit {r.returncode}): see {r.log}" for r in runs if r.status == "failed"]
     problems = check_submissions(tag_dir, [r.split for r in runs if r.status in ("done", "skipped")], homes)
-    lines += [f"submission: {layout.submission_file(tag_dir, phase)}" for phase in sorted({s.phase for s in splits})]
+    for phase in sorted({s.phase for s in splits}):
+        path = layout.submission_file(tag_dir, phase)
+        lines.append(f"submission: {path}" if path.is_file() else f"submission: none of the {phase} phase (no {phase} split finished)")
     lines += [f"submission problem: {problem}" for problem in problems]
     return lines, not problems and not any(r.status == "failed" for r in runs)

@@ -1,6 +1,10 @@
 """nlbfab-all: splits spread over local slots, longest first; crashes reported; resume; the
 submission files checked at the end."""
+import os
 import shutil
+import signal
+import subprocess
+import threading
 
 import h5py
 import pytest
@@ -68,6 +72,23 @@ def test_with_ensemble_top_a_test_run_starts_once_its_val_run_has_ended(tmp_path
     assert all(r.status == "done" for r in runs)
 
 
+def test_a_sweep_killed_with_sigterm_stops_its_runs(tmp_path, monkeypatch):
+    """A batch system's time limit or a supervisor sends SIGTERM: the runs must not be orphaned,
+    to train on beside the ones a --resume starts."""
+    runs = sw.plan_runs([get_split("mc_rtt-20ms-val")], tmp_path, resume=False)
+
+    def start(run, *_):
+        run.process, run.status = subprocess.Popen(["sleep", "60"]), "running"
+    monkeypatch.setattr(sw, "_start", start)
+    monkeypatch.setattr(sw, "_poll", lambda run: False)
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    with pytest.raises(KeyboardInterrupt):
+        sw.run_local(runs, local_slots(0, 1, 1, 1), "tag", [], lambda _: None, interval=0.05)
+    assert runs[0].process.wait(timeout=5) == -signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_a_sweep_with_ensemble_top_takes_each_val_runs_choice_on_the_test_phase(prepared, homes):
     result = run_cli(cli.sweep, "--datasets", "mc_rtt", "--bins", "20", "--run-tag", "top", "--ensemble", "3",
                      "--ensemble-top", "1", *QUICK)
@@ -105,6 +126,8 @@ def test_a_crashing_split_is_reported_and_the_others_go_on(prepared, homes, tmp_
     runs = homes["RUNS_HOME"] / "crash"
     assert f"FAILED area2_bump-20ms-test (exit 2): see {runs / 'area2_bump-20ms-test' / 'train.log'}" in result.output
     assert "missing" in (runs / "area2_bump-20ms-test" / "train.log").read_text()
+    assert "submission: none of the test phase (no test split finished)" in result.output
+    assert f"submission: {runs / 'submission-val.h5'}" in result.output
     with h5py.File(runs / "submission-val.h5") as h5:
         assert list(h5) == ["area2_bump_20"]
 
