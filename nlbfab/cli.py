@@ -368,7 +368,7 @@ def search(ctx, split_name, trials, space, run_tag, address, resume, submit_top,
             sys.exit(130)
         best = sr.write_best(plan, homes, rows)
         click.echo(f"best: {rows[0]['trial']}, val co-bps {rows[0]['val_co_bps']:.4f}; its settings: {best}\n"
-                   f"train it: bin/nlbfab-train --config {best} --run-tag {run_tag}")
+                   f"train it: bin/nlbfab-train --config {best} --run-tag {run_tag}-best")  # not {run_tag}: its submission
         if submit_top:
             submitted = sr.submit_top(plan, homes, rows, submit_top, not no_test, _report)
             click.echo(f"submission: the mean of {', '.join(submitted['trials'])} in {submitted['val']['submission']}")

@@ -302,7 +302,8 @@ def trials_table(rows: list[dict], space: dict) -> str:
     lines = [f"{'trial':22s} {'status':10s} {'epochs':>6s} {'co-bps':>8s}" + "".join(f" {n:>13s}" for n in names)]
     for r in rows:
         score = f"{r['val_co_bps']:8.4f}" if r["val_co_bps"] is not None else f"{'-':>8s}"
-        values = "".join(f" {r['params'][n]:>13.4g}" if isinstance(r["params"].get(n), (int, float))
+        values = "".join(f" {r['params'][n]:>13d}" if type(r["params"].get(n)) is int  # a seed, all its digits
+                         else f" {r['params'][n]:>13.4g}" if isinstance(r["params"].get(n), float)
                          else f" {str(r['params'].get(n, '-')):>13s}" for n in names)
         lines.append(f"{r['trial']:22s} {r['status']:10s} {r['epochs']:>6} {score}{values}")
     return "\n".join(lines)

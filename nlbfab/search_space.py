@@ -13,6 +13,7 @@ when a search starts.
 from __future__ import annotations
 
 import json
+import re
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -137,7 +138,7 @@ def read_space(path: Path) -> dict:
         raise UserError(f"--space {path}: cannot read it ({getattr(error, 'strerror', None) or error})") from None
     if Path(path).suffix in (".yaml", ".yml"):
         import yaml
-        kind, load, errors = "YAML", yaml.safe_load, yaml.YAMLError
+        kind, load, errors = "YAML", _yaml_loader(yaml), yaml.YAMLError
     else:
         kind, load, errors = "JSON", json.loads, json.JSONDecodeError
     try:
@@ -150,6 +151,16 @@ def read_space(path: Path) -> dict:
         return {name: parse(name, entry) for name, entry in entries.items()}
     except UserError as error:
         raise UserError(f"--space {path}: {error}") from None
+
+
+def _yaml_loader(yaml):
+    """``yaml.safe_load`` that reads ``1e-3`` as the number YAML 1.2 and JSON make it (PyYAML
+    follows YAML 1.1, where a float needs a dot: ``1e-3`` would be the string "1e-3")."""
+    class Loader(yaml.SafeLoader):
+        pass
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    return lambda text: yaml.load(text, Loader=Loader)
 
 
 def settle(model, overrides: dict, given: set[str]) -> tuple[dict[str, Distribution], dict]:

@@ -219,6 +219,8 @@ def test_a_space_file_may_be_yaml(tmp_path):
     path.write_text("hidden_size: {choice: [4, 8]}\nlearning_rate: {loguniform: [0.002, 0.01]}\nbatch_size: null\n")
     assert read_space(path) == {"hidden_size": choice(4, 8), "learning_rate": loguniform(0.002, 0.01),
                                 "batch_size": None}
+    path.write_text("learning_rate: {loguniform: [2e-3, 1.0e-2]}\nweight_decay: 1e-5\n")  # YAML 1.1 reads 2e-3 as text
+    assert read_space(path) == {"learning_rate": loguniform(0.002, 0.01), "weight_decay": 1e-5}
 
 
 def test_nlbfab_train_refuses_a_config_file_of_unknown_settings(prepared, tmp_path):
