@@ -44,6 +44,9 @@ def setting(name: str) -> str:
     env_file = _env_file()
     from_file = dotenv_values(env_file) if env_file and env_file.is_file() else {}
     value = os.environ.get(name, from_file.get(name, DEFAULTS.get(name)))
+    if not value and name in os.environ:  # the environment overrides .env: fixing .env would not help
+        raise UserError(f"{name} is set to nothing in the environment: export {name}=... or unset {name} "
+                        f"(then .env's value or the default {DEFAULTS.get(name, 'none')} applies)")
     if not value:
         where = env_file or REPO_ROOT / ".env"
         raise UserError(f"{name} is not set: add '{name}=...' to {where} or export {name} "

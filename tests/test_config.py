@@ -47,6 +47,14 @@ def test_an_empty_variable_says_which_and_how_to_fix(env_file):
         config.data_home()
 
 
+def test_a_variable_exported_empty_says_so_since_the_env_file_cannot_help(env_file, monkeypatch):
+    env_file.write_text("DATA_HOME=/data/dandi\n")
+    monkeypatch.setenv("DATA_HOME", "")
+    with pytest.raises(UserError, match=r"DATA_HOME is set to nothing in the environment: export DATA_HOME=\.\.\. "
+                                        r"or unset DATA_HOME"):
+        config.data_home()
+
+
 def test_importing_nlbfab_never_needs_an_env_file(tmp_path):
     missing = tmp_path / "no-such" / ".env"
     code = "import nlbfab.cli, nlbfab.prep, nlbfab.oracle, nlbfab.synth_nwb, nlbfab.download"
