@@ -303,18 +303,31 @@ def select_splits(datasets: list[str], bins: list[str], phases: list[str]) -> li
 
 def _names(values: list[str], valid: list[str], what: str) -> list[str]:
     chosen = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    if values and not chosen:  # an empty shell variable: not a request for all 28 splits
+        raise UserError(f"no {what} named in '{','.join(values)}': name one or more of {', '.join(valid)}, "
+                        f"or leave the option out for all")
     unknown = [v for v in chosen if v not in valid]
     if unknown:
         raise UserError(f"unknown {what} {', '.join(unknown)}: choose from {', '.join(valid)}")
     return chosen or list(valid)
 
 
+def prep_arguments(splits: list[Split]) -> str:
+    """The shortest ``nlbfab-prep`` arguments that prepare these splits: ``--all``, a
+    ``--dataset`` for each dataset all of whose splits are named, ``--split`` for the rest."""
+    if len(set(splits)) == len(ALL_SPLITS):
+        return "--all"
+    whole = [name for name in dict.fromkeys(s.dataset.name for s in splits)
+             if all(t in splits for t in ALL_SPLITS if t.dataset.name == name)]
+    return " ".join([*(f"--dataset {name}" for name in whole),
+                     *(f"--split {s.name}" for s in splits if s.dataset.name not in whole)])
+
+
 def prepare_missing(splits: list[Split], homes: Homes, no_prep: bool, report: Callable[[str], None]) -> None:
     """Preprocess the splits that are not (or say which ``nlbfab-prep`` to run, with ``no_prep``)."""
     unprepared = [s for s in splits if not is_up_to_date(s, homes)]
     if unprepared and no_prep:
-        raise UserError(f"{len(unprepared)} split(s) not preprocessed: run 'bin/nlbfab-prep "
-                        + " ".join(f"--split {s.name}" for s in unprepared) + "'")
+        raise UserError(f"{len(unprepared)} split(s) not preprocessed: run 'bin/nlbfab-prep {prep_arguments(unprepared)}'")
     if unprepared:
         prepare_splits(unprepared, homes, report=report)
 

@@ -25,6 +25,13 @@ def test_longest_splits_come_first():
     assert ordered[0] == "mc_maze-05ms-test" and ordered[-1] == "mc_maze_small-20ms-val"
 
 
+def test_the_prep_command_for_missing_splits_is_as_short_as_it_can_be():
+    maze = [s for s in sw.ALL_SPLITS if s.dataset.name == "mc_maze"]
+    assert sw.prep_arguments(list(sw.ALL_SPLITS)) == "--all"
+    assert sw.prep_arguments([get_split("mc_rtt-20ms-val"), *maze]) == "--dataset mc_maze --split mc_rtt-20ms-val"
+    assert sw.prep_arguments(maze[:3]) == " ".join(f"--split {s.name}" for s in maze[:3])
+
+
 def test_slots_pin_gpus_or_divide_the_cores():
     gpu = local_slots(gpus=2, jobs_per_gpu=3, workers=1, cpus=16)
     assert len(gpu) == 6 and {s.env["CUDA_VISIBLE_DEVICES"] for s in gpu} == {"0", "1"}
@@ -137,6 +144,9 @@ def test_training_options_are_checked_before_anything_runs(prepared, homes):
     assert result.exit_code == 2 and "no such option --max-epoch (did you mean --max-epochs?)" in result.output
     result = run_cli(cli.sweep, "--datasets", "mc_rt")
     assert result.exit_code == 2 and "unknown dataset mc_rt" in result.output
+    for option, value, what in (("--datasets", "", "dataset"), ("--phases", ",", "phase"), ("--bins", " ", "bin width")):
+        result = run_cli(cli.sweep, option, value)  # an empty shell variable would have meant all 28 splits
+        assert result.exit_code == 2 and f"error: no {what} named in" in result.output, result.output
 
 
 def test_the_ray_backend_runs_splits_on_a_local_ray_instance(prepared, homes):
