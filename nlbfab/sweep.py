@@ -194,9 +194,14 @@ def progress_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def live_table(height: int, stream) -> Callable[[list[Run]], None]:
-    """Redraw the progress table in place on a terminal; elsewhere print it when a status changes."""
-    last = {"text": None}
+def live_table(height: int, stream, every: float = 60.0, clock: Callable[[], float] = time.monotonic
+               ) -> Callable[[list[Run]], None]:
+    """Redraw the progress table in place on a terminal; elsewhere (a batch job's log) print it
+    when a status changes, and in between at most once every ``every`` seconds."""
+    last = {"text": None, "printed": None, "at": clock()}
+
+    def statuses(text: str | None) -> list[str]:
+        return [line.split()[2] for line in (text or "").splitlines()]
 
     def show(runs: list[Run]) -> None:
         text = progress_table(runs)
@@ -204,8 +209,9 @@ def live_table(height: int, stream) -> Callable[[list[Run]], None]:
             if last["text"] is not None:
                 stream.write(f"\x1b[{height}F\x1b[J")
             stream.write(text + "\n")
-        elif [line.split()[2] for line in text.splitlines()] != [line.split()[2] for line in (last["text"] or "").splitlines()]:
+        elif statuses(text) != statuses(last["printed"]) or (text != last["printed"] and clock() - last["at"] >= every):
             stream.write(text + "\n\n")
+            last["printed"], last["at"] = text, clock()
         stream.flush()
         last["text"] = text
     return show

@@ -53,6 +53,22 @@ def test_the_live_table_shows_val_co_bps_and_the_test_phases_loss_in_their_own_c
     assert waiting[2:6] == ["waiting", "-", "-", "-"]
 
 
+def test_in_a_log_the_table_is_printed_as_statuses_change_and_every_minute_between(tmp_path):
+    import io
+    now, log = [0.0], io.StringIO()
+    show = sw.live_table(3, log, every=60, clock=lambda: now[0])
+    run = Run(get_split("mc_maze-20ms-val"), tmp_path, status="running",
+              progress={"epoch": 0, "best": 0.1, "best_epoch": 0, "max_epochs": 400, "device": "cpu"})
+    show([run])
+    for epoch, seconds in ((1, 20), (2, 59), (3, 61), (4, 100), (5, 125)):
+        now[0], run.progress["epoch"] = seconds, epoch
+        show([run])
+    run.status = "done"
+    show([run])
+    printed = [table.splitlines()[1].split()[2:4] for table in log.getvalue().strip().split("\n\n")]
+    assert printed == [["running", "1/400"], ["running", "4/400"], ["running", "6/400"], ["done", "6/400"]]
+
+
 def test_with_ensemble_top_a_test_run_starts_once_its_val_run_has_ended(tmp_path, monkeypatch):
     splits = [get_split(n) for n in ("mc_rtt-20ms-val", "mc_rtt-20ms-test", "mc_maze-20ms-test")]
     runs = sw.plan_runs(splits, tmp_path, resume=False, val_first=True)
