@@ -55,6 +55,12 @@ def test_a_variable_exported_empty_says_so_since_the_env_file_cannot_help(env_fi
         config.data_home()
 
 
+def test_an_env_file_variable_naming_a_folder_is_one_line(env_file, monkeypatch):
+    monkeypatch.setenv("NLBFAB_ENV_FILE", str(env_file.parent))
+    with pytest.raises(UserError, match=r"NLBFAB_ENV_FILE=.*project is a folder: name the \.env file itself"):
+        config.data_home()
+
+
 def test_importing_nlbfab_never_needs_an_env_file(tmp_path):
     missing = tmp_path / "no-such" / ".env"
     code = "import nlbfab.cli, nlbfab.prep, nlbfab.oracle, nlbfab.synth_nwb, nlbfab.download"
