@@ -43,6 +43,13 @@ def test_the_ar1_prior_by_hand():
     assert abs(float(kl) - (log_q - expected)) < 1e-5
 
 
+def test_a_diverged_runs_nan_makes_a_nan_kl_for_the_loops_nan_stop_not_a_traceback():
+    u = torch.tensor([[[float("nan")], [0.1]]])  # NaN weights after an update too large
+    std = torch.tensor([[[float("nan")], [1.0]]])
+    kl = lfads.kl_ar1(u, u, std, torch.tensor([[1.0]]), torch.tensor([[float("nan")]]))
+    assert torch.isnan(kl).all()
+
+
 def test_the_warm_up_ramps_from_zero_to_one():
     assert [lfads.ramp(e, 0, 3) for e in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
     assert [lfads.ramp(e, 2, 1) for e in range(4)] == [0.0, 0.0, 0.5, 1.0]
@@ -255,8 +262,9 @@ def test_inference_without_gradients_runs_the_decoder_forward_alone():
 
 def lfads_run(tag, max_epochs, resume=False, **options):
     from nlbfab.train import TrainConfig, train
-    config = TrainConfig(split="mc_rtt-20ms-val", model="lfads", hparams=SMALL, batch_size=16, accelerator="cpu",
-                         max_epochs=max_epochs, log_every_n_epochs=2, run_tag=tag, **options)
+    config = TrainConfig(**{"split": "mc_rtt-20ms-val", "model": "lfads", "hparams": SMALL, "batch_size": 16,
+                            "accelerator": "cpu", "max_epochs": max_epochs, "log_every_n_epochs": 2, "run_tag": tag,
+                            **options})
     return train(config, homes_with(), resume=resume, quiet=True)
 
 
@@ -300,6 +308,13 @@ def test_a_resumed_lfads_run_ends_with_the_same_weights(prepared, homes):
     parts = lfads_run("lfads-parts", 4, resume=True)
     a, b = (torch.load(f"{s['run_dir']}/checkpoints/last.ckpt", weights_only=False)["model"] for s in (whole, parts))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # sampling and dropout resumed too
+
+
+def test_a_controller_lag_the_split_cannot_take_leaves_no_run_folder_behind(prepared, homes):
+    from nlbfab.errors import UserError
+    with pytest.raises(UserError, match=r"--ci-lag 1000: must be below"):
+        lfads_run("lfads-lag", 1, hparams=SMALL | {"ci_lag": 1000})
+    assert not (homes["RUNS_HOME"] / "lfads-lag" / "mc_rtt-20ms-val" / "checkpoints").exists()
 
 
 def test_lfads_trains_in_bfloat16(prepared, homes):

@@ -389,16 +389,18 @@ def ar1_log_prob(u, logtau, lognvar) -> torch.Tensor:
     dims)``), started from their stationary distribution; summed over steps and dims, per trial."""
     alpha = torch.exp(-1 / logtau.exp()).unsqueeze(-2)  # (..., 1, dims): the same for every trial
     nvar = lognvar.exp().unsqueeze(-2)
-    first = torch.distributions.Normal(0.0, torch.sqrt(nvar / (1 - alpha ** 2))).log_prob(u[..., 0, :])
-    rest = torch.distributions.Normal(alpha.unsqueeze(-2) * u[..., :-1, :], nvar.unsqueeze(-2).sqrt()).log_prob(
-        u[..., 1:, :])
+    first = torch.distributions.Normal(0.0, torch.sqrt(nvar / (1 - alpha ** 2)), validate_args=False).log_prob(
+        u[..., 0, :])
+    rest = torch.distributions.Normal(alpha.unsqueeze(-2) * u[..., :-1, :], nvar.unsqueeze(-2).sqrt(),
+                                      validate_args=False).log_prob(u[..., 1:, :])
     return first.sum(-1) + rest.sum((-1, -2))
 
 
 def kl_ar1(u, mean, std, logtau, lognvar) -> torch.Tensor:
     """A one-sample estimate of KL(posterior || AR(1) prior) of the inferred inputs at the
     sample ``u`` drawn from ``N(mean, std^2)``, averaged over trials (lfads-torch's estimate)."""
-    log_q = torch.distributions.Normal(mean, std).log_prob(u).sum((-1, -2))
+    # unvalidated: a diverged run's NaN makes a NaN loss, which the loop's NaN stop names in one line
+    log_q = torch.distributions.Normal(mean, std, validate_args=False).log_prob(u).sum((-1, -2))
     return (log_q - ar1_log_prob(u, logtau, lognvar)).mean(-1)
 
 
