@@ -352,6 +352,12 @@ def restore(state: TrainState, path: Path) -> None:
         state.members, state.history, state.best = members, saved["history"], saved["best"]
     except (KeyError, RuntimeError, EOFError, TypeError, pickle.UnpicklingError) as error:
         reason = first_line(error)
+        if reason.startswith("Error(s) in loading state_dict"):  # its next line names the entry that does not fit
+            detail = str(error).splitlines()[1].strip()
+            raise UserError(f"cannot resume from {path}: its weights are from another model or sizes than this run's "
+                            f"({detail[:200]}{'...' if len(detail) > 200 else ''}): resume with the run's own --model, "
+                            f"--ensemble, --with-splits and sizes (those of its config.json, which --resume takes "
+                            f"when they are not given), or drop --resume to start afresh") from None
         raise UserError(f"cannot resume from {path}: it is damaged or from another model or nlbfab version "
                         f"({reason}); drop --resume to start afresh") from None
 
@@ -658,10 +664,10 @@ def set_up(config: TrainConfig, homes: Homes, hooks, resume: bool,
                                  given_batch or auto_batch_size(other.train_heldin.shape[0]))
                        for other in others)
     run = Run(config, run_dir, tuple(hooks), quiet, () if resume else tuple(layout.old_run_files(run_dir)))
+    state = create_train_state(fabric, run.config, data, others)  # a model's own checks (--ci-lag) before any folder
     if fabric.is_global_zero:
         last.parent.mkdir(parents=True, exist_ok=True)
     fabric.barrier()
-    state = create_train_state(fabric, run.config, data, others)
     if companions and not quiet:
         fabric.print("also training on " + ", ".join(f"{c.split} ({c.pool.heldin.shape[0]} trials, batches of "
                                                      f"{c.batch_size})" for c in companions))
