@@ -19,7 +19,7 @@ import numpy as np
 from nlbfab import layout
 from nlbfab.data import load_split
 from nlbfab.ensemble import greedy_selection
-from nlbfab.errors import UserError
+from nlbfab.errors import UserError, first_line
 from nlbfab.evaluation import co_bps
 from nlbfab.layout import Homes
 from nlbfab.scoring import local_target, submit_and_score
@@ -58,7 +58,11 @@ def run_rates(homes: Homes, run_tag: str, split: Split, expected: dict[str, tupl
     if not path.is_file():
         raise UserError(f"run '{run_tag}' has no rates for {split.name} ({path}): train it with 'bin/nlbfab-train "
                         f"--split {split.name} --run-tag {run_tag}', or check the tag and RUNS_HOME")
-    rates = read_rates(path, split)
+    try:
+        rates = read_rates(path, split)
+    except (OSError, KeyError) as error:  # truncated by a full disk or a killed copy, or another split's
+        raise UserError(f"run '{run_tag}': cannot read {split.name}'s rates from {path} ({first_line(error)}); "
+                        f"train it again on this split") from None
     try:
         check_rates(rates, expected, split.group)
     except UserError as error:

@@ -116,3 +116,16 @@ def test_a_pool_never_replaces_a_run(runs, pool_tag, message):
     after = rates_of("pool-noisy-a", VAL)
     assert all(np.array_equal(before[k], after[k]) for k in before)
     assert not layout.rates_file(trained).exists() and not layout.metrics_file(trained).exists()
+
+
+def test_a_runs_damaged_rates_file_is_one_line_naming_the_run(runs):
+    homes = homes_with()
+    cut = homes.run_dir("pool-cut", VAL)
+    cut.mkdir(parents=True)
+    whole = layout.rates_file(homes.run_dir("pool-noisy-a", VAL)).read_bytes()
+    layout.rates_file(cut).write_bytes(whole[:3000])  # a full disk, a killed copy
+    result = run_cli(cli.pool, "--split", VAL.name, "--run-tag", "pool-cut", "--run-tag", "pool-noisy-b",
+                     "--pool-tag", "pool-new")
+    assert result.exit_code == 2 and result.stderr.startswith("error: run 'pool-cut': cannot read mc_maze-20ms-val's "
+                                                              "rates from "), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not homes.tag_dir("pool-new").exists()
