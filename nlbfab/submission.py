@@ -22,6 +22,7 @@ from filelock import FileLock
 
 from nlbfab import layout
 from nlbfab.errors import UserError
+from nlbfab.splits import ALL_SPLITS
 
 REQUIRED = ("train_rates_heldin", "train_rates_heldout", "eval_rates_heldin", "eval_rates_heldout")
 OPTIONAL = ("eval_rates_heldin_forward", "eval_rates_heldout_forward")
@@ -94,10 +95,11 @@ def _set_aside(path: Path) -> Path:
 
 
 def merge_rates(path: Path, sources: list[Path], all_sources: Callable[[], list[Path]],
-                report: Callable[[str], None] = _stderr) -> Path:
+                report: Callable[[str], None] = _stderr, keep: Callable[[], set[str]] | None = None) -> Path:
     """Put the group of each rates file in ``sources`` into the submission file ``path``,
     replacing older ones and keeping every other group. A damaged ``path`` is moved aside (named
-    in one line) and rebuilt from ``all_sources()``, the run folders' rates files of its phase."""
+    in one line) and rebuilt from ``all_sources()``, the run folders' rates files of its phase.
+    With ``keep``, groups not in ``keep()`` (read under the lock) are dropped."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
@@ -111,6 +113,9 @@ def merge_rates(path: Path, sources: list[Path], all_sources: Callable[[], list[
             if path.exists():
                 shutil.copyfile(path, partial)
             with h5py.File(partial, "a") as h5:
+                kept = keep() if keep else set(h5)
+                for group in [g for g in h5 if g not in kept]:
+                    del h5[group]
                 for source in sources:
                     with h5py.File(source, "r") as rates:
                         for group in rates:
@@ -156,6 +161,14 @@ def submit(split, rates: dict[str, np.ndarray], run_dir: Path, expected: dict[st
                        lambda: rates_files(run_dir, split.phase, report), report)
 
 
+def split_groups(run_dir: Path, phase: str) -> set[str]:
+    """The submission groups of the run's split folders of ``phase`` that hold a rates file
+    (damaged ones too: their group stays until the split is trained again)."""
+    splits = {split.name: split for split in ALL_SPLITS if split.phase == phase}
+    return {splits[folder.name].group for folder in Path(run_dir).iterdir()
+            if folder.name in splits and layout.rates_file(folder).is_file()}
+
+
 def rebuild(run_dir: Path, report: Callable[[str], None] = _stderr) -> dict[str, list[str]]:
     """Merge every split folder's rates of a run into its submission files (a damaged file is
     set aside first). Returns each rebuilt file's groups, by path."""
@@ -170,7 +183,8 @@ def rebuild(run_dir: Path, report: Callable[[str], None] = _stderr) -> dict[str,
     for phase in PHASES:
         sources = rates_files(run_dir, phase, once)
         if sources:
-            path = merge_rates(layout.submission_file(run_dir, phase), sources, lambda: sources, once)
+            path = merge_rates(layout.submission_file(run_dir, phase), sources, lambda: sources, once,
+                               keep=lambda phase=phase: split_groups(run_dir, phase))
             with h5py.File(path, "r") as h5:
                 rebuilt[str(path)] = sorted(h5)
     if not rebuilt:

@@ -1,5 +1,6 @@
 """The shared submission file: validated groups, safe concurrent merges."""
 import multiprocessing
+import shutil
 
 import h5py
 import numpy as np
@@ -120,6 +121,12 @@ def test_nlbfab_submit_rebuilds_both_submission_files_from_the_run_folders(prepa
         assert test["mc_rtt_20/eval_rates_heldout"][0, 0, 0] == 3
     assert len(list(run_dir.glob("submission-test.h5.damaged-*"))) == 1
     assert "2 group(s)" in result.output and "moved to" in result.output
+
+    shutil.rmtree(run_dir / "mc_rtt-20ms-val")  # a split the user removed: its group goes too
+    result = run_cli(cli.submit, "--run-tag", "rebuild")
+    assert result.exit_code == 0, result.output
+    with h5py.File(run_dir / "submission-val.h5", "r") as val:
+        assert list(val) == ["mc_rtt"]
 
     rates = run_dir / "mc_rtt-05ms-val" / "rates.h5"
     rates.write_bytes(rates.read_bytes()[:500])
