@@ -201,6 +201,15 @@ def test_a_resume_its_checkpoint_refuses_leaves_the_run_config_as_it_was(homes, 
     assert config.read_bytes() == before
 
 
+def test_a_resume_with_other_sizes_says_which_and_how_not_that_the_checkpoint_is_damaged(homes, prepared):
+    run(homes, prepared, split="mc_rtt-20ms-test", run_tag="resized", max_epochs=1)
+    bigger = TrainConfig(**{**FAST, "split": "mc_rtt-20ms-test", "run_tag": "resized", "max_epochs": 2,
+                            "hparams": {"hidden_size": 32}})
+    with pytest.raises(UserError, match=r"cannot resume from .*last.ckpt: its weights are from another model or sizes "
+                                        r"than this run's \(size mismatch for .*\): resume with the run's own"):
+        train(bigger, homes_with(), resume=True, quiet=True)
+
+
 def test_a_caller_passes_its_own_hooks(homes, prepared):
     seen = []
 
