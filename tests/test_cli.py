@@ -59,9 +59,10 @@ def test_a_baseline_of_an_unprepared_split_says_which_prep_to_run(homes, tmp_pat
     one_line_error(run_cli(cli.baseline, "--split", "mc_rtt-05ms-val"), "bin/nlbfab-prep --split mc_rtt-05ms-val")
 
 
-def test_a_missing_env_variable_is_named(homes, monkeypatch):
+def test_a_variable_exported_empty_is_named(homes, monkeypatch):
     monkeypatch.setenv("PREP_HOME", "")
-    one_line_error(run_cli(cli.prep, "--split", "mc_maze-20ms-val"), "PREP_HOME is not set")
+    one_line_error(run_cli(cli.prep, "--split", "mc_maze-20ms-val"),
+                   "PREP_HOME is set to nothing in the environment: export PREP_HOME=... or unset PREP_HOME")
 
 
 @pytest.mark.parametrize("name", ["synth", "prep", "download", "baseline", "train", "scores", "submit", "all"])
