@@ -17,7 +17,7 @@ from click.core import ParameterSource
 
 from nlbfab.errors import UserError
 from nlbfab.splits import DATASETS, get_dataset
-from nlbfab.train_config import TrainConfig, option_name
+from nlbfab.train_config import TrainConfig, check_typed, option_name
 
 
 def _quiet_libraries() -> None:
@@ -75,9 +75,22 @@ def read_config(ctx: click.Context, param, path: str | None) -> dict:
     unknown = sorted(set(settings) - known) if isinstance(settings, dict) else ["(not a JSON object)"]
     if unknown:
         raise click.BadParameter(f"{path}: not settings of nlbfab-train: {', '.join(unknown)}")
+    nulls = [f.name for f in fields(TrainConfig) if f.default is not None and settings.get(f.name, "") is None]
+    if nulls:  # click would pass them on, and the run fail in a traceback
+        raise click.BadParameter(f"{path}: {', '.join(nulls)} cannot be null: give a value or leave it out")
+    for f in fields(TrainConfig):  # click would cut 2.5 to 2 and read true as 1
+        if type(f.default) in (int, float) and settings.get(f.name) is not None:
+            try:
+                check_typed(f.name, settings[f.name], type(f.default), f.metadata["valid"])
+            except UserError as error:
+                raise click.BadParameter(f"{path}: {error}") from None
+    hparams = settings.get("hparams") or {}
+    if not isinstance(hparams, dict):
+        raise click.BadParameter(f"{path}: hparams must be an object of the model's hyperparameters, e.g. "
+                                 f'{{"hidden_size": 64}}')
     names = {"split": "split_name"}  # --split's parameter name
     ctx.default_map = (ctx.default_map or {}) | {names.get(k, k): v for k, v in settings.items() if k != "hparams"}
-    return settings.get("hparams") or {}
+    return hparams
 
 
 def friendly_errors(command):
@@ -137,6 +150,9 @@ def train_config(split: str, options: dict, extra_args: list[str]) -> TrainConfi
     from_file = options.pop("config", None) or {}
     if not options.get("with_splits"):  # a file's are a settled run's: those for its companions do not apply here
         from_file = {k: v for k, v in from_file.items() if k not in model.only_with_splits(from_file)}
+    for name, value in from_file.items():  # the command line's are typed by click, a file's here
+        if name in model.hparams:
+            check_typed(name, value, type(model.hparams[name].default), model.hparams[name].valid)
     hparams = from_file | model_hparams(options["model"], extra_args)
     model.settle(hparams)  # a file's hyperparameters are checked too
     return TrainConfig(split=split, hparams=hparams, **options)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from nlbfab.errors import UserError
-from nlbfab.train_config import TrainConfig, Valid, check_value, option_name
+from nlbfab.train_config import TrainConfig, Valid, check_typed, option_name
 
 KINDS = ("uniform", "loguniform", "int", "choice")
 # the TrainConfig fields a search may vary: how a model learns, not where or how long it runs
@@ -116,17 +116,6 @@ def check_entry(name: str, value, kind: type, valid: Valid) -> None:
             raise UserError("loguniform needs low > 0")
     for v in value.values:
         check_typed(name, v, kind, valid)
-
-
-def check_typed(name: str, value, kind: type, valid: Valid) -> None:
-    """``check_value`` after the type: JSON has no int/float distinction a user would mind (0 is a
-    fine dropout) but a whole-number parameter must get whole numbers and ``true`` is no number."""
-    whole = isinstance(value, int) and not isinstance(value, bool)
-    fits = isinstance(value, str) if kind is str else whole or kind is float and isinstance(value, float)
-    if not fits:
-        what = "a whole number" if kind is int else "a number" if kind is float else "a string"
-        raise UserError(f"{option_name(name)} {json.dumps(value)}: must be {what}")
-    check_value(name, value, valid)
 
 
 def read_space(path: Path) -> dict:

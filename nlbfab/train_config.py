@@ -7,6 +7,7 @@ a rule cannot be built, so bad values fail before any work, wherever a config co
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field, fields, replace
@@ -166,6 +167,17 @@ def check_value(name: str, value, valid: Valid) -> None:
     """One line naming the option, the value and what is valid, if ``valid`` refuses ``value``."""
     if value is not None and not valid.accepts(value):
         raise UserError(f"{option_name(name)} {value}: must be {valid.describe()}")
+
+
+def check_typed(name: str, value, kind: type, valid: Valid) -> None:
+    """``check_value`` after the type: JSON has no int/float distinction a user would mind (0 is a
+    fine dropout) but a whole-number parameter must get whole numbers and ``true`` is no number."""
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    fits = isinstance(value, str) if kind is str else whole or kind is float and isinstance(value, float)
+    if not fits:
+        what = "a whole number" if kind is int else "a number" if kind is float else "a string"
+        raise UserError(f"{option_name(name)} {json.dumps(value)}: must be {what}")
+    check_value(name, value, valid)
 
 
 def check(config: TrainConfig) -> None:

@@ -231,6 +231,22 @@ def test_nlbfab_train_refuses_a_config_file_of_unknown_settings(prepared, tmp_pa
     assert result.output.count("\n") == 1
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"hparams": {"hidden_size": "x"}}, '--hidden-size "x": must be a whole number'),
+    ({"hparams": {"hidden_size": 2.5}}, "--hidden-size 2.5: must be a whole number"),
+    ({"hparams": {"hidden_size": True}}, "--hidden-size true: must be a whole number"),
+    ({"hparams": [1]}, "hparams must be an object of the model's hyperparameters"),
+    ({"seed": None, "model": None}, "model, seed cannot be null: give a value or leave it out"),
+    ({"ensemble": 2.5}, "--ensemble 2.5: must be a whole number"),
+    ({"learning_rate": "fast"}, '--learning-rate "fast": must be a number'),
+])
+def test_nlbfab_train_refuses_a_config_file_of_wrong_types_in_one_line(prepared, tmp_path, settings, message):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"split": SPLIT.name, **settings}))
+    result = run_cli(cli.train, "--config", str(path), "--max-epochs", "1")
+    assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, result.output
+
+
 def test_nlbfab_all_searches_each_dataset_and_bin_and_submits_both_phases(prepared, homes):
     import ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
