@@ -247,6 +247,17 @@ def test_nlbfab_train_refuses_a_config_file_of_wrong_types_in_one_line(prepared,
     assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, result.output
 
 
+def test_a_config_file_of_another_model_gives_its_settings_but_not_its_hyperparameters(prepared, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"split": SPLIT.name, "model": "lfads", "batch_size": 16, "run_tag": "other-model",
+                                "hparams": {"cd_rate": 0.2, "fac_dim": 4}}))
+    result = run_cli(cli.train, "--config", str(path), "--model", "sae", "--hidden-size", "8", "--max-epochs", "1",
+                     "--quiet")
+    assert result.exit_code == 0, result.output
+    saved = json.loads(layout.config_file(homes_with().run_dir("other-model", SPLIT)).read_text())
+    assert saved["model"] == "sae" and saved["batch_size"] == 16 and saved["hparams"] == {"hidden_size": 8}
+
+
 def test_nlbfab_all_searches_each_dataset_and_bin_and_submits_both_phases(prepared, homes):
     import ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
