@@ -14,6 +14,7 @@ progress, best weights and stop; the run ends when every member has stopped. A s
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pickle
@@ -293,6 +294,8 @@ def fabric_for(config: TrainConfig, logger=None) -> Fabric:
         raise UserError(f"--strategy {config.strategy}: nlbfab's loop runs in the processes Fabric starts from the "
                         f"command line (ddp, auto); spawned or forked ones would need a function to run")
     devices = int(config.devices) if config.devices.isdigit() else config.devices
+    # Fabric's info lines ("Using bfloat16 Automatic Mixed Precision") would precede a run's one error line
+    logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
     try:
         fabric = Fabric(accelerator=config.accelerator, devices=devices, strategy=config.strategy,
                         precision=config.precision, loggers=logger)

@@ -134,6 +134,16 @@ def test_an_option_fabric_refuses_is_one_line(prepared):
                    "--strategy nonsense", "invalid strategy")
 
 
+def test_a_mixed_precision_run_refused_says_one_line_and_nothing_of_fabrics(prepared):
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "nlbfab.cli", "train", "--split", "mc_rtt-20ms-val", "--model", "lfads",
+                           "--precision", "bf16-mixed", "--ci-lag", "1000", "--run-tag", "bf16-refused"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == "", done.stdout
+    assert done.stderr.splitlines() == ["error: --ci-lag 1000: must be below the split's 30 observed bins"], done.stderr
+
+
 def test_a_runs_home_that_cannot_be_created_is_named_with_where_it_was_set(prepared, tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
