@@ -1,8 +1,11 @@
 """Helpers shared by the benchmark scripts: the device, timing, tables and JSON results."""
 from __future__ import annotations
 
+import argparse
 import json
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -66,3 +69,35 @@ def workdir_homes(args):
     from nlbfab.layout import Homes
     homes = Homes(args.workdir / "dandi", args.workdir / "prep", args.workdir / "runs")
     return homes, args.datasets.split(","), [int(b) for b in args.bins.split(",")]
+
+
+def description(doc: str) -> str:
+    """A script's ``--help`` description: its docstring's whole first paragraph (its first line
+    alone ends mid-sentence)."""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a bad one is argparse's one ``error:`` line, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be 1 or more")
+    return value
+
+
+def run_main(main) -> None:
+    """Run a script's ``main`` as nlbfab's commands run: a ``UserError`` (a wrong split, model or
+    home) is one ``error:`` line and exit status 2, not a traceback; an nlbfab command it started
+    that failed has printed its own ``error:`` line, and its exit status is passed on."""
+    from nlbfab.errors import UserError
+    try:
+        status = main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except subprocess.CalledProcessError as error:
+        sys.exit(error.returncode)
+    sys.exit(status)

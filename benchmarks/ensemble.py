@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
-from benchmarks.common import device_description, matmul_peak_gflops, save, table  # noqa: E402
+from benchmarks.common import (description, device_description, matmul_peak_gflops, positive_int,  # noqa: E402
+                               run_main, save, table)
 
 from nlbfab import config  # noqa: E402
 
@@ -134,19 +135,23 @@ def step_cost(models: list[str], batches: list[int], counts: list[int]) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--splits", nargs="+", default=SPLITS)
-    parser.add_argument("--members", nargs="+", type=int, default=[1, 4, 8])
+    parser.add_argument("--members", nargs="+", type=positive_int, default=[1, 4, 8])
     parser.add_argument("--epoch-cost", action="store_true", help="Time one epoch of K members instead.")
-    parser.add_argument("--bins", nargs="+", type=int, default=[20, 5], help="With --epoch-cost: bin widths.")
+    parser.add_argument("--bins", nargs="+", type=int, choices=[5, 20], default=[20, 5],
+                        help="With --epoch-cost: bin widths.")
     parser.add_argument("--step-cost", action="store_true",
                         help="Time a training step of K members, batched and one after another, instead.")
     parser.add_argument("--models", nargs="+", default=["lfads", "sae"], help="With --step-cost: the models.")
-    parser.add_argument("--batches", nargs="+", type=int, default=[16, 64], help="With --step-cost: batch sizes.")
+    parser.add_argument("--batches", nargs="+", type=positive_int, default=[16, 64],
+                        help="With --step-cost: batch sizes.")
     args, passthrough = parser.parse_known_args()
     if args.epoch_cost:
         return epoch_cost(args.bins, args.members)
     if args.step_cost:
+        if max(args.members) < 2:
+            parser.error("--step-cost compares K members batched with one after another: give --members 2 or more")
         return step_cost(args.models, args.batches, [k for k in args.members if k > 1])
     passthrough = [a for a in passthrough if a != "--"]
     rows = []
@@ -174,4 +179,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -33,7 +33,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import add_workdir_options, save, table, workdir_homes  # noqa: E402
+from benchmarks.common import (add_workdir_options, description, positive_int, run_main, save, table,  # noqa: E402
+                               workdir_homes)
 
 EDGE_MS = 50  # fp-bps of the first and the last this many ms of the forward bins
 UNSUPPORTED = {"dmfc_rsg": "its eval windows vary in length",
@@ -150,9 +151,9 @@ def forecast_rows(homes, datasets: list[str], bins: list[int], samples: int, see
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     add_workdir_options(parser)
-    parser.add_argument("--samples", type=int, default=200, help="futures drawn per trial (default 200)")
+    parser.add_argument("--samples", type=positive_int, default=200, help="futures drawn per trial (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="of the futures' draws (default 0)")
     args = parser.parse_args()
     homes, datasets, bins = workdir_homes(args)
@@ -162,4 +163,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -44,7 +44,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import device_description, save, table  # noqa: E402
+from benchmarks.common import description, device_description, positive_int, run_main, save, table  # noqa: E402
 
 CHECKS = ("gru", "lfads", "train", "ddp", "all", "throughput")
 NEEDS_GPU = "needs a CUDA GPU"
@@ -584,7 +584,7 @@ def run_checks(rows: list[Row], ctx: Context) -> list[Row]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--only", default=",".join(CHECKS),
                         help=f"comma-separated checks to run, of {','.join(CHECKS)} (default: all)")
     parser.add_argument("--cpu", action="store_true",
@@ -594,7 +594,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="synthetic mc_maze for the training runs and DDP (default: small)")
     parser.add_argument("--epochs", type=int, default=5,
                         help="epochs of each training run and nlbfab-all run; timed epochs of the throughput")
-    parser.add_argument("--trials", type=int, default=1721,
+    parser.add_argument("--trials", type=positive_int, default=1721,
                         help="train trials for the throughput (default: mc_maze's 1721)")
     parser.add_argument("--workdir", type=Path,
                         help="folder for data, runs and logs (default: a temporary folder, removed at the end "
@@ -651,4 +651,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

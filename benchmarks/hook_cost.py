@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import device_description, save, table  # noqa: E402
+from benchmarks.common import description, device_description, positive_int, run_main, save, table  # noqa: E402
 from lightning_fabric import Fabric  # noqa: E402
 from lightning_fabric.loggers import TensorBoardLogger  # noqa: E402
 
@@ -43,10 +43,10 @@ def timed(function, repeats: int) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--split", default="mc_maze-20ms-val")
     parser.add_argument("--model", default="sae")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     args = parser.parse_args()
     split = get_split(args.split)
     with tempfile.TemporaryDirectory() as logs:
@@ -80,4 +80,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

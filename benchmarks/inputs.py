@@ -32,7 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import add_workdir_options, save, table, workdir_homes  # noqa: E402
+from benchmarks.common import add_workdir_options, description, run_main, save, table, workdir_homes  # noqa: E402
 from benchmarks.forecast import binned, eval_window_starts, realistic_files  # noqa: E402
 
 LAGS_MS = (-100, 100)  # each bin's pulse response is decoded from the inputs of these ms around it
@@ -123,7 +123,7 @@ def input_rows(homes, datasets: list[str], bins: list[int], seed: int) -> list[d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     add_workdir_options(parser)
     parser.add_argument("--seed", type=int, default=0, help="of the shuffle (default 0)")
     args = parser.parse_args()
@@ -136,4 +136,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -63,12 +63,14 @@ def child(bin_ms: int, members: int, keep: bool, steps: int) -> dict:
 def main():
     from benchmarks.common import device_description, save, table
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bins", nargs="+", type=int, default=[20, 5])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser.add_argument("--bins", nargs="+", type=int, choices=[5, 20], default=[20, 5])
     parser.add_argument("--members", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--steps", type=int, default=8, help="Timed training steps per configuration.")
     parser.add_argument("--child", nargs=4, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if min(args.members) < 1 or args.steps < 1:
+        parser.error("--members and --steps must be 1 or more")
     if args.child:
         print(json.dumps(measure(*args.child[:2], bool(args.child[2]), args.child[3])))
         return

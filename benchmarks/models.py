@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import device_description, save, table  # noqa: E402
+from benchmarks.common import description, device_description, positive_int, run_main, save, table  # noqa: E402
 
 MODELS = ("sae", "gru_readout", "lfads")
 METRICS = ("co-bps", "vel R2", "tp corr", "psth R2", "fp-bps")
@@ -71,24 +71,34 @@ def epoch_cost(bins: list[int], models: list[str], threads: int, epochs: int = 3
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--datasets", default="mc_maze", help="comma-separated (default mc_maze)")
     parser.add_argument("--bins", default="20", help="comma-separated bin widths: 5, 20 (default 20)")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default {','.join(MODELS)})")
     parser.add_argument("--variability", default="realistic", choices=["low", "realistic"])
     parser.add_argument("--scale", default="small", choices=["tiny", "small", "full"])
     parser.add_argument("--phases", default="val", help="comma-separated: val, test (default val)")
-    parser.add_argument("--max-epochs", type=int, help="cap on every run's epochs (default: nlbfab-train's)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of each run")
+    parser.add_argument("--max-epochs", type=positive_int, help="cap on every run's epochs (default: nlbfab-train's)")
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count(), help="torch threads of each run")
     parser.add_argument("--workdir", type=Path, help="data and runs here (default: a temporary folder)")
     parser.add_argument("--epoch-cost", action="store_true", help="Time one epoch of each model instead.")
     args = parser.parse_args()
+    try:
+        [int(b) for b in args.bins.split(",")]
+    except ValueError:
+        parser.error(f"--bins {args.bins}: comma-separated bin widths, e.g. 20 or 20,5")
     if args.epoch_cost:
         return epoch_cost([int(b) for b in args.bins.split(",")], args.models.split(","), args.threads)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="nlbfab-models-"))
     from nlbfab.layout import Homes, metrics_file
+    from nlbfab.models import get_model
     from nlbfab.scoring import local_target
     from nlbfab.splits import get_split
+    for dataset in args.datasets.split(","):  # every split and model named checked before any work
+        for split in [f"{dataset}-{int(b):02d}ms-{p}" for b in args.bins.split(",") for p in args.phases.split(",")]:
+            get_split(split)
+    for model in args.models.split(","):
+        get_model(model)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="nlbfab-models-"))
     homes = Homes(workdir / "dandi", workdir / "prep", workdir / "runs")
     env = {**os.environ, "DATA_HOME": str(homes.data), "PREP_HOME": str(homes.prep), "RUNS_HOME": str(homes.runs),
            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
@@ -104,7 +114,7 @@ def main() -> None:
             oracle = rows[-2]
             for model in args.models.split(","):
                 started = time.perf_counter()
-                cap = ["--max-epochs", str(args.max_epochs)] if args.max_epochs else []
+                cap = ["--max-epochs", str(args.max_epochs)] if args.max_epochs is not None else []
                 nlbfab(env, "train", "--split", split, "--model", model, "--run-tag", model, "--quiet", *cap)
                 seconds = time.perf_counter() - started
                 summary = json.loads(metrics_file(homes.tag_dir(model) / split).read_text())
@@ -124,4 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

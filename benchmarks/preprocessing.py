@@ -29,7 +29,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import save, table  # noqa: E402
+from benchmarks.common import description, run_main, save, table  # noqa: E402
 
 from nlbfab.splits import DATASETS, splits_of  # noqa: E402
 
@@ -114,7 +114,7 @@ def parity(native: Path, reference: Path, splits) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     args = parser.parse_args()
     command = [str(ROOT / "bin" / "nlbfab-prep"), *sum((["--dataset", d] for d in args.datasets), [])]
@@ -141,4 +141,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import device_description, save, table  # noqa: E402
+from benchmarks.common import description, device_description, positive_int, run_main, save, table  # noqa: E402
 
 from nlbfab import config, layout  # noqa: E402
 from nlbfab.scoring import score  # noqa: E402
@@ -42,18 +42,18 @@ def trained(split: str, tag: str, options: list[str]) -> tuple[float, float]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--splits", nargs="+", default=["mc_maze_small-20ms-val"])
-    parser.add_argument("--trials", default="32")
-    parser.add_argument("--top", default="5")
+    parser.add_argument("--trials", type=positive_int, default=32)
+    parser.add_argument("--top", type=positive_int, default=5)
     parser.add_argument("--grace-epochs", help="nlbfab-search's ASHA first rung (default: nlbfab-search's)")
     args, passthrough = parser.parse_known_args()
     passthrough = [a for a in passthrough if a != "--"]
     homes, rows = config.homes(), []
     for name in args.splits:
         split = get_split(name)
-        seconds = timed("search", "--split", name, "--trials", args.trials, "--run-tag", TAG,
-                        "--submit-top", args.top, "--no-test", *passthrough,
+        seconds = timed("search", "--split", name, "--trials", str(args.trials), "--run-tag", TAG,
+                        "--submit-top", str(args.top), "--no-test", *passthrough,
                         *(["--grace-epochs", args.grace_epochs] if args.grace_epochs else []))
         trials = json.loads(layout.search_trials(layout.search_dir(homes.tag_dir(TAG), split)).read_text())["trials"]
         statuses = [t["status"] for t in trials]
@@ -73,4 +73,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -13,18 +13,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import device_description, save, table  # noqa: E402
+from benchmarks.common import description, device_description, positive_int, run_main, save, table  # noqa: E402
 
 from nlbfab.splits import ALL_SPLITS  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--datasets", nargs="+", default=["mc_maze_small", "mc_rtt"])
     parser.add_argument("--bins", nargs="+", default=["20"])
-    parser.add_argument("--max-epochs", default="20")
+    parser.add_argument("--max-epochs", type=positive_int, default=20)
     args, passthrough = parser.parse_known_args()
-    options = ["--max-epochs", args.max_epochs, "--log-every-n-epochs", "1000", *passthrough]
+    options = ["--max-epochs", str(args.max_epochs), "--log-every-n-epochs", "1000", *passthrough]
     splits = [s.name for s in ALL_SPLITS if s.dataset.name in args.datasets and str(s.bin_ms) in args.bins]
     rows = []
     started = time.perf_counter()
@@ -43,4 +43,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

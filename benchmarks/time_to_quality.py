@@ -15,20 +15,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import device_description, save, table  # noqa: E402
+from benchmarks.common import description, device_description, positive_int, run_main, save, table  # noqa: E402
 
 from nlbfab import config  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--split", default="mc_maze-20ms-val")
-    parser.add_argument("--epochs", default="2000")
+    parser.add_argument("--epochs", type=positive_int, default=2000)
     args, passthrough = parser.parse_known_args()
     rows = []
     for schedule, options in (("early stopping (defaults)", []),
-                              (f"fixed {args.epochs} epochs", ["--max-epochs", args.epochs, "--patience", args.epochs,
-                                                               "--lr-decay", "1"])):
+                              (f"fixed {args.epochs} epochs", ["--max-epochs", str(args.epochs),
+                                                               "--patience", str(args.epochs), "--lr-decay", "1"])):
         tag = "bench-ttq-" + ("early" if not options else "fixed")
         started = time.perf_counter()
         subprocess.run([str(ROOT / "bin" / "nlbfab-train"), "--split", args.split, "--run-tag", tag, "--quiet",
@@ -47,4 +47,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

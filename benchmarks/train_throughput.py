@@ -29,7 +29,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import device_description, matmul_peak_gflops, save, table  # noqa: E402
+from benchmarks.common import (description, device_description, matmul_peak_gflops, positive_int,  # noqa: E402
+                               run_main, save, table)
 from lightning_fabric import Fabric  # noqa: E402
 from nlb_tools.evaluation import bits_per_spike  # noqa: E402
 
@@ -147,10 +148,10 @@ def nlbfab_epochs(data: SplitData, epochs: int, precision: str, compiled: bool, 
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5,
+    parser = argparse.ArgumentParser(description=description(__doc__))
+    parser.add_argument("--epochs", type=positive_int, default=5,
                         help="timed epochs per configuration, after 1 warm-up (a multiple of 5 is fair to the conventional loop)")
-    parser.add_argument("--bins", type=int, nargs="+", default=[20, 5])
+    parser.add_argument("--bins", type=int, nargs="+", choices=[5, 20], default=[20, 5])
     parser.add_argument("--precision", nargs="+", default=["32-true", "bf16-mixed"])
     parser.add_argument("--compile", choices=["no", "yes", "both"], default="both")
     args = parser.parse_args()
@@ -180,4 +181,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
