@@ -1,7 +1,8 @@
 """The loop's hooks: explicit replacements of nlb-lightning's callbacks.
 
 Each hook is a plain function ``hook(logger, data, predictions, epoch)`` called by the loop
-every ``--log-every-n-epochs`` and at the end; ``predictions`` comes from
+every ``--log-every-n-epochs`` and at the end on the submitted model (its ``epoch`` one past the
+last epoch's, so that TensorBoard's curves end on it); ``predictions`` comes from
 ``nlbfab.evaluation.predict``. They log to TensorBoard through Fabric's logger.
 """
 from __future__ import annotations

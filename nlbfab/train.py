@@ -811,7 +811,9 @@ def finish(state: TrainState, data: SplitData, run: Run, homes: Homes, stop_reas
     state.module.load_state_dict(state.best)
     chosen = choose_members(state, data, run, homes)
     best_epoch = max(state.members[k].best_epoch for k in chosen)
-    scores, predictions = run_hooks(state, data, run.hooks, best_epoch, chosen, submission=True)
+    # the submitted model's figures and metrics one step past the last epoch's: at its best epoch's
+    # step they would double back on TensorBoard's curves
+    scores, predictions = run_hooks(state, data, run.hooks, state.epoch, chosen, submission=True)
     if run.config.save_latents:  # the first chosen member's, as the hooks show; every rank predicts, as DDP needs
         arrays = predict_latents(ensemble_forward(state.module, data.fwd_steps, chosen[:1]),
                                  first_member_inputs(state.module, data.fwd_steps, chosen), data)

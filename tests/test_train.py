@@ -219,7 +219,8 @@ def test_a_caller_passes_its_own_hooks(homes, prepared):
 
     summary = train(TrainConfig(split="mc_rtt-20ms-test", run_tag="hooks", max_epochs=4, **{**FAST, "log_every_n_epochs": 2}),
                     homes_with(), hooks=(count_trials,), quiet=True)
-    assert seen == [(1, 12), (3, 12), (summary["best_epoch"], 12)]  # every 2 epochs, then on the best model
+    assert seen == [(1, 12), (3, 12), (4, 12)]  # every 2 epochs, then on the submitted model, past the last epoch (3)
+    assert summary["epochs"] == 4
     assert summary["hook_metrics"] == {"my metric": 1.5}
 
 
