@@ -117,7 +117,8 @@ class TrainCommand(Command):
         from nlbfab.models import MODELS
         rows = [(f"{option_name(name)} [{model.name}]", f"{h.help} {model.default_help(name)}{h.valid.help_suffix()}")
                 for model in MODELS.values() for name, h in model.hparams.items()]
-        with formatter.section("Model hyperparameters (of the --model chosen; a module's own from its HPARAMS)"):
+        with formatter.section("Model hyperparameters of the built-in models (each takes its own; a --model module "
+                               "of yours takes those of its HPARAMS)"):
             formatter.write_dl(rows)
 
 
