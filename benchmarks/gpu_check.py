@@ -608,8 +608,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.only.split(",")) - set(CHECKS)
     if unknown:
         parser.error(f"unknown check(s) {', '.join(sorted(unknown))}: choose from {', '.join(CHECKS)}")
-    if args.epochs < 2:
-        parser.error("--epochs must be 2 or more: a loss needs two epochs to fall")
+    if args.epochs < 3:  # with two, tiny data's first step can leave the loss where it was
+        parser.error("--epochs must be 3 or more: the check asks the train loss to fall over them")
     return args
 
 

@@ -24,6 +24,7 @@ def _run(tmp_path, script: str, *args: str) -> subprocess.CompletedProcess:
     ("models.py", ["--max-epochs", "0"], "must be 1 or more"),  # 0 was taken as no cap: full-length runs
     ("models.py", ["--models", "nonesuch", "--scale", "tiny"], "unknown model 'nonesuch'"),
     ("time_to_quality.py", ["--epochs", "0"], "must be 1 or more"),
+    ("gpu_check.py", ["--cpu", "--epochs", "2"], "--epochs must be 3 or more"),  # 2 failed its own loss check
 ])
 def test_bad_input_is_one_error_line_and_exit_2(tmp_path, script, args, says):
     done = _run(tmp_path, script, "--workdir", str(tmp_path / "work"), *args) if script == "models.py" \
