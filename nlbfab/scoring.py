@@ -15,6 +15,7 @@ import joblib
 from nlb_tools.evaluation import evaluate
 from threadpoolctl import threadpool_limits
 
+from nlbfab.cores import available_cpus
 from nlbfab.errors import UserError, first_line
 from nlbfab.evalai_target import evalai_target
 from nlbfab.layout import Homes, hidden_test_file, submission_file, truth_file
@@ -38,7 +39,7 @@ def split_metrics(results: list[dict], split: Split) -> dict[str, float]:
 
 def scoring_threads() -> int:
     """The cores this process may use: those nlbfab-all gave its slot, else all of them."""
-    return int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+    return int(os.environ.get("OMP_NUM_THREADS") or 0) or available_cpus()
 
 
 def score(target: Path | dict, submission_path: Path, split: Split) -> dict[str, float]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from nlbfab.errors import UserError
-from nlbfab.train_config import TrainConfig, Valid, check_typed, option_name
+from nlbfab.train_config import TrainConfig, Valid, check_typed
 
 KINDS = ("uniform", "loguniform", "int", "choice")
 # the TrainConfig fields a search may vary: how a model learns, not where or how long it runs

@@ -20,6 +20,7 @@ from typing import Callable
 import h5py
 
 from nlbfab import layout, ray_cluster
+from nlbfab.cores import available_cpus
 from nlbfab.errors import UserError
 from nlbfab.layout import Homes
 from nlbfab.models import get_model
@@ -387,15 +388,6 @@ def _placement_slots(placement: Placement) -> list[Slot]:
     import torch
     cpus = available_cpus()
     return local_slots(torch.cuda.device_count(), placement.jobs_per_gpu, placement.workers or cpus, cpus)
-
-
-def available_cpus() -> int:
-    """The cores this process may run on: those of its CPU affinity (taskset, a batch job's
-    allocation, a container's cpuset), which ``os.cpu_count`` ignores."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def where(runs: list[Run], placement: Placement, tag_dir: Path) -> str:

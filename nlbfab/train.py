@@ -30,6 +30,7 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from tqdm import tqdm
 
 from nlbfab import layout
+from nlbfab.cores import available_cpus
 from nlbfab.data import (SplitData, TrainingPool, batch_indices, load_split, load_test_heldin, train_trials_only,
                          with_eval_heldin, with_test_heldin)
 from nlbfab.ensemble import greedy_selection, mean_logrates, val_choice
@@ -303,9 +304,10 @@ def fabric_for(config: TrainConfig, logger=None) -> Fabric:
         reason = first_line(error)
         raise UserError(f"Fabric cannot run --accelerator {config.accelerator} --devices {config.devices} --strategy "
                         f"{config.strategy} --precision {config.precision}: {reason}") from None
-    if fabric.device.type == "cpu" and fabric.world_size > (os.cpu_count() or 1):  # each one a process of its own
+    cores = available_cpus()
+    if fabric.device.type == "cpu" and fabric.world_size > cores:  # each one a process of its own
         raise UserError(f"--devices {config.devices} on the CPU starts {fabric.world_size} training processes, more "
-                        f"than this machine's {os.cpu_count()} cores: use --devices {os.cpu_count()} or fewer")
+                        f"than the {cores} cores this process may use: use --devices {cores} or fewer")
     return fabric
 
 

@@ -177,6 +177,13 @@ def test_more_cpu_processes_than_cores_are_refused_before_any_starts(prepared):
                    f"--devices {too_many} on the CPU starts {too_many} training processes", "or fewer")
 
 
+def test_cpu_processes_count_the_cores_the_process_may_use_not_the_machines(prepared, monkeypatch):
+    import os
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # as under taskset -c 0
+    one_line_error(run_cli(cli.train, "--split", "mc_rtt-20ms-val", "--accelerator", "cpu", "--devices", "2"),
+                   "more than the 1 cores this process may use: use --devices 1 or fewer")
+
+
 @pytest.mark.parametrize("tag", [".", "..", "../elsewhere", "/tmp/abs", "a b"])
 def test_a_run_tag_names_one_folder_in_runs_home_in_every_command(prepared, homes, tag):
     from pathlib import Path
