@@ -33,8 +33,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import (add_workdir_options, description, positive_int, run_main, save, table,  # noqa: E402
-                               workdir_homes)
+from benchmarks.common import (add_workdir_options, description, device_description, positive_int,  # noqa: E402
+                               run_main, save, table, workdir_homes)
 
 EDGE_MS = 50  # fp-bps of the first and the last this many ms of the forward bins
 UNSUPPORTED = {"dmfc_rsg": "its eval windows vary in length",
@@ -158,8 +158,9 @@ def main() -> None:
     args = parser.parse_args()
     homes, datasets, bins = workdir_homes(args)
     rows = forecast_rows(homes, datasets, bins, args.samples, args.seed)
-    print(table(rows, list(rows[0])))
-    print(f"saved {save('forecast', {'args': vars(args) | {'workdir': str(args.workdir)}, 'rows': rows})}")
+    print(f"device: {device_description()}\n" + table(rows, list(rows[0])))
+    payload = {"device": device_description(), "args": vars(args) | {"workdir": str(args.workdir)}, "rows": rows}
+    print(f"saved {save('forecast', payload)}")
 
 
 if __name__ == "__main__":

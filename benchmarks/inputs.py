@@ -32,7 +32,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import add_workdir_options, description, run_main, save, table, workdir_homes  # noqa: E402
+from benchmarks.common import (add_workdir_options, description, device_description, run_main,  # noqa: E402
+                               save, table, workdir_homes)
 from benchmarks.forecast import binned, eval_window_starts, realistic_files  # noqa: E402
 
 LAGS_MS = (-100, 100)  # each bin's pulse response is decoded from the inputs of these ms around it
@@ -131,8 +132,9 @@ def main() -> None:
     rows = input_rows(homes, datasets, bins, args.seed)
     if not rows:
         sys.exit(f"error: no run of a model that infers inputs under {homes.runs}: train one (--model lfads) first")
-    print(table(rows, list(rows[0])))
-    print(f"saved {save('inputs', {'args': vars(args) | {'workdir': str(args.workdir)}, 'rows': rows})}")
+    print(f"device: {device_description()}\n" + table(rows, list(rows[0])))
+    payload = {"device": device_description(), "args": vars(args) | {"workdir": str(args.workdir)}, "rows": rows}
+    print(f"saved {save('inputs', payload)}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import description, run_main, save, table  # noqa: E402
+from benchmarks.common import description, device_description, run_main, save, table  # noqa: E402
 
 from nlbfab.splits import DATASETS, splits_of  # noqa: E402
 
@@ -129,13 +129,15 @@ def main():
     native, reference = rows
     rows.append({"engine": "native / nlb_tools", "seconds": native["seconds"] / reference["seconds"],
                  "peak GB": native["peak GB"] / reference["peak GB"]})
-    print(f"\ndatasets: {' '.join(args.datasets)}\n" + table(rows, ["engine", "splits", "seconds", "peak GB"]))
+    print(f"\ndevice: {device_description()}; datasets: {' '.join(args.datasets)}\n"
+          + table(rows, ["engine", "splits", "seconds", "peak GB"]))
     print(f"\n{reference['seconds'] / native['seconds']:.1f}x faster, {reference['peak GB'] / native['peak GB']:.1f}x "
           f"less memory; {same['arrays']} arrays compared, {same['unequal']} unequal, largest relative difference "
           f"of behaviour and PSTHs {same['largest relative difference (behaviour, PSTH)']:.1e}")
     for name in same["unequal arrays"]:
         print(f"  unequal: {name}")
-    print(f"saved {save('preprocessing', {'datasets': args.datasets, 'rows': rows, 'parity': same})}")
+    payload = {"device": device_description(), "datasets": args.datasets, "rows": rows, "parity": same}
+    print(f"saved {save('preprocessing', payload)}")
     if same["unequal"]:
         sys.exit(1)
 
