@@ -183,8 +183,34 @@ def _series_with_nans_in_every_window(folder, dataset):
         io.write(nwbfile)
 
 
-EDITS = {"mc_maze": _obs_gaps_and_overlap, "mc_rtt": _behaviour_gaps_and_extra_series,
-         "area2_bump": _float64_renamed_behaviour_with_nans, "dmfc_rsg": _series_with_nans_in_every_window}
+def _set_spike_times(h5, unit: int, times: np.ndarray) -> None:
+    """Give one unit these spike times (the ragged column is rewritten)."""
+    units = h5["units"]
+    data, index = units["spike_times"][()], units["spike_times_index"][()]
+    starts = np.r_[0, index[:-1]]
+    pieces = [np.asarray(times, float) if u == unit else data[starts[u]:index[u]] for u in range(len(index))]
+    attrs = {k: dict(units[k].attrs) for k in ("spike_times", "spike_times_index")}
+    del units["spike_times"], units["spike_times_index"]
+    values = units.create_dataset("spike_times", data=np.concatenate(pieces))
+    values.attrs.update(attrs["spike_times"])
+    ends = units.create_dataset("spike_times_index", data=np.cumsum([len(p) for p in pieces]).astype(index.dtype))
+    ends.attrs.update({**attrs["spike_times_index"], "target": values.ref})
+
+
+def _units_without_spikes(folder, dataset):
+    """mc_maze_small: units that never fire in a file (a sparse unit in the test file's short
+    segments): the first held-in unit of both files, whose obs_intervals set the NaN bins, and a
+    held-out unit of the train file."""
+    for which in ("train", "test"):
+        with h5py.File(folder / dataset.file_name(which), "r+") as h5:
+            _set_spike_times(h5, 0, np.empty(0))
+            if which == "train":
+                _set_spike_times(h5, int(np.flatnonzero(h5["units/heldout"][()])[-1]), np.empty(0))
+
+
+EDITS = {"mc_maze": _obs_gaps_and_overlap, "mc_maze_small": _units_without_spikes,
+         "mc_rtt": _behaviour_gaps_and_extra_series, "area2_bump": _float64_renamed_behaviour_with_nans,
+         "dmfc_rsg": _series_with_nans_in_every_window}
 
 
 @pytest.mark.parametrize("name", EDITS)

@@ -177,7 +177,7 @@ def _unit_rows(times: np.ndarray, n_rows: int, path: Path) -> tuple[np.ndarray, 
     rows = np.where(rows < 0, rows + n_rows, rows)
     order = np.argsort(rows, kind="stable")
     rows, counts = rows[order], counts[order]
-    last = np.r_[rows[1:] != rows[:-1], True]
+    last = np.r_[rows[1:] != rows[:-1], True] if len(rows) else np.zeros(0, bool)  # a unit without spikes
     return rows[last], counts[last].astype(np.float32)
 
 
