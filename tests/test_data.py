@@ -66,6 +66,14 @@ def test_disagreeing_shapes_are_caught(prepared, tmp_path):
         load_split(get_split("mc_rtt-20ms-test"), homes_with(prep=home))
 
 
+def test_nan_spikes_in_a_test_phases_eval_input_are_one_line(prepared, tmp_path):
+    home = copy_split(prepared, tmp_path, "mc_rtt-20ms-test")
+    with h5py.File(home / "mc_rtt-20ms-test" / "eval_input.h5", "a") as h5:
+        h5["eval_spikes_heldin"][0, 0, 0] = np.nan
+    with pytest.raises(UserError, match=r"NaN spikes in the eval tensors of .*mc_rtt-20ms-test: run 'bin/nlbfab-prep"):
+        load_split(get_split("mc_rtt-20ms-test"), homes_with(prep=home))
+
+
 @pytest.mark.parametrize("file, key, cut", [("train_input.h5", "train_spikes_heldout", np.s_[:, :, :3]),
                                             ("eval_input.h5", "eval_spikes_heldout", np.s_[:, :20]),
                                             ("train_input.h5", "train_spikes_heldin", np.s_[:0])])
