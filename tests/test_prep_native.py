@@ -81,18 +81,19 @@ def _trials(h5) -> dict[str, np.ndarray]:
                                                        "go_time") if k in h5["intervals/trials"]}
 
 
-def _set_obs_intervals(h5, unit: int, intervals: list[tuple[float, float]]) -> None:
-    """Give one unit these observation intervals (the ragged column is rewritten)."""
+def _set_ragged(h5, column: str, unit: int, values) -> None:
+    """Give one unit these values of a ragged units column (``obs_intervals``, ``spike_times``):
+    the column and its index are rewritten."""
     units = h5["units"]
-    data, index = units["obs_intervals"][()], units["obs_intervals_index"][()]
+    data, index = units[column][()], units[f"{column}_index"][()]
     starts = np.r_[0, index[:-1]]
-    pieces = [np.asarray(intervals, float) if u == unit else data[starts[u]:index[u]] for u in range(len(index))]
-    attrs = {k: dict(units[k].attrs) for k in ("obs_intervals", "obs_intervals_index")}
-    del units["obs_intervals"], units["obs_intervals_index"]
-    values = units.create_dataset("obs_intervals", data=np.concatenate(pieces))
-    values.attrs.update(attrs["obs_intervals"])
-    ends = units.create_dataset("obs_intervals_index", data=np.cumsum([len(p) for p in pieces]).astype(index.dtype))
-    ends.attrs.update({**attrs["obs_intervals_index"], "target": values.ref})
+    pieces = [np.asarray(values, float) if u == unit else data[starts[u]:index[u]] for u in range(len(index))]
+    attrs = {k: dict(units[k].attrs) for k in (column, f"{column}_index")}
+    del units[column], units[f"{column}_index"]
+    written = units.create_dataset(column, data=np.concatenate(pieces))
+    written.attrs.update(attrs[column])
+    ends = units.create_dataset(f"{column}_index", data=np.cumsum([len(p) for p in pieces]).astype(index.dtype))
+    ends.attrs.update({**attrs[f"{column}_index"], "target": written.ref})
 
 
 def _rewrite(dataset: h5py.Dataset, values: np.ndarray) -> None:
@@ -113,16 +114,16 @@ def _obs_gaps_and_overlap(folder, dataset):
         end = h5["units/obs_intervals"][0, 1]
         scored = np.flatnonzero(np.isin(t["split"], [b"train", b"val"]) & (np.arange(len(t["split"])) > 0))
         j = scored[np.argmin((t["move_onset_time"] - t["start_time"])[scored])]  # its PSTH window starts earliest
-        _set_obs_intervals(h5, 0, [(0.0, t["start_time"][j] - 0.0796), (t["start_time"][j] - 0.0305, end)])
+        _set_ragged(h5, "obs_intervals", 0, [(0.0, t["start_time"][j] - 0.0796), (t["start_time"][j] - 0.0305, end)])
         heldout = int(np.flatnonzero(h5["units/heldout"][()])[0])
-        _set_obs_intervals(h5, heldout, [(t["start_time"][0] + 0.0502, t["stop_time"][-1] - 0.1003)])
+        _set_ragged(h5, "obs_intervals", heldout, [(t["start_time"][0] + 0.0502, t["stop_time"][-1] - 0.1003)])
         train = t["split"] == b"train"
         k = np.flatnonzero(train[:-2] & train[1:-1])[3]
         starts = h5["intervals/trials/start_time"]
         starts[k + 2] = t["move_onset_time"][k] + 0.5  # after its spike window, before its behaviour window ends
     with h5py.File(folder / dataset.file_name("test"), "r+") as h5:
         t = _trials(h5)
-        _set_obs_intervals(h5, 0, [(t["move_onset_time"][0] - 0.1234, t["move_onset_time"][-1] + 0.2002)])
+        _set_ragged(h5, "obs_intervals", 0, [(t["move_onset_time"][0] - 0.1234, t["move_onset_time"][-1] + 0.2002)])
 
 
 def _behaviour_gaps_and_extra_series(folder, dataset):
@@ -183,29 +184,15 @@ def _series_with_nans_in_every_window(folder, dataset):
         io.write(nwbfile)
 
 
-def _set_spike_times(h5, unit: int, times: np.ndarray) -> None:
-    """Give one unit these spike times (the ragged column is rewritten)."""
-    units = h5["units"]
-    data, index = units["spike_times"][()], units["spike_times_index"][()]
-    starts = np.r_[0, index[:-1]]
-    pieces = [np.asarray(times, float) if u == unit else data[starts[u]:index[u]] for u in range(len(index))]
-    attrs = {k: dict(units[k].attrs) for k in ("spike_times", "spike_times_index")}
-    del units["spike_times"], units["spike_times_index"]
-    values = units.create_dataset("spike_times", data=np.concatenate(pieces))
-    values.attrs.update(attrs["spike_times"])
-    ends = units.create_dataset("spike_times_index", data=np.cumsum([len(p) for p in pieces]).astype(index.dtype))
-    ends.attrs.update({**attrs["spike_times_index"], "target": values.ref})
-
-
 def _units_without_spikes(folder, dataset):
     """mc_maze_small: units that never fire in a file (a sparse unit in the test file's short
     segments): the first held-in unit of both files, whose obs_intervals set the NaN bins, and a
     held-out unit of the train file."""
     for which in ("train", "test"):
         with h5py.File(folder / dataset.file_name(which), "r+") as h5:
-            _set_spike_times(h5, 0, np.empty(0))
+            _set_ragged(h5, "spike_times", 0, np.empty(0))
             if which == "train":
-                _set_spike_times(h5, int(np.flatnonzero(h5["units/heldout"][()])[-1]), np.empty(0))
+                _set_ragged(h5, "spike_times", int(np.flatnonzero(h5["units/heldout"][()])[-1]), np.empty(0))
 
 
 EDITS = {"mc_maze": _obs_gaps_and_overlap, "mc_maze_small": _units_without_spikes,
