@@ -187,6 +187,12 @@ def rebuild(run_dir: Path, report: Callable[[str], None] = _stderr) -> dict[str,
                                keep=lambda phase=phase: split_groups(run_dir, phase))
             with h5py.File(path, "r") as h5:
                 rebuilt[str(path)] = sorted(h5)
+        else:  # every split folder of this phase was removed: so are their groups, and the file
+            path = layout.submission_file(run_dir, phase)
+            with FileLock(str(path) + ".lock"):
+                if path.exists() and not split_groups(run_dir, phase):
+                    path.unlink()
+                    report(f"{path}: removed (no split folder of the {phase} phase has rates)")
     if not rebuilt:
         raise UserError(f"no split of run {run_dir} has its rates: train a split with this --run-tag first")
     return rebuilt

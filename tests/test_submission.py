@@ -134,6 +134,12 @@ def test_nlbfab_submit_rebuilds_both_submission_files_from_the_run_folders(prepa
     assert result.exit_code == 0, result.output
     assert result.stderr.count(f"warning: {rates} is damaged and left out") == 1  # not once for each phase
 
+    submit_tiny(prepared, run_dir, "mc_rtt-05ms-val", 2.0)
+    shutil.rmtree(run_dir / "mc_rtt-20ms-test")  # the phase's last split: no group, so no file
+    result = run_cli(cli.submit, "--run-tag", "rebuild")
+    assert result.exit_code == 0, result.output
+    assert not (run_dir / "submission-test.h5").exists() and (run_dir / "submission-val.h5").exists()
+
 
 def test_nlbfab_submit_without_runs_says_so(homes):
     result = run_cli(cli.submit, "--run-tag", "never-ran")
