@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 
+from nlbfab.cores import available_cpus
 from nlbfab.errors import UserError
 
 CONNECT_SECONDS = 5.0
@@ -29,7 +30,10 @@ def check_reachable(address: str | None) -> None:
 
 
 def init(address: str | None, **options) -> None:
-    """``ray.init`` on ``address`` once it answers (None: a new local instance)."""
+    """``ray.init`` on ``address`` once it answers (None or ``local``: a new local instance, of the
+    cores this process may use: Ray's own count ignores taskset and a batch job's allocation)."""
     import ray
     check_reachable(address)
+    if address in (None, "local"):
+        options.setdefault("num_cpus", available_cpus())
     ray.init(address=address, **options)
