@@ -86,9 +86,10 @@ def prep(split_names, names, all_, force, engine):
 @friendly_errors
 def download(names, all_):
     """Download NLB datasets from DANDI into DATA_HOME (needs the optional 'dandi' extra)."""
-    from nlbfab.download import dandi_url
+    from nlbfab.download import check_ready, dandi_url
     from nlbfab.download import download as fetch
     datasets = chosen_datasets(names, all_)
+    check_ready(datasets[0])  # before DATA_HOME is made or a line printed
     data_home = config.writable_home("DATA_HOME")
     for dataset in datasets:
         _report(f"{dataset.name}: downloading {dandi_url(dataset)} ...")
@@ -123,8 +124,8 @@ def train(ctx, split_name, resume, quiet, **options):
     split = get_split(split_name)
     if resume:
         options = resumed_options(ctx, options, layout.config_file(config.homes().run_dir(options["run_tag"], split)))
-    elif options["config"] and ctx.default_map.get("model", TrainConfig.model) != options["model"]:
-        options["config"] = {}  # --config's hyperparameters are its model's: another --model given drops them
+    elif ctx.default_map and ctx.default_map.get("model", TrainConfig.model) != options["model"]:
+        options = options_of_another_model(ctx, options)
     settings = train_config(split_name, options, ctx.args)
     homes = config.homes(writable=("RUNS_HOME",), existing={"PREP_HOME": f"run 'bin/nlbfab-prep --split {split_name}'"})
     summary = run(settings, homes, resume=resume, quiet=quiet)
@@ -153,6 +154,16 @@ def resumed_options(ctx: click.Context, options: dict, saved_config: Path) -> di
     if "config" not in given and resumed["model"] == saved.get("model"):
         resumed["config"] = saved.get("hparams") or {}  # the hyperparameters given again override these
     return resumed
+
+
+def options_of_another_model(ctx: click.Context, options: dict) -> dict:
+    """``--config`` of one model's run with another ``--model`` given: the file's model
+    hyperparameters are that model's, and its ``--average-decay`` and ``--train-eval-heldin`` that
+    model's defaults as the run settled them; the new model takes its own (where not given)."""
+    from click.core import ParameterSource
+    settled = {name: None for name in ("average_decay", "train_eval_heldin")
+               if ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE}
+    return options | settled | {"config": {}}
 
 
 def member_table(summary: dict) -> str:

@@ -250,12 +250,14 @@ def test_nlbfab_train_refuses_a_config_file_of_wrong_types_in_one_line(prepared,
 def test_a_config_file_of_another_model_gives_its_settings_but_not_its_hyperparameters(prepared, tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"split": SPLIT.name, "model": "lfads", "batch_size": 16, "run_tag": "other-model",
+                                "average_decay": 0.995, "train_eval_heldin": True,  # as an LFADS run settles them
                                 "hparams": {"cd_rate": 0.2, "fac_dim": 4}}))
     result = run_cli(cli.train, "--config", str(path), "--model", "sae", "--hidden-size", "8", "--max-epochs", "1",
                      "--quiet")
     assert result.exit_code == 0, result.output
     saved = json.loads(layout.config_file(homes_with().run_dir("other-model", SPLIT)).read_text())
     assert saved["model"] == "sae" and saved["batch_size"] == 16 and saved["hparams"] == {"hidden_size": 8}
+    assert saved["average_decay"] == 0 and saved["train_eval_heldin"] is False  # the SAE's own defaults
 
 
 def test_nlbfab_all_searches_each_dataset_and_bin_and_submits_both_phases(prepared, homes):
