@@ -33,13 +33,20 @@ def _offline_hint(dataset: Dataset) -> str:
             f"'bin/nlbfab-synth --dataset {dataset.name}'")
 
 
-def download(dataset: Dataset, data_home: Path) -> Path:
-    """Download both NWB files of ``dataset`` into ``data_home/{dandiset}/sub-*/``."""
-    fetch = _dandi_download()
-    try:  # fail at once offline, instead of after the client's minute of retries
+def check_ready(dataset: Dataset) -> None:
+    """One line where the dandi client is missing or DANDI does not resolve: at once, instead of
+    after the client's minute of retries, and before anything is made or said."""
+    _dandi_download()
+    try:
         socket.getaddrinfo(DANDI_API_HOST, 443)
     except OSError:
         raise UserError(f"cannot reach DANDI ({DANDI_API_HOST} does not resolve): {_offline_hint(dataset)}") from None
+
+
+def download(dataset: Dataset, data_home: Path) -> Path:
+    """Download both NWB files of ``dataset`` into ``data_home/{dandiset}/sub-*/``."""
+    check_ready(dataset)
+    fetch = _dandi_download()
     data_home = Path(data_home)
     data_home.mkdir(parents=True, exist_ok=True)
     try:

@@ -17,18 +17,22 @@ def one_line_error(result, *fragments):
         assert fragment in errors[0]
 
 
-def test_download_without_the_dandi_client_says_how_to_install_it(homes, monkeypatch):
+def test_download_without_the_dandi_client_says_how_to_install_it(homes, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "dandi", None)  # import dandi fails as if not installed
     monkeypatch.setitem(sys.modules, "dandi.download", None)
-    one_line_error(run_cli(cli.download, "--dataset", "mc_maze"), "pip install -e .[dandi]")
+    monkeypatch.setenv("DATA_HOME", str(tmp_path / "dandi"))
+    result = run_cli(cli.download, "--dataset", "mc_maze")
+    one_line_error(result, "pip install -e .[dandi]")
+    assert result.output.count("\n") == 1 and not (tmp_path / "dandi").exists()  # nothing said or made first
 
 
-def test_download_offline_fails_at_once_with_a_clear_message(homes, monkeypatch):
-    monkeypatch.setattr(download, "_dandi_download", lambda: pytest.fail("offline: must not start the client"))
+def test_download_offline_fails_at_once_with_a_clear_message(homes, monkeypatch, tmp_path):
     monkeypatch.setattr(download, "DANDI_API_HOST", "dandi.invalid")  # never resolves (RFC 6761)
     monkeypatch.setattr(download, "_dandi_download", lambda: None)
-    one_line_error(run_cli(cli.download, "--dataset", "mc_maze"), "cannot reach DANDI",
-                   "nlbfab-synth --dataset mc_maze")
+    monkeypatch.setenv("DATA_HOME", str(tmp_path / "dandi"))
+    result = run_cli(cli.download, "--dataset", "mc_maze")
+    one_line_error(result, "cannot reach DANDI", "nlbfab-synth --dataset mc_maze")
+    assert result.output.count("\n") == 1 and not (tmp_path / "dandi").exists()
 
 
 def test_a_failing_transfer_is_reported_in_one_line(homes, monkeypatch):
