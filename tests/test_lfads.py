@@ -356,7 +356,8 @@ def test_help_names_the_datasets_where_a_default_differs():
     assert model.default_help("l2_scale") == "[default: 0.0; 0.001 on dmfc_rsg]"
     assert model.default_help("cd_rate") == "[default: 0.3]"
     ci_enc = model.default_help("ci_enc_dim")
-    assert "80 on mc_maze_large" in ci_enc and "64 on dmfc_rsg" in ci_enc and "mc_maze," not in ci_enc
+    assert "80 on mc_maze_large" in ci_enc and "dmfc_rsg" not in ci_enc and "mc_maze," not in ci_enc
+    assert model.default_help("gen_dim") == "[default: 100]"  # the same on every dataset: none named
 
 
 def test_a_controller_lag_of_the_whole_trial_is_refused():

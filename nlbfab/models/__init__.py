@@ -106,7 +106,7 @@ class Model:
         """``name``'s default for ``--help``, with the datasets where it differs."""
         per_value: dict = {}
         for dataset, overrides in self.dataset_defaults.items():
-            if name in overrides:
+            if name in overrides and overrides[name] != self.hparams[name].default:
                 per_value.setdefault(overrides[name], []).append(dataset)
         elsewhere = "".join(f"; {value} on {', '.join(datasets)}" for value, datasets in per_value.items())
         return f"[default: {self.hparams[name].default}{elsewhere}]"
