@@ -127,7 +127,8 @@ def run_local(runs: list[Run], slots: list[Slot], run_tag: str, train_args: list
     show(runs)
     # `kill PID` (SIGTERM: a batch system's time limit, a supervisor) ends the sweep as Ctrl-C
     # does, so that the finally below stops its runs instead of leaving them orphaned
-    previous = signal.signal(signal.SIGTERM, _interrupted) if _main_thread() else None
+    handles = _main_thread()  # Python sets signal handlers in the main thread only
+    previous = signal.signal(signal.SIGTERM, _interrupted) if handles else None
     try:
         while queue or busy:
             for slot in slots:
@@ -144,8 +145,8 @@ def run_local(runs: list[Run], slots: list[Slot], run_tag: str, train_args: list
     finally:  # Ctrl-C: stop the runs; --resume continues them from their last checkpoints
         for run in busy.values():
             run.process.terminate()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if handles:  # None: a handler not set from Python, which Python cannot put back: the default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return runs
 
 
