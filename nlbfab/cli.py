@@ -18,7 +18,7 @@ from nlbfab.command import (Command, TrainCommand, check_pass_through, chosen_da
                             given_train_options, train_config, train_options)
 from nlbfab.errors import UserError
 from nlbfab.splits import SPLIT_NAMES, as_test_phase, get_split, splits_of
-from nlbfab.train_config import TrainConfig, option_name, with_split_names
+from nlbfab.train_config import option_name, with_split_names
 
 
 def _report(line: str) -> None:
@@ -124,8 +124,8 @@ def train(ctx, split_name, resume, quiet, **options):
     split = get_split(split_name)
     if resume:
         options = resumed_options(ctx, options, layout.config_file(config.homes().run_dir(options["run_tag"], split)))
-    elif ctx.default_map and ctx.default_map.get("model", TrainConfig.model) != options["model"]:
-        options = options_of_another_model(ctx, options)
+    elif ctx.default_map and ctx.default_map.get("model", options["model"]) != options["model"]:
+        options = options_of_another_model(ctx, options)  # a file without "model" is no other model's
     settings = train_config(split_name, options, ctx.args)
     homes = config.homes(writable=("RUNS_HOME",), existing={"PREP_HOME": f"run 'bin/nlbfab-prep --split {split_name}'"})
     summary = run(settings, homes, resume=resume, quiet=quiet)

@@ -260,6 +260,17 @@ def test_a_config_file_of_another_model_gives_its_settings_but_not_its_hyperpara
     assert saved["average_decay"] == 0 and saved["train_eval_heldin"] is False  # the SAE's own defaults
 
 
+def test_a_config_file_without_a_model_keeps_its_hyperparameters_for_the_model_given(prepared, tmp_path):
+    """A hand-written file of LFADS settings (no "model" key) for --model lfads is no other model's."""
+    path = tmp_path / "lfads.json"
+    path.write_text(json.dumps({"split": SPLIT.name, "run_tag": "no-model-key", "average_decay": 0.9,
+                                "hparams": {"fac_dim": 4, "co_dim": 2}}))
+    result = run_cli(cli.train, "--config", str(path), "--model", "lfads", "--max-epochs", "1", "--quiet")
+    assert result.exit_code == 0, result.output
+    saved = json.loads(layout.config_file(homes_with().run_dir("no-model-key", SPLIT)).read_text())
+    assert saved["hparams"]["fac_dim"] == 4 and saved["hparams"]["co_dim"] == 2 and saved["average_decay"] == 0.9
+
+
 def test_nlbfab_all_searches_each_dataset_and_bin_and_submits_both_phases(prepared, homes):
     import ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
