@@ -30,7 +30,9 @@ def _env_file() -> Path | None:
     """The ``.env`` in use: ``$NLBFAB_ENV_FILE``, else the repository's, else one found upward."""
     if "NLBFAB_ENV_FILE" in os.environ:  # a file that does not exist: no .env at all
         path = Path(os.environ["NLBFAB_ENV_FILE"])
-        if path.is_dir():  # its settings would be ignored, and the default homes put beside it
+        # a folder: its settings would be ignored, and the default homes put beside it; empty (Path("")
+        # is "."): no .env, as before
+        if os.environ["NLBFAB_ENV_FILE"] and path.is_dir():
             raise UserError(f"NLBFAB_ENV_FILE={path} is a folder: name the .env file itself, e.g. {path / '.env'}")
         return path
     if (REPO_ROOT / ".env").is_file():

@@ -67,3 +67,10 @@ def test_importing_nlbfab_never_needs_an_env_file(tmp_path):
     env = {**os.environ, "NLBFAB_ENV_FILE": str(missing), "DATA_HOME": ""}
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_an_env_file_variable_exported_empty_means_no_env_file(env_file, monkeypatch, tmp_path):
+    """NLBFAB_ENV_FILE= (no .env at all, as any name of no file) is not the working directory."""
+    monkeypatch.setenv("NLBFAB_ENV_FILE", "")
+    monkeypatch.chdir(tmp_path)
+    assert config.prep_home().name == "prep"
