@@ -30,10 +30,11 @@ def check_reachable(address: str | None) -> None:
 
 
 def init(address: str | None, **options) -> None:
-    """``ray.init`` on ``address`` once it answers (None or ``local``: a new local instance, of the
-    cores this process may use: Ray's own count ignores taskset and a batch job's allocation)."""
+    """``ray.init`` on ``address`` once it answers. ``local``, a new local instance, has the cores
+    this process may use (Ray's own count ignores taskset and a batch job's allocation); None is
+    Ray's choice, which may join a cluster (``RAY_ADDRESS``), where Ray refuses a core count."""
     import ray
     check_reachable(address)
-    if address in (None, "local"):
+    if address == "local":
         options.setdefault("num_cpus", available_cpus())
     ray.init(address=address, **options)
