@@ -295,8 +295,11 @@ def fabric_for(config: TrainConfig, logger=None) -> Fabric:
         raise UserError(f"--strategy {config.strategy}: nlbfab's loop runs in the processes Fabric starts from the "
                         f"command line (ddp, auto); spawned or forked ones would need a function to run")
     devices = int(config.devices) if config.devices.isdigit() else config.devices
-    # Fabric's info lines ("Using bfloat16 Automatic Mixed Precision") would precede a run's one error line
-    logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
+    # its info line at construction ("Using bfloat16 Automatic Mixed Precision") would precede a
+    # run's one error line; later ones (a DDP process that died) stay
+    fabric_log = logging.getLogger("lightning_fabric")
+    level = fabric_log.level
+    fabric_log.setLevel(logging.WARNING)
     try:
         fabric = Fabric(accelerator=config.accelerator, devices=devices, strategy=config.strategy,
                         precision=config.precision, loggers=logger)
@@ -304,6 +307,8 @@ def fabric_for(config: TrainConfig, logger=None) -> Fabric:
         reason = first_line(error)
         raise UserError(f"Fabric cannot run --accelerator {config.accelerator} --devices {config.devices} --strategy "
                         f"{config.strategy} --precision {config.precision}: {reason}") from None
+    finally:
+        fabric_log.setLevel(level)
     cores = available_cpus()
     if fabric.device.type == "cpu" and fabric.world_size > cores:  # each one a process of its own
         raise UserError(f"--devices {config.devices} on the CPU starts {fabric.world_size} training processes, more "
