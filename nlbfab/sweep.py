@@ -143,8 +143,11 @@ def run_local(runs: list[Run], slots: list[Slot], run_tag: str, train_args: list
                     del busy[name]
             show(runs)
     finally:  # Ctrl-C: stop the runs; --resume continues them from their last checkpoints
+        if handles:  # a second SIGTERM must not cut this short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for run in busy.values():
-            run.process.terminate()
+            if run.process is not None:  # None: interrupted as it started
+                run.process.terminate()
         if handles:  # None: a handler not set from Python, which Python cannot put back: the default
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return runs

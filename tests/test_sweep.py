@@ -112,6 +112,20 @@ def test_a_sweep_killed_with_sigterm_stops_its_runs(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_sweep_interrupted_as_a_run_starts_still_stops_the_others(tmp_path, monkeypatch):
+    runs = sw.plan_runs([get_split(n) for n in ("mc_rtt-20ms-val", "mc_rtt-20ms-test")], tmp_path, resume=False)
+
+    def start(run, *_):
+        if any(r.process is not None for r in runs):  # the second run: Ctrl-C before its process exists
+            raise KeyboardInterrupt
+        run.process, run.status = subprocess.Popen(["sleep", "60"]), "running"
+    monkeypatch.setattr(sw, "_start", start)
+    with pytest.raises(KeyboardInterrupt):
+        sw.run_local(runs, local_slots(0, 1, 2, 2), "tag", [], lambda _: None, interval=0.05)
+    started = next(r for r in runs if r.process is not None)
+    assert started.process.wait(timeout=5) == -signal.SIGTERM
+
+
 def test_a_sweep_with_ensemble_top_takes_each_val_runs_choice_on_the_test_phase(prepared, homes):
     result = run_cli(cli.sweep, "--datasets", "mc_rtt", "--bins", "20", "--run-tag", "top", "--ensemble", "3",
                      "--ensemble-top", "1", *QUICK)
